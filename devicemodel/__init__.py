@@ -1,0 +1,3 @@
+"""acrn-pydm: the ACRN device model in Python."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""Port and MMIO buses: address ranges → handlers, O(log n) lookup with a last-hit cache.
+
+Handlers are synchronous: a request is answered while its vCPU waits, so a handler must
+never block; slow work (disk, network) belongs to device tasks that handlers wake up.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class IoHandler(Protocol):
+    """What a registered range answers. ``offset`` is relative to the range's base."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusError(Exception):
+    """A registration that conflicts with another, or unregisters something absent."""
+
+
+@dataclass(frozen=True)
+class BusRange:
+    base: int
+    length: int
+    handler: IoHandler
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """Non-overlapping address ranges, sorted by base."""
+
+    kind = "bus"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._ranges: list[BusRange] = []
+        self._bases: list[int] = []
+        self._last: BusRange | None = None
+
+    def register(self, base: int, length: int, handler: IoHandler, name: str = "") -> BusRange:
+        if length <= 0 or base < 0 or base + length > self.limit:
+            raise BusError(f"{self.kind} range {base:#x}+{length:#x} ({name}) is out of bounds")
+        i = bisect.bisect(self._bases, base)
+        for j in (i - 1, i):
+            if 0 <= j < len(self._ranges):
+                r = self._ranges[j]
+                if base < r.end and r.base < base + length:
+                    raise BusError(
+                        f"{self.kind} range {base:#x}+{length:#x} ({name}) overlaps "
+                        f"{r.base:#x}+{r.length:#x} ({r.name})"
+                    )
+        rng = BusRange(base, length, handler, name)
+        self._ranges.insert(i, rng)
+        self._bases.insert(i, base)
+        return rng
+
+    def unregister(self, base: int) -> BusRange:
+        i = bisect.bisect_left(self._bases, base)
+        if i == len(self._bases) or self._bases[i] != base:
+            raise BusError(f"no {self.kind} range registered at {base:#x}")
+        rng = self._ranges.pop(i)
+        self._bases.pop(i)
+        if self._last is rng:
+            self._last = None
+        return rng
+
+    def find(self, addr: int, size: int = 1) -> BusRange | None:
+        """The range that wholly contains [addr, addr+size), else None."""
+        last = self._last
+        if last is not None and last.base <= addr and addr + size <= last.end:
+            return last
+        i = bisect.bisect(self._bases, addr) - 1
+        if i < 0:
+            return None
+        r = self._ranges[i]
+        if addr + size <= r.end:
+            self._last = r
+            return r
+        return None
+
+    def read(self, addr: int, size: int) -> int | None:
+        """The handler's answer, or None when nothing is there (the caller returns all-ones)."""
+        r = self.find(addr, size)
+        if r is None:
+            return None
+        return r.handler.read(addr - r.base, size)
+
+    def write(self, addr: int, size: int, value: int) -> bool:
+        r = self.find(addr, size)
+        if r is None:
+            return False
+        r.handler.write(addr - r.base, size, value)
+        return True
+
+    def ranges(self) -> list[BusRange]:
+        return list(self._ranges)
+
+
+class PortBus(Bus):
+    kind = "port"
+
+    def __init__(self) -> None:
+        super().__init__(0x10000)
+
+
+class MmioBus(Bus):
+    kind = "mmio"
+
+    def __init__(self) -> None:
+        super().__init__(1 << 64)

@@ -1,0 +1,37 @@
+"""The hypervisor boundary: the uapi ABI and the backends (acrn, kvm, sim)."""
+
+from __future__ import annotations
+
+import os
+
+from .base import Hypervisor
+
+HSM_NODES = ("/dev/acrn_vhm", "/dev/acrn_hsm")
+
+
+def acrn_present() -> bool:
+    return any(os.path.exists(p) for p in HSM_NODES)
+
+
+def default_backend() -> str:
+    """acrn where the HSM exists, else sim (kvm is chosen explicitly with --hv kvm)."""
+    if acrn_present():
+        return "acrn"
+    return "sim"
+
+
+def open_hypervisor(name: str | None, vcpus: int | None = None) -> Hypervisor:
+    name = name or default_backend()
+    if name == "acrn":
+        from .acrn import AcrnHypervisor
+
+        return AcrnHypervisor()
+    if name == "kvm":
+        from .kvm import KvmHypervisor
+
+        return KvmHypervisor()
+    if name == "sim":
+        from .sim import SimHypervisor
+
+        return SimHypervisor(vcpus)
+    raise ValueError(f"unknown hypervisor backend {name!r}")

@@ -1,0 +1,190 @@
+"""The Hypervisor interface every backend (acrn, sim, kvm) implements.
+
+It mirrors the HSM ioctl surface, so nothing above ``hsm/`` can tell the backends apart.
+The request page belongs to the device model (it allocates it and hands it to
+``create_vm``, as acrn-dm passes ``ioreq_buf``); guest RAM regions are handed over with
+``set_memseg``.  Only ``attach_ioreq_client`` is async: it is the one call that waits.
+"""
+
+from __future__ import annotations
+
+import mmap
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+class HypervisorError(Exception):
+    """A hypervisor call failed; the message names the call and the reason."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """What CREATE_VM returns."""
+
+    vmid: int
+    vcpu_num: int
+
+
+@dataclass
+class VcpuRegs:
+    """BSP state for SET_VCPU_REGS (fields of ``struct acrn_regs``)."""
+
+    rip: int = 0
+    rsp: int = 0
+    rflags: int = 0x2
+    cr0: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    ia32_efer: int = 0
+    cs_base: int = 0
+    cs_limit: int = 0xFFFF
+    cs_ar: int = 0x009B
+    cs_sel: int = 0
+    ss_sel: int = 0
+    ds_sel: int = 0
+    es_sel: int = 0
+    fs_sel: int = 0
+    gs_sel: int = 0
+    ldt_sel: int = 0
+    tr_sel: int = 0
+    gdt_base: int = 0
+    gdt_limit: int = 0
+    idt_base: int = 0
+    idt_limit: int = 0
+    gprs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PciDevAssignment:
+    """ASSIGN_PCIDEV / DEASSIGN_PCIDEV arguments."""
+
+    virt_bdf: int
+    phys_bdf: int
+    intr_line: int = 0
+    intr_pin: int = 0
+    bars: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
+    quirk: bool = False
+
+
+@dataclass(frozen=True)
+class PtdevIntx:
+    """SET_PTDEV_INTR / RESET_PTDEV_INTR arguments for an INTx line."""
+
+    virt_bdf: int
+    phys_bdf: int
+    virt_pin: int
+    phys_pin: int
+    is_pic_pin: bool = False
+
+
+class Hypervisor(ABC):
+    """One VM's connection to a hypervisor (one open HSM fd holds one VM)."""
+
+    #: short name used by ``--hv``
+    name: str = "?"
+
+    # --- VM lifecycle -----------------------------------------------------------------
+    @abstractmethod
+    def create_vm(
+        self, name: str, ioreq_page: mmap.mmap, *, vm_flag: int = 0, cpu_affinity: int = 0
+    ) -> VmInfo:
+        """Create the VM; the hypervisor posts requests into ``ioreq_page`` from now on."""
+
+    @abstractmethod
+    def destroy_vm(self) -> None: ...
+
+    @abstractmethod
+    def start_vm(self) -> None: ...
+
+    @abstractmethod
+    def pause_vm(self) -> None: ...
+
+    @abstractmethod
+    def reset_vm(self) -> None: ...
+
+    @abstractmethod
+    def set_vcpu_regs(self, vcpu_id: int, regs: VcpuRegs) -> None: ...
+
+    # --- memory -----------------------------------------------------------------------
+    @abstractmethod
+    def set_memseg(self, gpa: int, backing: mmap.mmap, attr: int) -> None:
+        """Map ``backing`` (the whole mmap) as guest RAM at ``gpa``."""
+
+    def unset_mmio(self, gpa: int, length: int) -> None:
+        """UNSET_MEMSEG for an MMIO mapping (RAM is unmapped only at VM destroy)."""
+
+    # --- requests ---------------------------------------------------------------------
+    @abstractmethod
+    def create_ioreq_client(self) -> None: ...
+
+    @abstractmethod
+    async def attach_ioreq_client(self) -> bool:
+        """Wait until at least one slot is pending for us. False means: shut down."""
+
+    @abstractmethod
+    def destroy_ioreq_client(self) -> None:
+        """Wakes a waiting attach, which then returns False."""
+
+    @abstractmethod
+    def notify_request_finish(self, vcpu: int) -> None: ...
+
+    @abstractmethod
+    def clear_vm_ioreq(self) -> None: ...
+
+    # --- interrupts -------------------------------------------------------------------
+    @abstractmethod
+    def inject_msi(self, address: int, data: int) -> None: ...
+
+    @abstractmethod
+    def set_irqline(self, gsi: int, op: int) -> None: ...
+
+    # --- fast paths -------------------------------------------------------------------
+    def ioeventfd(
+        self,
+        fd: int,
+        address: int,
+        length: int,
+        *,
+        pio: bool,
+        datamatch: int | None = None,
+        deassign: bool = False,
+    ) -> None:
+        """A guest write matching (address, length, data) signals ``fd`` instead of a slot."""
+        raise HypervisorError(f"{self.name}: ioeventfd not supported")
+
+    def irqfd(self, fd: int, address: int, data: int, *, deassign: bool = False) -> None:
+        """Signalling ``fd`` injects the MSI (address, data)."""
+        raise HypervisorError(f"{self.name}: irqfd not supported")
+
+    @property
+    def supports_eventfds(self) -> bool:
+        return False
+
+    # --- passthrough ------------------------------------------------------------------
+    def assign_pcidev(self, dev: PciDevAssignment) -> None:
+        raise HypervisorError(f"{self.name}: PCI passthrough assignment not supported")
+
+    def deassign_pcidev(self, dev: PciDevAssignment) -> None:
+        raise HypervisorError(f"{self.name}: PCI passthrough assignment not supported")
+
+    def set_ptdev_intr(self, intx: PtdevIntx) -> None:
+        raise HypervisorError(f"{self.name}: passthrough INTx not supported")
+
+    def reset_ptdev_intr(self, intx: PtdevIntx) -> None:
+        raise HypervisorError(f"{self.name}: passthrough INTx not supported")
+
+    @property
+    def emulates_passthrough_config(self) -> bool:
+        """True when the hypervisor owns passthrough config space (ACRN); else the DM does."""
+        return False
+
+    async def serve_backend(self) -> None:
+        """Background work the backend needs while the VM runs (irqfd watchers, vCPU
+        threads). vm.py runs it in the VM's nursery; the default needs none."""
+
+    def close(self) -> None:
+        """Release the connection (closing the HSM fd destroys the VM)."""

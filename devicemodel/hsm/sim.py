@@ -1,0 +1,529 @@
+"""A software hypervisor: owns the request page and guest RAM the way ACRN does, and gives
+tests (and demos) a scriptable guest.
+
+A ``SimVcpu`` access posts a request with the exact state transitions of acrn-facts §1.5:
+the "hypervisor" writes the slot and marks it PENDING; the "HSM" converts CF8/CFC port
+accesses to PCICFG (or completes them in the kernel), matches ioeventfds, and marks the
+slot PROCESSING for the device model; the DM answers and calls NOTIFY_REQUEST_FINISH,
+which marks it COMPLETE; the vCPU copies the value back and frees the slot.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from ..memory import MemoryMap, RamRegion
+from . import abi
+from .base import (
+    Hypervisor,
+    HypervisorError,
+    PciDevAssignment,
+    PtdevIntx,
+    VcpuRegs,
+    VmInfo,
+)
+
+_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+PCI_CONFIG_ADDRESS = 0xCF8
+PCI_CONFIG_DATA = 0xCFC
+
+
+class SimVmGone(Exception):
+    """The VM was destroyed (or its client went away) while a guest access was in flight."""
+
+
+@dataclass
+class _IoEventFd:
+    fd: int
+    address: int
+    length: int
+    pio: bool
+    datamatch: int | None
+
+
+@dataclass
+class _IrqFd:
+    fd: int
+    address: int
+    data: int
+    cancel: trio.CancelScope | None = None
+
+
+@dataclass
+class IrqLineEvent:
+    gsi: int
+    op: int
+
+
+@dataclass
+class SimRemapEntry:
+    """An interrupt-remapping entry: a device's raw message → the guest MSI to inject."""
+
+    address: int
+    data: int
+
+
+@dataclass
+class _Vcpu:
+    done: trio.Event = field(default_factory=trio.Event)
+    busy: bool = False
+
+
+class SimHypervisor(Hypervisor):
+    """One simulated VM. ``vcpus=None`` takes the count from CREATE_VM's cpu_affinity."""
+
+    name = "sim"
+
+    def __init__(self, vcpus: int | None = None) -> None:
+        if vcpus is not None and not 1 <= vcpus <= abi.ACRN_IO_REQUEST_MAX:
+            raise ValueError(f"vcpus must be 1..{abi.ACRN_IO_REQUEST_MAX}")
+        self._want_vcpus = vcpus
+        self.vcpu_num = 0
+        self.vm_name: str | None = None
+        self.page: memoryview | None = None
+        self.memory = MemoryMap()
+        self.state = "none"  # none, created, running, paused, destroyed
+        self.msis: list[tuple[int, int]] = []
+        self._msi_cursor = 0
+        self._msi_event = trio.Event()
+        self.irqlines: dict[int, int] = {}
+        self.irqline_events: list[IrqLineEvent] = []
+        self.vcpu_regs: dict[int, VcpuRegs] = {}
+        self.assigned: list[PciDevAssignment] = []
+        self.ptdev_intx: list[PtdevIntx] = []
+        #: interrupt remapping: (source id, handle) → entry; consulted by ``remap_msi``
+        self.remap_table: dict[tuple[str, int], SimRemapEntry] = {}
+        self.calls: list[str] = []
+        self._client = False
+        self._client_destroyed = False
+        self._pending: set[int] = set()
+        self._wake = trio.Event()
+        self._running = trio.Event()
+        self._clearing = False
+        self._vcpus: list[_Vcpu] = []
+        self._pci_conf_addr = 0
+        self._ioeventfds: list[_IoEventFd] = []
+        self._irqfds: dict[int, _IrqFd] = {}
+        self._nursery: trio.Nursery | None = None
+        self._irqfd_queue: list[_IrqFd] = []
+
+    # --- guest side -------------------------------------------------------------------
+    def guest(self, vcpu: int = 0) -> SimVcpu:
+        if not 0 <= vcpu < max(self.vcpu_num, 1):
+            raise ValueError(f"no vCPU {vcpu} (the VM has {self.vcpu_num})")
+        return SimVcpu(self, vcpu)
+
+    async def next_msi(self) -> tuple[int, int]:
+        """The next MSI not yet returned by this call, waiting for it if need be."""
+        while self._msi_cursor >= len(self.msis):
+            self._msi_event = trio.Event()
+            await self._msi_event.wait()
+        msi = self.msis[self._msi_cursor]
+        self._msi_cursor += 1
+        return msi
+
+    # --- VM lifecycle -----------------------------------------------------------------
+    def create_vm(
+        self, name: str, ioreq_page: mmap.mmap, *, vm_flag: int = 0, cpu_affinity: int = 0
+    ) -> VmInfo:
+        self.calls.append("create_vm")
+        if self.state not in ("none", "destroyed"):
+            raise HypervisorError("CREATE_VM: this handle already holds a VM", errno.EEXIST)
+        if len(name.encode()) >= abi.VM_NAME_FIELD_LEN:
+            raise HypervisorError(f"CREATE_VM: VM name {name!r} must be shorter than 16 bytes")
+        n = self._want_vcpus or (bin(cpu_affinity).count("1") if cpu_affinity else 1)
+        if n > abi.ACRN_IO_REQUEST_MAX:
+            raise HypervisorError("CREATE_VM: too many vCPUs", errno.EINVAL)
+        self.vcpu_num = n
+        self.vm_name = name
+        self.page = memoryview(ioreq_page)
+        for v in range(abi.ACRN_IO_REQUEST_MAX):
+            self._set_state(v, abi.IOREQ_STATE_FREE)
+        self._vcpus = [_Vcpu() for _ in range(n)]
+        self.state = "created"
+        self._client_destroyed = False
+        return VmInfo(vmid=0, vcpu_num=n)
+
+    def destroy_vm(self) -> None:
+        self.calls.append("destroy_vm")
+        self.state = "destroyed"
+        self._client_destroyed = True
+        self._wake.set()
+        self._running.set()  # wake guests waiting to run so they see the VM is gone
+        for vc in self._vcpus:
+            vc.done.set()
+        for irqfd in self._irqfds.values():
+            if irqfd.cancel:
+                irqfd.cancel.cancel()
+        self._irqfds.clear()
+        self._ioeventfds.clear()
+
+    def start_vm(self) -> None:
+        self.calls.append("start_vm")
+        self._need_vm()
+        self.state = "running"
+        self._clearing = False
+        self._running.set()
+
+    def pause_vm(self) -> None:
+        self.calls.append("pause_vm")
+        self._need_vm()
+        if self.state == "running":
+            self.state = "paused"
+            self._running = trio.Event()
+
+    def reset_vm(self) -> None:
+        self.calls.append("reset_vm")
+        self._need_vm()
+        for v in range(abi.ACRN_IO_REQUEST_MAX):
+            self._set_state(v, abi.IOREQ_STATE_FREE)
+        self._pending.clear()
+        self._pci_conf_addr = 0
+
+    def set_vcpu_regs(self, vcpu_id: int, regs: VcpuRegs) -> None:
+        self.calls.append("set_vcpu_regs")
+        self._need_vm()
+        self.vcpu_regs[vcpu_id] = regs
+
+    def set_memseg(self, gpa: int, backing: mmap.mmap, attr: int) -> None:
+        self.calls.append("set_memseg")
+        self._need_vm()
+        self.memory.add(RamRegion(gpa=gpa, size=len(backing), mm=backing))
+
+    # --- requests ---------------------------------------------------------------------
+    def create_ioreq_client(self) -> None:
+        self.calls.append("create_ioreq_client")
+        self._need_vm()
+        if self._client:
+            raise HypervisorError("CREATE_IOREQ_CLIENT: client exists", errno.EEXIST)
+        self._client = True
+        self._client_destroyed = False
+
+    async def attach_ioreq_client(self) -> bool:
+        while True:
+            if self._client_destroyed or not self._client:
+                return False
+            if self._pending:
+                await trio.lowlevel.checkpoint()
+                return not self._client_destroyed
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    def destroy_ioreq_client(self) -> None:
+        self.calls.append("destroy_ioreq_client")
+        self._client = False
+        self._client_destroyed = True
+        self._wake.set()
+
+    def notify_request_finish(self, vcpu: int) -> None:
+        self._need_vm()
+        if not 0 <= vcpu < self.vcpu_num:
+            raise HypervisorError(f"NOTIFY_REQUEST_FINISH: vcpu {vcpu} invalid", errno.EINVAL)
+        self._pending.discard(vcpu)
+        self._complete(vcpu)
+
+    def clear_vm_ioreq(self) -> None:
+        self.calls.append("clear_vm_ioreq")
+        self._need_vm()
+        self._clearing = True
+        for vcpu in sorted(self._pending):
+            self._complete(vcpu)
+        self._pending.clear()
+
+    # --- interrupts -------------------------------------------------------------------
+    def inject_msi(self, address: int, data: int) -> None:
+        self._need_vm()
+        self.msis.append((address, data))
+        self._msi_event.set()
+
+    def set_irqline(self, gsi: int, op: int) -> None:
+        self._need_vm()
+        self.irqline_events.append(IrqLineEvent(gsi, op))
+        if op == abi.GSI_SET_HIGH:
+            self.irqlines[gsi] = 1
+        elif op == abi.GSI_SET_LOW:
+            self.irqlines[gsi] = 0
+        elif op == abi.GSI_RAISING_PULSE:
+            self.irqlines[gsi] = 0
+        elif op == abi.GSI_FALLING_PULSE:
+            self.irqlines[gsi] = 1
+        else:
+            raise HypervisorError(f"SET_IRQLINE: bad op {op}", errno.EINVAL)
+
+    def remap_msi(self, source: str, handle: int) -> tuple[int, int] | None:
+        """Deliver a remappable message through the remap table, as VT-d would."""
+        entry = self.remap_table.get((source, handle))
+        if entry is None:
+            return None
+        self.inject_msi(entry.address, entry.data)
+        return entry.address, entry.data
+
+    # --- fast paths -------------------------------------------------------------------
+    @property
+    def supports_eventfds(self) -> bool:
+        return True
+
+    def ioeventfd(
+        self,
+        fd: int,
+        address: int,
+        length: int,
+        *,
+        pio: bool,
+        datamatch: int | None = None,
+        deassign: bool = False,
+    ) -> None:
+        if length not in (1, 2, 4, 8) or address + length > 1 << 64:
+            raise HypervisorError("IOEVENTFD: bad length or range", errno.EINVAL)
+        reg = _IoEventFd(fd, address, length, pio, datamatch)
+        if deassign:
+            for i, r in enumerate(self._ioeventfds):
+                if (r.fd, r.address, r.pio, r.datamatch) == (fd, address, pio, datamatch):
+                    del self._ioeventfds[i]
+                    return
+            raise HypervisorError("IOEVENTFD: no such registration", errno.ENOENT)
+        for r in self._ioeventfds:
+            if (r.fd, r.address, r.pio, r.datamatch) == (fd, address, pio, datamatch):
+                raise HypervisorError("IOEVENTFD: already registered", errno.EEXIST)
+        self._ioeventfds.append(reg)
+
+    def irqfd(self, fd: int, address: int, data: int, *, deassign: bool = False) -> None:
+        if deassign:
+            reg = self._irqfds.pop(fd, None)
+            if reg is None:
+                raise HypervisorError("IRQFD: no such registration", errno.ENOENT)
+            if reg.cancel:
+                reg.cancel.cancel()
+            return
+        if fd in self._irqfds:
+            raise HypervisorError("IRQFD: already registered", errno.EEXIST)
+        reg = _IrqFd(fd, address, data)
+        self._irqfds[fd] = reg
+        if self._nursery is not None:
+            self._nursery.start_soon(self._watch_irqfd, reg)
+        else:
+            self._irqfd_queue.append(reg)
+
+    async def serve_backend(self) -> None:
+        """Background work of the backend: the irqfd watchers."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for reg in self._irqfd_queue:
+                nursery.start_soon(self._watch_irqfd, reg)
+            self._irqfd_queue.clear()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def _watch_irqfd(self, reg: _IrqFd) -> None:
+        with trio.CancelScope() as scope:
+            reg.cancel = scope
+            while self._irqfds.get(reg.fd) is reg:
+                await trio.lowlevel.wait_readable(reg.fd)
+                try:
+                    os.eventfd_read(reg.fd)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if self.state != "destroyed":
+                    self.inject_msi(reg.address, reg.data)
+
+    # --- passthrough ------------------------------------------------------------------
+    def assign_pcidev(self, dev: PciDevAssignment) -> None:
+        self._need_vm()
+        self.assigned.append(dev)
+
+    def deassign_pcidev(self, dev: PciDevAssignment) -> None:
+        self._need_vm()
+        self.assigned = [d for d in self.assigned if d.virt_bdf != dev.virt_bdf]
+
+    def set_ptdev_intr(self, intx: PtdevIntx) -> None:
+        self._need_vm()
+        self.ptdev_intx.append(intx)
+
+    def reset_ptdev_intr(self, intx: PtdevIntx) -> None:
+        self._need_vm()
+        self.ptdev_intx = [i for i in self.ptdev_intx if i.virt_bdf != intx.virt_bdf]
+
+    def close(self) -> None:
+        if self.state not in ("none", "destroyed"):
+            self.destroy_vm()
+
+    # --- internals --------------------------------------------------------------------
+    def _need_vm(self) -> None:
+        if self.state in ("none", "destroyed"):
+            raise HypervisorError("no VM on this handle", errno.EINVAL)
+
+    def _set_state(self, vcpu: int, state: int) -> None:
+        assert self.page is not None
+        abi.SLOT_U32.pack_into(self.page, abi.slot_offset(vcpu) + abi.SLOT_PROCESSED_OFF, state)
+
+    def _get_state(self, vcpu: int) -> int:
+        assert self.page is not None
+        return abi.SLOT_U32.unpack_from(self.page, abi.slot_offset(vcpu) + abi.SLOT_PROCESSED_OFF)[
+            0
+        ]
+
+    def _complete(self, vcpu: int) -> None:
+        # HSM: store-release processed = COMPLETE, then the hypercall wakes the vCPU.
+        self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
+        if vcpu < len(self._vcpus):
+            self._vcpus[vcpu].done.set()
+
+    async def _post(self, vcpu: int, rtype: int, direction: int, address: int, size: int,
+                    value: int) -> int:
+        """The hypervisor and HSM halves of one access; returns the value the vCPU sees."""
+        await self._running.wait()
+        if self.state == "destroyed":
+            raise SimVmGone("the VM is gone")
+        vc = self._vcpus[vcpu]
+        if vc.busy or self._get_state(vcpu) != abi.IOREQ_STATE_FREE:
+            raise RuntimeError(f"vCPU {vcpu} already has a request in flight")
+        vc.busy = True
+        try:
+            return await self._post_locked(vcpu, vc, rtype, direction, address, size, value)
+        finally:
+            vc.busy = False
+
+    async def _post_locked(self, vcpu: int, vc: _Vcpu, rtype: int, direction: int,
+                           address: int, size: int, value: int) -> int:
+        assert self.page is not None
+        page = self.page
+        off = abi.slot_offset(vcpu)
+        page[off : off + abi.SLOT_PROCESSED_OFF] = bytes(abi.SLOT_PROCESSED_OFF)
+        abi.SLOT_U32.pack_into(page, off + abi.SLOT_TYPE_OFF, rtype)
+        abi.SLOT_ADDR_REQ.pack_into(page, off + abi.SLOT_REQS_OFF, direction, 0, address, size)
+        if rtype == abi.IOREQ_TYPE_MMIO:
+            abi.SLOT_U64.pack_into(page, off + abi.SLOT_VALUE_OFF, value & _MASK.get(size, ~0))
+        else:
+            abi.SLOT_U32.pack_into(page, off + abi.SLOT_VALUE_OFF, value & 0xFFFF_FFFF)
+        vc.done = trio.Event()
+        self._set_state(vcpu, abi.IOREQ_STATE_PENDING)
+
+        # ---- HSM dispatch (acrn_ioreq_dispatch) ----
+        result = self._hsm_dispatch(vcpu, rtype, direction, address, size, value)
+        if result is None:
+            abi.SLOT_U32.pack_into(page, off + abi.SLOT_KERNEL_HANDLED_OFF, 0)
+            self._set_state(vcpu, abi.IOREQ_STATE_PROCESSING)
+            self._pending.add(vcpu)
+            self._wake.set()
+            await vc.done.wait()
+            if self.state == "destroyed":
+                raise SimVmGone("the VM was destroyed while the request was in flight")
+            if self._get_state(vcpu) != abi.IOREQ_STATE_COMPLETE:
+                raise RuntimeError("slot woken without COMPLETE")
+        # ---- hypervisor post-work (dm_emulate_io_complete) ----
+        if rtype == abi.IOREQ_TYPE_MMIO:
+            got = abi.SLOT_U64.unpack_from(page, off + abi.SLOT_VALUE_OFF)[0]
+        else:
+            got = abi.SLOT_U32.unpack_from(page, off + abi.SLOT_VALUE_OFF)[0]
+        self._set_state(vcpu, abi.IOREQ_STATE_FREE)
+        return got & _MASK.get(size, 0xFFFF_FFFF_FFFF_FFFF)
+
+    def _hsm_dispatch(self, vcpu: int, rtype: int, direction: int, address: int, size: int,
+                      value: int) -> int | None:
+        """Kernel-side handling. Returns a value if completed in the kernel, else None."""
+        assert self.page is not None
+        page = self.page
+        off = abi.slot_offset(vcpu)
+        if self._clearing:
+            self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
+            return 0
+        if rtype == abi.IOREQ_TYPE_PORTIO and address == PCI_CONFIG_ADDRESS and size == 4:
+            if direction == abi.IOREQ_DIR_WRITE:
+                self._pci_conf_addr = value & 0xFFFF_FFFF
+            else:
+                abi.SLOT_U32.pack_into(page, off + abi.SLOT_VALUE_OFF, self._pci_conf_addr)
+            self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
+            return 0
+        if rtype == abi.IOREQ_TYPE_PORTIO and PCI_CONFIG_DATA <= address <= PCI_CONFIG_DATA + 3:
+            cf8 = self._pci_conf_addr
+            if not cf8 & 0x8000_0000:
+                if direction == abi.IOREQ_DIR_READ:
+                    abi.SLOT_U32.pack_into(page, off + abi.SLOT_VALUE_OFF, 0xFFFF_FFFF)
+                self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
+                return 0
+            # rewrite the slot in place as a PCICFG request
+            bus = (cf8 >> 16) & 0xFF
+            dev = (cf8 >> 11) & 0x1F
+            func = (cf8 >> 8) & 0x7
+            reg = (cf8 & 0xFC) + ((cf8 >> 16) & 0xF00) + (address - PCI_CONFIG_DATA)
+            abi.SLOT_U32.pack_into(page, off + abi.SLOT_TYPE_OFF, abi.IOREQ_TYPE_PCICFG)
+            struct_off = off + abi.SLOT_PCI_BDFR_OFF
+            for i, v in enumerate((bus, dev, func, reg)):
+                abi.SLOT_U32.pack_into(page, struct_off + 4 * i, v)
+            return None
+        if direction == abi.IOREQ_DIR_WRITE:
+            want_pio = rtype == abi.IOREQ_TYPE_PORTIO
+            for r in self._ioeventfds:
+                if (
+                    r.pio == want_pio
+                    and r.address == address
+                    and r.length >= size
+                    and (r.datamatch is None or r.datamatch == value)
+                ):
+                    try:
+                        os.eventfd_write(r.fd, 1)
+                    except OSError:
+                        pass
+                    self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
+                    return 0
+        else:
+            want_pio = rtype == abi.IOREQ_TYPE_PORTIO
+            for r in self._ioeventfds:
+                if r.pio == want_pio and r.address <= address and address + size <= r.address + r.length:
+                    abi.SLOT_U64.pack_into(page, off + abi.SLOT_VALUE_OFF, 0)
+                    self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
+                    return 0
+        return None
+
+
+class SimVcpu:
+    """One guest vCPU: every call is one VM exit."""
+
+    def __init__(self, sim: SimHypervisor, vcpu: int) -> None:
+        self.sim = sim
+        self.vcpu = vcpu
+
+    async def pio_read(self, port: int, size: int) -> int:
+        return await self.sim._post(self.vcpu, abi.IOREQ_TYPE_PORTIO, abi.IOREQ_DIR_READ, port,
+                                    size, 0)
+
+    async def pio_write(self, port: int, size: int, value: int) -> None:
+        await self.sim._post(self.vcpu, abi.IOREQ_TYPE_PORTIO, abi.IOREQ_DIR_WRITE, port, size,
+                             value & _MASK.get(size, 0xFFFF_FFFF))
+
+    async def mmio_read(self, gpa: int, size: int) -> int:
+        return await self.sim._post(self.vcpu, abi.IOREQ_TYPE_MMIO, abi.IOREQ_DIR_READ, gpa,
+                                    size, 0)
+
+    async def mmio_write(self, gpa: int, size: int, value: int) -> None:
+        await self.sim._post(self.vcpu, abi.IOREQ_TYPE_MMIO, abi.IOREQ_DIR_WRITE, gpa, size,
+                             value & _MASK.get(size, 0xFFFF_FFFF_FFFF_FFFF))
+
+    @staticmethod
+    def _cf8(bus: int, dev: int, func: int, reg: int) -> int:
+        return (
+            0x8000_0000
+            | ((reg & 0xF00) << 16)
+            | ((bus & 0xFF) << 16)
+            | ((dev & 0x1F) << 11)
+            | ((func & 0x7) << 8)
+            | (reg & 0xFC)
+        )
+
+    async def pci_cfg_read(self, bus: int, dev: int, func: int, reg: int, size: int) -> int:
+        await self.pio_write(PCI_CONFIG_ADDRESS, 4, self._cf8(bus, dev, func, reg))
+        return await self.pio_read(PCI_CONFIG_DATA + (reg & 3), size)
+
+    async def pci_cfg_write(self, bus: int, dev: int, func: int, reg: int, size: int,
+                            value: int) -> None:
+        await self.pio_write(PCI_CONFIG_ADDRESS, 4, self._cf8(bus, dev, func, reg))
+        await self.pio_write(PCI_CONFIG_DATA + (reg & 3), size, value)
