@@ -246,9 +246,7 @@ class SimHypervisor(Hypervisor):
         self.irqline_events.append(IrqLineEvent(gsi, op))
         if op == abi.GSI_SET_HIGH:
             self.irqlines[gsi] = 1
-        elif op == abi.GSI_SET_LOW:
-            self.irqlines[gsi] = 0
-        elif op == abi.GSI_RAISING_PULSE:
+        elif op == abi.GSI_SET_LOW or op == abi.GSI_RAISING_PULSE:
             self.irqlines[gsi] = 0
         elif op == abi.GSI_FALLING_PULSE:
             self.irqlines[gsi] = 1
@@ -478,7 +476,8 @@ class SimHypervisor(Hypervisor):
         else:
             want_pio = rtype == abi.IOREQ_TYPE_PORTIO
             for r in self._ioeventfds:
-                if r.pio == want_pio and r.address <= address and address + size <= r.address + r.length:
+                inside = r.address <= address and address + size <= r.address + r.length
+                if r.pio == want_pio and inside:
                     abi.SLOT_U64.pack_into(page, off + abi.SLOT_VALUE_OFF, 0)
                     self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
                     return 0
