@@ -57,7 +57,7 @@ def test_view_never_escapes_guest_ram(gpa, length):
         v = mem.view(gpa, length)
     except GuestMemoryError:
         return
-    assert 0 <= gpa and gpa + length <= 128 * MiB and len(v) == length
+    assert gpa >= 0 and gpa + length <= 128 * MiB and len(v) == length
 
 
 _MEM: list[GuestMemory] = []
