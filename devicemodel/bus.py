@@ -45,6 +45,18 @@ class Bus:
         self._ranges: list[BusRange] = []
         self._bases: list[int] = []
         self._last: BusRange | None = None
+        self._fallbacks: list[BusRange] = []
+
+    def add_fallback(self, base: int, length: int, handler: IoHandler, name: str = "") -> None:
+        """Answer accesses inside [base, base+length) that hit no registered range
+        (acrn-dm's fallback ranges, e.g. the PCI holes: reads all-ones, writes dropped)."""
+        self._fallbacks.append(BusRange(base, length, handler, name))
+
+    def _fallback(self, addr: int, size: int) -> BusRange | None:
+        for r in self._fallbacks:
+            if r.base <= addr and addr + size <= r.end:
+                return r
+        return None
 
     def register(self, base: int, length: int, handler: IoHandler, name: str = "") -> BusRange:
         if length <= 0 or base < 0 or base + length > self.limit:
@@ -89,13 +101,13 @@ class Bus:
 
     def read(self, addr: int, size: int) -> int | None:
         """The handler's answer, or None when nothing is there (the caller returns all-ones)."""
-        r = self.find(addr, size)
+        r = self.find(addr, size) or self._fallback(addr, size)
         if r is None:
             return None
         return r.handler.read(addr - r.base, size)
 
     def write(self, addr: int, size: int, value: int) -> bool:
-        r = self.find(addr, size)
+        r = self.find(addr, size) or self._fallback(addr, size)
         if r is None:
             return False
         r.handler.write(addr - r.base, size, value)

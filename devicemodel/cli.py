@@ -1,42 +1,66 @@
 """``acrn-pydm``: acrn-dm's command line, plus subcommands of our own.
 
-    acrn-pydm [acrn-dm options] <vm name>     run a VM (as acrn-dm would)
-    acrn-pydm lspci [acrn-dm options] <name>  print the VM's PCI functions as lspci -xxxx
+    acrn-pydm [acrn-dm options] <vm name>         run a VM (as acrn-dm would)
+    acrn-pydm run [--hv X] <vm.toml>              run the VM a TOML file describes
+    acrn-pydm config --from-args <acrn-dm opts>   print the TOML equivalent of a command line
+    acrn-pydm config --to-args <vm.toml>          print the acrn-dm command line of a file
+    acrn-pydm config --check <vm.toml>            validate a file
+    acrn-pydm lspci [acrn-dm options] <name>      print the VM's PCI functions as lspci -xxxx
 
-User errors print one line, ``acrn-pydm: error: ...``, and exit 2.
+User errors print one line, ``acrn-pydm: error: ...``, and exit 2; systemd's unit treats
+2 as "do not restart" (RestartPreventExitStatus=2).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 
 import trio
 
 from . import __version__
-from .config import ConfigError, VmConfig, parse_args
+from .config import (
+    ConfigError,
+    HelpRequested,
+    VersionRequested,
+    VmConfig,
+    check_emulations,
+    format_memsize,
+    parse_args,
+)
 from .hsm.base import HypervisorError
 
 log = logging.getLogger("devicemodel")
 
 USAGE = """\
 usage: acrn-pydm [options] <vm name>
+       acrn-pydm run [--hv acrn|kvm|sim] <vm.toml>
+       acrn-pydm config --from-args [options] <vm name> | --to-args <vm.toml> | --check <vm.toml>
        acrn-pydm lspci [options] <vm name>
 
 acrn-dm compatible options:
   -m, --memsize <size>{K|M|G}    guest memory (default 256M)
   -s, --pci_slot <slot>,<emul>[,<options>]
                                  PCI function, e.g. 0:0,hostbridge or 3,virtio-blk,disk.img
-  -l, --lpc com1,stdio           LPC device
+  -l, --lpc com1,stdio           LPC device (com1..com4[,backend], com5,<backend>,<port>,<irq>)
   -k, --kernel <bzImage>   -B, --bootargs <cmdline>   -r, --ramdisk <initrd>
   -E, --elf_file <elf>     --ovmf [w,]<path> | [w,]code=<path>,vars=<path>
   --cpu_affinity <cpu,...>       pCPUs; their count is the vCPU count
   --debugexit                    guest write to port 0xF4 powers the VM off
-  --virtio_poll <ns>  --virtio_msi  --cmd_monitor <socket>  --logger_setting <spec>
+  --virtio_poll <ns>  --virtio_msi  --windows
+  --cmd_monitor <socket>         JSON command monitor (docs/vm-toml.md)
+  --logger_setting console,level=N;disk,level=N;kmsg,level=N   (1 error .. 5 debug)
+  -h, --help   -v, --version
+  ignored as in acrn-dm (obsolete): -A -Y -G -i --vsbl --part_info --mac_seed --pm_by_vuart
+  --iasl (no iasl needed); refused: --enable_trusty --intr_monitor --acpidev_pt --mmiodev_pt
+  --vtpm2 --lapic_pt --rtvm --ssram --pm_notify_channel -U
 our own:
-  --hv acrn|kvm|sim              hypervisor backend (default: acrn if /dev/acrn_hsm exists,
-                                 else sim)
+  --hv acrn|kvm|sim              hypervisor backend (default: acrn if /dev/acrn_hsm exists)
+  --shutdown_timeout <s>         on SIGTERM, seconds the guest gets to power off (default 60)
+environment: ACRN_PYDM_RUNTIME_DIR (instance locks; default /run/acrn-pydm),
+  ACRN_PYDM_LOG_DIR (disk logger; default /var/log/acrn-dm), NOTIFY_SOCKET, WATCHDOG_USEC
 """
 
 
@@ -45,57 +69,65 @@ def _error(msg: str) -> int:
     return 2
 
 
-def _setup_logging(cfg: VmConfig | None) -> None:
-    level = logging.INFO
-    if cfg is not None and cfg.logger_setting:
-        from .logsetup import level_from_setting
-
-        level = level_from_setting(cfg.logger_setting)
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="acrn-pydm[%(name)s] %(levelname)s: %(message)s"
-    )
-
-
 async def run_vm(cfg: VmConfig) -> None:
-    """Run one VM until it powers off or we get SIGTERM/SIGINT/SIGHUP."""
+    """Run one VM until it powers off, or SIGTERM/SIGINT/SIGHUP stop it (acrn-dm: SIGINT and
+    SIGHUP power off; SIGTERM is systemd's stop). Tells systemd about each step."""
     from .hsm import open_hypervisor
+    from .lifecycle import Lifecycle
+    from .sdnotify import Notifier, watchdog, watchdog_interval
     from .vm import Vm
 
-    hv = open_hypervisor(cfg.hv, cfg.vcpus)
-    vm = Vm(cfg, hv)
-    vm.build()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(vm.run)
-
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    log.info("signal %s: powering off", signal.Signals(signum).name)
-                    vm.poweroff()
-                    return
-
-            nursery.start_soon(watch_signals)
-            await vm.wait_stopped()
-            nursery.cancel_scope.cancel()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE, end="")
-        return 0 if args else 2
-    if args[0] in ("-v", "--version"):
-        print(f"acrn-pydm {__version__}")
-        return 0
-    if args[0] == "lspci":
-        from .lspci import main as lspci_main
-
-        return lspci_main(args[1:])
+    notifier = Notifier()
     try:
-        cfg = parse_args(args)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            notifier.status(f"building VM {cfg.name}")
+            hv = open_hypervisor(cfg.hv, cfg.vcpus)
+            vm = Vm(cfg, hv)
+            vm.build()
+            assert vm.ctx is not None
+            lifecycle = Lifecycle(vm, notifier)
+            vm.ctx.extras["lifecycle"] = lifecycle
+            async with trio.open_nursery() as nursery:
+                await nursery.start(vm.run)
+                nursery.start_soon(lifecycle.run)
+                interval = watchdog_interval()
+                if interval is not None and notifier.enabled:
+                    nursery.start_soon(watchdog, notifier, interval)
+
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        lifecycle.request_poweroff(f"signal {name}")
+
+                nursery.start_soon(watch_signals)
+                notifier.ready(f"VM {cfg.name} running: {vm.vcpu_num} vCPU(s), "
+                               f"{format_memsize(cfg.memsize)} RAM, hypervisor {hv.name}")
+                await vm.wait_stopped()
+                if lifecycle.shutdown_requested is None:
+                    notifier.stopping(f"VM {cfg.name} powered off by the guest")
+                nursery.cancel_scope.cancel()
+            notifier.status(f"VM {cfg.name} stopped")
+    finally:
+        notifier.close()
+
+
+def _launch(cfg: VmConfig) -> int:
+    """Everything around run_vm: logging, emulation check, the instance lock, error mapping."""
+    from . import devices
+    from .instance_lock import InstanceLock
+    from .logsetup import setup_logging
+    from .pci.registry import known
+
+    try:
+        problems = setup_logging(cfg.logger_setting, vm_name=cfg.name)
+        for msg in [*cfg.warnings, *problems]:
+            log.warning("%s", msg)
+        devices.load_all()
+        check_emulations(cfg, known())
+        lock = InstanceLock(cfg.name)
+        lock.acquire()
     except ConfigError as e:
         return _error(str(e))
-    _setup_logging(cfg)
     try:
         trio.run(run_vm, cfg)
     except ConfigError as e:
@@ -103,5 +135,99 @@ def main(argv: list[str] | None = None) -> int:
     except HypervisorError as e:
         return _error(str(e))
     except OSError as e:
-        return _error(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e))
+        return _error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    finally:
+        lock.release()
     return 0
+
+
+def _parse(args: list[str], *, check_files: bool = True) -> VmConfig | int:
+    try:
+        return parse_args(args, check_files=check_files)
+    except HelpRequested:
+        print(USAGE, end="")
+        return 0
+    except VersionRequested:
+        print(f"acrn-pydm {__version__}")
+        return 0
+    except ConfigError as e:
+        return _error(str(e))
+
+
+def _cmd_run(args: list[str]) -> int:
+    from .tomlconfig import load
+
+    hv = None
+    rest = list(args)
+    if rest[:1] == ["--hv"] and len(rest) >= 2:
+        hv, rest = rest[1], rest[2:]
+    elif rest and rest[0].startswith("--hv="):
+        hv, rest = rest[0].partition("=")[2], rest[1:]
+    if len(rest) != 1 or rest[0].startswith("-"):
+        return _error("usage: acrn-pydm run [--hv acrn|kvm|sim] <vm.toml>; "
+                      "give exactly one VM file")
+    try:
+        cfg = load(rest[0])
+        if hv is not None:
+            from .config import HYPERVISORS
+
+            if hv not in HYPERVISORS:
+                raise ConfigError(f"--hv {hv}: unknown backend; choose one of "
+                                  f"{', '.join(HYPERVISORS)}")
+            cfg.hv = hv
+    except ConfigError as e:
+        return _error(str(e))
+    return _launch(cfg)
+
+
+def _cmd_config(args: list[str]) -> int:
+    from .tomlconfig import dumps, load
+
+    if not args:
+        return _error("usage: acrn-pydm config --from-args <options> <name> | "
+                      "--to-args <vm.toml> | --check <vm.toml>")
+    mode, rest = args[0], args[1:]
+    if mode == "--from-args":
+        parsed = _parse(rest, check_files=False)
+        if isinstance(parsed, int):
+            return parsed
+        for msg in parsed.warnings:
+            print(f"acrn-pydm: warning: {msg}", file=sys.stderr)
+        sys.stdout.write(dumps(parsed))
+        return 0
+    if mode in ("--to-args", "--check"):
+        if len(rest) != 1:
+            return _error(f"{mode} takes one VM file, e.g. acrn-pydm config {mode} vm1.toml")
+        try:
+            cfg = load(rest[0], check_files=mode == "--check")
+        except ConfigError as e:
+            return _error(str(e))
+        if mode == "--check":
+            print(f"{rest[0]}: VM {cfg.name} OK")
+        else:
+            print(shlex.join(["acrn-pydm", *cfg.to_args()]))
+        return 0
+    return _error(f"config {mode}: unknown mode; use --from-args, --to-args or --check")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(USAGE, end="", file=sys.stderr)
+        return 2
+    if args[0] == "lspci":
+        from .lspci import main as lspci_main
+
+        return lspci_main(args[1:])
+    if args[0] == "vhost-user":
+        from .vhost_user.cli import main as vhost_user_main
+
+        return vhost_user_main(args[1:])
+    if args[0] == "run":
+        return _cmd_run(args[1:])
+    if args[0] == "config":
+        return _cmd_config(args[1:])
+    parsed = _parse(args)
+    if isinstance(parsed, int):
+        return parsed
+    return _launch(parsed)

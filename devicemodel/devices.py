@@ -6,6 +6,9 @@ import importlib
 
 DEVICE_MODULES = (
     "devicemodel.pci.hostbridge",
+    "devicemodel.pci.dummy",
+    "devicemodel.passthru.device",
+    "devicemodel.platform.lpc",
 )
 
 

@@ -26,6 +26,7 @@ from .ioreq import IoreqServer, new_ioreq_page
 from .memory import GuestMemory
 from .pci.bus import PciBus
 from .pci.registry import factory_for
+from .platform.setup import Platform, install_platform, load_guest
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Vm:
         self._stopped = trio.Event()
         self._cleanups: list[Callable[[], None]] = []
         self.ctx: VmContext | None = None
+        self.platform: Platform | None = None
 
     # --- building -----------------------------------------------------------------------
     def build(self) -> None:
@@ -92,6 +94,12 @@ class Vm:
         finish = getattr(self.pci, "finish", None)
         if finish is not None:
             finish()
+        # platform issue: RTC, PM/reset, debugexit, ACPI tables, then the guest image
+        self.platform = install_platform(self)
+        self._cleanups.append(self.platform.close)
+        regs = load_guest(self)
+        if regs is not None:
+            self.hv.set_vcpu_regs(0, regs)
         self.server = IoreqServer(self.hv, self.page, self.vcpu_num, self.ports, self.mmio,
                                   self.pci)
         self.hv.create_ioreq_client()
@@ -123,6 +131,12 @@ class Vm:
                 nursery.start_soon(self._serve_requests, nursery.cancel_scope)
                 for dev in self.devices.values():
                     nursery.start_soon(self._run_device, dev)
+                if self.platform is not None:  # platform issue: guest power-off/reset
+                    nursery.start_soon(self._run_device, self.platform)
+                if self.config.cmd_monitor:  # launch issue: the command monitor socket
+                    from .monitor import serve_monitor
+
+                    await nursery.start(serve_monitor, self)
                 self.hv.start_vm()
                 self.state = "running"
                 log.info("VM %s running with %d vCPU(s)", self.config.name, self.vcpu_num)

@@ -14,9 +14,13 @@ def acrn_present() -> bool:
 
 
 def default_backend() -> str:
-    """acrn where the HSM exists, else sim (kvm is chosen explicitly with --hv kvm)."""
+    """acrn where the HSM exists, else kvm where /dev/kvm answers, else sim."""
     if acrn_present():
         return "acrn"
+    from .kvm import kvm_usable
+
+    if kvm_usable() is None:
+        return "kvm"
     return "sim"
 
 

@@ -96,6 +96,7 @@ GSI_SET_LOW = 1
 GSI_RAISING_PULSE = 2
 GSI_FALLING_PULSE = 3
 
+PMCMD_TYPE_MASK = 0x000000FF
 PMCMD_GET_PX_CNT = 0
 PMCMD_GET_PX_DATA = 1
 PMCMD_GET_CX_CNT = 2
@@ -230,7 +231,12 @@ acrn_mmiodev = Struct(
 )
 
 acrn_vdev = Struct(
-    "id" / Int64ul,
+    # a union in the header: the raw u64 ``value`` over these fields
+    "id" / Struct(
+        "vendor" / Int16ul,
+        "device" / Int16ul,
+        "legacy_id" / Int32ul,
+    ),
     "slot" / Int64ul,
     "io_addr" / Array(PCI_NUM_BARS, Int32ul),
     "io_size" / Array(PCI_NUM_BARS, Int32ul),
@@ -281,6 +287,53 @@ acrn_irqfd = Struct(
     "fd" / Int32sl,
     "flags" / Int32ul,
     "msi" / acrn_msi_entry,
+)
+
+# The request slot, for the control plane (tests, debugging dumps). The hot path uses the
+# struct.Struct views below. ``reqs`` is a union in the header: the raw ``data`` words,
+# over which the PIO, PCI and MMIO request layouts lie.
+acrn_pio_request = Struct(
+    "direction" / Int32ul,
+    "reserved" / Int32ul,
+    "address" / Int64ul,
+    "size" / Int64ul,
+    "value" / Int32ul,
+    Padding(4),
+)
+
+acrn_mmio_request = Struct(
+    "direction" / Int32ul,
+    "reserved" / Int32ul,
+    "address" / Int64ul,
+    "size" / Int64ul,
+    "value" / Int64ul,
+)
+
+acrn_pci_request = Struct(
+    "direction" / Int32ul,
+    "reserved" / Array(3, Int32ul),
+    "size" / Int64ul,
+    "value" / Int32ul,
+    "bus" / Int32ul,
+    "dev" / Int32ul,
+    "func" / Int32ul,
+    "reg" / Int32ul,
+    Padding(4),
+)
+
+acrn_io_request = Struct(
+    "type" / Int32ul,
+    "completion_polling" / Int32ul,
+    "reserved0" / Array(14, Int32ul),
+    "reqs" / Struct("data" / Array(8, Int64ul)),
+    "reserved1" / Int32ul,
+    "kernel_handled" / Int32ul,
+    "processed" / Int32ul,
+    Padding(116),  # the struct is aligned to 256
+)
+
+acrn_io_request_buffer = Struct(
+    "req_slot" / Array(ACRN_IO_REQUEST_MAX, acrn_io_request),
 )
 
 # Sizes the header fixes; construct computes the others.

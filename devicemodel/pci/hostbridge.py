@@ -1,28 +1,44 @@
-"""The host bridge at 0:0 (minimal; the PCI issue gives it a real config space)."""
+"""The host bridge at 0:0, with acrn-dm's IDs: a NetApp 0x1275:0x1275 host bridge
+(class 06/00) carrying a PCI Express root-port capability; ``amd_hostbridge`` reports
+AMD's vendor ID and a made-up device ID, as acrn-dm does."""
 
 from __future__ import annotations
 
-import struct
+from typing import TYPE_CHECKING
 
+from .caps import PCIE_TYPE_ROOT_PORT
 from .device import PciDevice
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..config import SlotConfig
+    from ..context import VmContext
+
+CLASS_HOST_BRIDGE = 0x060000
 
 
 class HostBridge(PciDevice):
     name = "hostbridge"
+    vendor_id = 0x1275
+    device_id = 0x1275
 
-    def __init__(self) -> None:
-        self.cfg = bytearray(256)
-        struct.pack_into("<HH", self.cfg, 0, 0x8086, 0x1275)
-        self.cfg[0x0B] = 0x06  # bridge
-        self.cfg[0x0A] = 0x00  # host bridge
+    def __init__(self, ctx: VmContext | None = None, slot: SlotConfig | None = None) -> None:
+        super().__init__(ctx, slot)
+        self.cfg.set_ids(self.vendor_id, self.device_id, CLASS_HOST_BRIDGE)
+        self.add_pcie(PCIE_TYPE_ROOT_PORT)
 
-    def cfg_read(self, reg: int, size: int) -> int:
-        if reg + size > len(self.cfg):
-            return 0 if 0x100 <= reg < 0x104 else (1 << (8 * size)) - 1
-        return int.from_bytes(self.cfg[reg : reg + size], "little")
+
+class AmdHostBridge(HostBridge):
+    name = "amd_hostbridge"
+    vendor_id = 0x1022
+    device_id = 0x7432
 
 
 @register("hostbridge")
-def _make(ctx, slot) -> HostBridge:
-    return HostBridge()
+def _make(ctx: VmContext, slot: SlotConfig) -> HostBridge:
+    return HostBridge(ctx, slot)
+
+
+@register("amd_hostbridge")
+def _make_amd(ctx: VmContext, slot: SlotConfig) -> AmdHostBridge:
+    return AmdHostBridge(ctx, slot)

@@ -1,0 +1,328 @@
+"""``-s <slot>,passthru,<bus>/<dev>/<func>[,keep_gsi][,no_reset][,d3hot_reset]
+[,vmsix_on_msi[,<bar>]]``: a physical PCI function given to the guest.
+
+acrn-dm's steps (acrn-facts §3.7): find the device, copy its IDs and class, walk its
+capabilities, reset it (sysfs ``reset``, unless ``no_reset``; ``d3hot_reset`` adds a
+D3hot→D0 cycle), give its BARs guest addresses (memory BARs rounded up to 4 KiB, I/O BARs
+identity-mapped), then the optional vmsix_on_msi BAR, INTx only without MSI/MSI-X or with
+``keep_gsi``, and last ASSIGN_PCIDEV.
+
+Who owns config space depends on the backend:
+
+* ACRN (``hv.emulates_passthrough_config``): the hypervisor traps config space and BARs
+  and does MSI/MSI-X remapping, vMSI-X on MSI included; we send ASSIGN_PCIDEV (with the
+  guest BAR values, the vmsix BAR's address in ``bar[i]``) and SET_PTDEV_INTR exactly as
+  acrn-dm, and DEASSIGN on close.
+* sim and KVM: the device model owns the guest's view. IDs, class and capabilities are
+  copied from the device (read-only), BARs are virtual and their accesses forwarded,
+  command-register decode/bus-master bits go to the device, MSI is virtualized through
+  interrupt remapping (passthru/msi.py) or replaced by vMSI-X (vmsix_on_msi.py).
+
+The BDF is hex, as acrn-dm parses it; ``sim:<vectors>[:<feature>...]`` instead of a BDF
+uses the synthetic SimHostDevice (tests, and trying vMSI-X without the hardware).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..config import ConfigError
+from ..hsm.base import PciDevAssignment, PtdevIntx
+from ..pci import caps as pcaps
+from ..pci import config as pc
+from ..pci.device import BarKind, PciDevice
+from ..pci.registry import register
+from .host import HostBar, HostPciDevice, PassthroughError, parse_sim_spec
+from .msi import PtMsi
+from .remap import remapper_for
+from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible
+
+if TYPE_CHECKING:
+    from ..config import SlotConfig
+    from ..context import VmContext
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("keep_gsi", "no_reset", "d3hot_reset", "vmsix_on_msi")
+#: acrn-dm options we do not implement: refused by name rather than ignored
+UNSUPPORTED = ("enable_ptm", "romfile", "irq", "dsdt", "gpu")
+PAGE = 4096
+#: command bits that reach the physical device (decode and bus mastering)
+CMD_FORWARDED = pc.CMD_IO | pc.CMD_MEM | pc.CMD_MASTER
+
+
+class PassthruOptions:
+    """The parsed option string."""
+
+    def __init__(self, text: str, where: str) -> None:
+        tokens = [t.strip() for t in text.split(",")] if text else []
+        if not tokens or not tokens[0]:
+            raise ConfigError(
+                f"-s {where},passthru: give the device as <bus>/<dev>/<func> in hex "
+                "(e.g. 0/1f/6), or sim:<vectors>"
+            )
+        self.device = tokens[0]
+        self.flags: set[str] = set()
+        self.vmsix_bar: int | None = None
+        i = 1
+        while i < len(tokens):
+            tok = tokens[i]
+            name = tok.split("=", 1)[0]
+            if tok in FLAGS:
+                self.flags.add(tok)
+                if tok == "vmsix_on_msi" and i + 1 < len(tokens) and tokens[i + 1].isdigit():
+                    self.vmsix_bar = int(tokens[i + 1], 10)
+                    i += 1
+            elif name in UNSUPPORTED:
+                raise ConfigError(f"-s {where},passthru: option {name!r} is not supported")
+            else:
+                raise ConfigError(
+                    f"-s {where},passthru: unknown option {tok!r}; known: {', '.join(FLAGS)}"
+                )
+            i += 1
+        if self.vmsix_bar is not None and not 0 <= self.vmsix_bar <= 5:
+            raise ConfigError(f"-s {where},passthru: vmsix_on_msi BAR {self.vmsix_bar} "
+                              "is not 0..5")
+        self.phys_bdf: int | None = None
+        if not self.device.startswith("sim:"):
+            self.phys_bdf = parse_bdf(self.device, where)
+
+    @property
+    def sysfs_name(self) -> str:
+        assert self.phys_bdf is not None
+        b = self.phys_bdf
+        return f"0000:{b >> 8:02x}:{(b >> 3) & 0x1F:02x}.{b & 7}"
+
+
+def parse_bdf(text: str, where: str) -> int:
+    """acrn-dm's ``%x/%x/%x`` → bus << 8 | dev << 3 | func."""
+    parts = text.split("/")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        bus, dev, func = (int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(
+            f"-s {where},passthru: {text!r} is not <bus>/<dev>/<func> in hex (e.g. 0/1f/6)"
+        ) from None
+    if not (0 <= bus <= 0xFF and 0 <= dev <= 0x1F and 0 <= func <= 7):
+        raise ConfigError(f"-s {where},passthru: {text!r}: bus 0..ff, dev 0..1f, func 0..7")
+    return bus << 8 | dev << 3 | func
+
+
+def open_host(opts: PassthruOptions, slot: SlotConfig, ctx: VmContext) -> HostPciDevice:
+    if opts.phys_bdf is None:
+        # a synthetic device gets a BDF of its own on a bus no real machine uses here
+        return parse_sim_spec(opts.device, 0xFE00 | slot.dev << 3 | slot.func)
+    from .vfio import open_sysfs_host
+
+    acrn = ctx.hv.emulates_passthrough_config
+    return open_sysfs_host(opts.sysfs_name, drivers=("pci-stub", "vfio-pci") if acrn
+                           else ("vfio-pci",))
+
+
+class Passthru(PciDevice):
+    """One passthrough function; ``host`` is the physical side (vm.passthrough(slot))."""
+
+    name = "passthru"
+    allocate_first = True
+
+    def __init__(self, ctx: VmContext, slot: SlotConfig, host: HostPciDevice,
+                 opts: PassthruOptions) -> None:
+        super().__init__(ctx, slot, extended_config=True)
+        self.host = host
+        self.opts = opts
+        self.hv_owned = ctx.hv.emulates_passthrough_config
+        self.vmsix: VmsixOnMsi | None = None
+        self.ptmsi: PtMsi | None = None
+        self.assignment: PciDevAssignment | None = None
+        self.intx_assignment: PtdevIntx | None = None
+        self._assigned = False
+        self._found_command = host.config_read(pc.COMMAND, 2)
+        if "no_reset" not in opts.flags:
+            if host.can_reset:
+                host.reset()
+            else:
+                log.info("passthru %s: the device has no function reset", host.name)
+        if "d3hot_reset" in opts.flags:
+            host.d3hot_reset()
+        self._copy_config()
+        self._declare_bars()
+        self._setup_interrupts(ctx)
+
+    # --- building the guest's view ------------------------------------------------------
+    def _copy_config(self) -> None:
+        snap = self.host.snapshot()
+        cfg = self.cfg
+        cfg.set_bytes(0, snap[: min(len(snap), pc.CONFIG_SIZE)])
+        if len(snap) <= pc.STD_SIZE:
+            cfg.set32(pc.STD_SIZE, 0)  # no extended capabilities
+        for i in range(6):
+            cfg.set32(pc.BAR0 + 4 * i, 0)
+        cfg.set32(pc.ROM_BAR, 0)  # no ROM BAR (acrn-dm: GPU only)
+        cfg.set8(pc.INT_PIN, 0)
+        cfg.set8(pc.INT_LINE, 0xFF)
+        cfg.set16(pc.COMMAND, 0)
+        cfg.set16(pc.STATUS, self.host.config_read(pc.STATUS, 2) & pc.STATUS_CAP_LIST)
+        cfg.multifunction = False
+        # capabilities are read-only copies; MSI is handled below
+        self.capabilities = self.host.capabilities()
+
+    def _declare_bars(self) -> None:
+        trap = not self.hv_owned
+        for hb in self.host.bars():
+            kind = {"io": BarKind.IO, "mem32": BarKind.MEM32, "mem64": BarKind.MEM64}[hb.kind]
+            size = hb.size if hb.kind == "io" else max(hb.size, PAGE)
+            if hb.kind != "io" and hb.base & (PAGE - 1):
+                raise PassthroughError(
+                    f"passthru {self.host.name}: BAR{hb.index} at {hb.base:#x} is not page "
+                    "aligned, so it cannot be mapped into the guest"
+                )
+            self.add_bar(hb.index, kind, size, read=self._bar_reader(hb),
+                         write=self._bar_writer(hb), trap=trap,
+                         fixed=hb.base if hb.kind == "io" else None,
+                         prefetchable=hb.prefetchable if hb.kind != "io" else None)
+
+    def _bar_reader(self, hb: HostBar):  # noqa: ANN202 - a closure for the BAR handler
+        host, index = self.host, hb.index
+        return lambda off, size: host.bar_read(index, off, size)
+
+    def _bar_writer(self, hb: HostBar):  # noqa: ANN202
+        host, index = self.host, hb.index
+        return lambda off, size, value: host.bar_write(index, off, size, value)
+
+    def _setup_interrupts(self, ctx: VmContext) -> None:
+        ids = {c.cap_id for c in self.capabilities}
+        has_msi = bool(ids & {pcaps.CAP_ID_MSI, pcaps.CAP_ID_MSIX})
+        if "vmsix_on_msi" in self.opts.flags:
+            msi, bar = check_eligible(self.host, self.opts.vmsix_bar)
+            if self.hv_owned:
+                self._check_hv_bar(bar)
+                # acrn-dm's mode: the BAR only; the hypervisor traps and emulates it
+                self.add_bar(bar, BarKind.MEM32, BAR_SIZE, trap=False)
+            else:
+                self.vmsix = VmsixOnMsi(self.host, msi, bar, self.cfg,
+                                        lambda n: remapper_for(ctx, self.host, n))
+                self.add_bar(bar, BarKind.MEM32, BAR_SIZE, read=self.vmsix.bar_read,
+                             write=self.vmsix.bar_write, wide=True)
+                self.watch_config(msi.offset, msi.regs.length,
+                                  on_write=self.vmsix.config_written)
+        elif not self.hv_owned:
+            msi = self.host.msi
+            if msi is not None:
+                self.ptmsi = PtMsi(self.host, msi, self.cfg,
+                                   lambda n: remapper_for(ctx, self.host, n))
+                self.watch_config(msi.offset, msi.regs.length,
+                                  on_write=self.ptmsi.config_written,
+                                  on_read=self.ptmsi.config_read)
+        want_intx = (not has_msi or "keep_gsi" in self.opts.flags) and \
+            self.host.config_read(pc.INT_PIN, 1) != 0
+        if want_intx and self.hv_owned:
+            self.request_intx()
+        elif want_intx:
+            log.info("passthru %s: INTx is not forwarded on the %s backend; the guest "
+                     "must use MSI", self.host.name, ctx.hv.name)
+
+    def _check_hv_bar(self, bar: int) -> None:
+        from .vmsix_on_msi import unused_bars
+
+        first = unused_bars(self.host.bars())[0]
+        if bar != first:
+            raise PassthroughError(
+                f"passthru {self.host.name}: vmsix_on_msi,{bar}: the ACRN hypervisor puts the "
+                f"table in the first unused BAR, {first}; write vmsix_on_msi,{first}"
+            )
+
+    # --- ACRN: hand the device to the hypervisor once BARs have guest addresses ----------
+    def power_on_snapshot(self) -> None:
+        super().power_on_snapshot()
+        if self.hv_owned and not self._assigned:
+            self._assign()
+
+    def _assign(self) -> None:
+        assert self.ctx is not None and self.bdf is not None
+        b, d, f = self.bdf
+        virt_bdf = b << 8 | d << 3 | f
+        bars = tuple(self.cfg.get32(pc.BAR0 + 4 * i) for i in range(6))
+        if self.intx is not None and self.intx.gsi is not None:
+            self.intx_assignment = PtdevIntx(
+                virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, virt_pin=self.intx.gsi,
+                phys_pin=self.host.config_read(pc.INT_LINE, 1), is_pic_pin=False)
+            self.ctx.hv.set_ptdev_intr(self.intx_assignment)
+        self.assignment = PciDevAssignment(
+            virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf,
+            intr_line=self.cfg.get8(pc.INT_LINE), intr_pin=self.cfg.get8(pc.INT_PIN),
+            bars=bars)
+        self.ctx.hv.assign_pcidev(self.assignment)
+        self._assigned = True
+
+    # --- config space (sim/KVM: ours) ---------------------------------------------------
+    def cfg_write(self, reg: int, size: int, value: int) -> None:
+        touches_command = reg < pc.REVISION and reg + size > pc.COMMAND
+        super().cfg_write(reg, size, value)
+        if touches_command and not self.hv_owned:
+            self._forward_command()
+
+    def _forward_command(self) -> None:
+        cmd = self.cfg.command
+        phys = self.host.config_read(pc.COMMAND, 2)
+        new = (phys & ~CMD_FORWARDED) | (cmd & CMD_FORWARDED)
+        if new != phys:
+            self.host.config_write(pc.COMMAND, 2, new)
+        intx_off = bool(cmd & pc.CMD_INTX_DISABLE)
+        if self.vmsix is not None:
+            self.vmsix.guest_intx_disable(intx_off)
+        elif self.ptmsi is not None:
+            self.ptmsi.guest_intx_disable(intx_off)
+        else:
+            self.host.set_intx_disable(intx_off)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        if self.vmsix is not None:
+            self.vmsix.reset()
+        if self.ptmsi is not None:
+            self.ptmsi.reset()
+        if not self.hv_owned:
+            self._forward_command()
+
+    def close(self) -> None:
+        try:
+            if self._assigned and self.ctx is not None:
+                hv = self.ctx.hv
+                try:
+                    if self.intx_assignment is not None:
+                        hv.reset_ptdev_intr(self.intx_assignment)
+                    if self.assignment is not None:
+                        hv.deassign_pcidev(self.assignment)
+                except Exception as e:
+                    log.warning("passthru %s: DEASSIGN failed: %s", self.host.name, e)
+                self._assigned = False
+            if self.vmsix is not None:
+                self.vmsix.close()
+            if self.ptmsi is not None:
+                self.ptmsi.close()
+            if not self.hv_owned:
+                phys = self.host.config_read(pc.COMMAND, 2)
+                self.host.config_write(pc.COMMAND, 2, (phys & ~CMD_FORWARDED)
+                                       | (self._found_command & CMD_FORWARDED))
+            if "no_reset" not in self.opts.flags and self.host.can_reset:
+                self.host.reset()
+        finally:
+            self.host.close()
+
+
+@register("passthru")
+def _make(ctx: VmContext, slot: SlotConfig) -> Passthru:
+    opts = PassthruOptions(slot.options, slot.slot_text)
+    host = open_host(opts, slot, ctx)
+    try:
+        return Passthru(ctx, slot, host, opts)
+    except BaseException:
+        host.close()
+        raise
+
+
+__all__ = ["Passthru", "PassthruOptions", "parse_bdf"]

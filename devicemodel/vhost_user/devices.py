@@ -1,0 +1,56 @@
+"""Device specs (the ``-s`` emulation syntax without the slot) → our ``VirtioDevice``s.
+
+``virtio-blk,/path/disk.img`` builds the very ``VirtioBlk`` the ioreq path uses, from the
+same option parser, so a device behaves the same whichever transport serves it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..config import ConfigError
+from ..virtio.device import VirtioDevice
+
+
+@dataclass(frozen=True)
+class Kind:
+    module: str
+    parser: str
+    cls: str
+    #: the back-end type of vhost-user.json (for --print-capabilities)
+    vhost_type: str
+    #: what QEMU attaches it with
+    qemu: str
+
+
+KINDS: dict[str, Kind] = {
+    "virtio-blk": Kind("devicemodel.virtio.blk", "parse_blk_options", "VirtioBlk", "block",
+                       "-device vhost-user-blk-pci"),
+    "virtio-net": Kind("devicemodel.virtio.net", "parse_net_options", "VirtioNet", "net",
+                       "-netdev vhost-user + -device virtio-net-pci"),
+    "virtio-console": Kind("devicemodel.virtio.console", "parse_console_options",
+                           "VirtioConsole", "console", "(no vhost-user console in QEMU 7.2)"),
+    "virtio-rnd": Kind("devicemodel.virtio.rnd", "parse_rnd_options", "VirtioRnd", "rng",
+                       "-device vhost-user-rng-pci"),
+}
+
+
+def kind_of(spec: str) -> tuple[str, Kind, str]:
+    emul, _, options = spec.partition(",")
+    kind = KINDS.get(emul)
+    if kind is None:
+        raise ConfigError(f"vhost-user: cannot serve {emul!r}; choose one of "
+                          f"{', '.join(KINDS)}")
+    return emul, kind, options
+
+
+def make_device(spec: str) -> VirtioDevice:
+    """Build the device a spec names; ConfigError (one line) if it is wrong."""
+    emul, kind, options = kind_of(spec)
+    try:
+        module = importlib.import_module(kind.module)
+    except ImportError:
+        raise ConfigError(f"vhost-user: {emul} is not available in this build") from None
+    opts = getattr(module, kind.parser)(options)
+    return getattr(module, kind.cls)(opts)

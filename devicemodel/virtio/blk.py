@@ -1,0 +1,492 @@
+"""virtio-blk (virtio 1.2 §5.2) over a raw image file or block device.
+
+Data moves with ``os.preadv``/``os.pwritev`` straight between the image and guest RAM
+memoryviews on the device's bounded thread pool, many requests in flight (one trio task
+each). Host I/O errors become VIRTIO_BLK_S_IOERR for that request; only a driver that
+breaks the request format (no header, no status byte) stops the device.
+
+Data is sacred: the default is writethrough (fdatasync after every write), a flush is an
+fsync, and writeback is used only if asked for (``writeback``) and the driver can flush.
+
+Options, in acrn-dm's syntax (acrn-facts §4.2)::
+
+    virtio-blk,[iothread[=N],][mq=N,]<path>|nodisk[,writeback|writethru|ro
+               |discard[=max_sectors:max_seg:align]|sectorsize=<s>[/<ps>]
+               |range=<start_lba>/<size>|aio=threads]
+
+``range`` counts in logical sectors (``sectorsize``), as acrn-dm does. ``nocache``,
+``no_bst_block`` and ``aio=io_uring`` are acrn-dm options we refuse by name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from ..config import ConfigError
+from .device import (
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_BLOCK,
+    PciIds,
+    VirtioDevice,
+)
+from .queue import DescriptorChain, Virtqueue, VirtqueueError
+
+# Feature bits (§5.2.3)
+VIRTIO_BLK_F_SIZE_MAX = 1 << 1
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_TOPOLOGY = 1 << 10
+VIRTIO_BLK_F_CONFIG_WCE = 1 << 11
+VIRTIO_BLK_F_MQ = 1 << 12
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+
+# Request types and status (§5.2.6)
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+
+SECTOR = 512
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2  # header and status take two descriptors of a direct chain
+SIZE_MAX = 1 << 20  # largest single segment we advertise
+CONFIG_SIZE = 60  # through write_zeroes_may_unmap and its padding
+CFG_WRITEBACK = 32
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+_HDR = struct.Struct("<IIQ")  # type, reserved/ioprio, sector
+_SEG = struct.Struct("<QII")  # sector, num_sectors, flags
+_CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIII B3x")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKGETSIZE64 = 0x80081272
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+@dataclass(frozen=True)
+class BlkOptions:
+    """A parsed ``virtio-blk`` option string."""
+
+    path: str | None  # None: nodisk
+    ro: bool = False
+    writeback: bool = False
+    sectorsize: int = SECTOR
+    physical_sectorsize: int = SECTOR
+    range_start: int | None = None  # in logical sectors
+    range_size: int | None = None
+    discard: bool = False
+    max_discard_sectors: int | None = None
+    max_discard_seg: int = 1
+    discard_alignment: int = 0
+    mq: int = 1
+    iothread: int = 0  # accepted for compatibility; trio tasks serve every queue
+    text: str = ""  # the whole option string: the disk id is derived from it
+
+
+def _int(opt: str, value: str) -> int:
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise ConfigError(f"virtio-blk: {opt}: {value!r} is not a decimal number") from None
+    if n < 0:
+        raise ConfigError(f"virtio-blk: {opt}: must not be negative")
+    return n
+
+
+def parse_blk_options(text: str) -> BlkOptions:
+    """Parse acrn-dm's virtio-blk options; a wrong option is named in the ConfigError."""
+    tokens = text.split(",") if text else []
+    kw: dict[str, object] = {"text": text}
+    i = 0
+    while i < len(tokens) and (tokens[i].startswith("iothread") or tokens[i].startswith("mq=")):
+        tok = tokens[i]
+        key, eq, val = tok.partition("=")
+        if key == "iothread":
+            kw["iothread"] = _int(tok, val) if eq else 1
+        elif key == "mq":
+            n = _int(tok, val)
+            if not 1 <= n <= 64:
+                raise ConfigError(f"virtio-blk: {tok}: mq must be 1..64")
+            kw["mq"] = n
+        else:
+            raise ConfigError(f"virtio-blk: unknown option {tok!r}")
+        i += 1
+    if i >= len(tokens) or not tokens[i]:
+        raise ConfigError("virtio-blk: expected an image path or nodisk, e.g. "
+                          "-s 3,virtio-blk,/var/lib/vm/disk.img")
+    kw["path"] = None if tokens[i] == "nodisk" else tokens[i]
+    for tok in tokens[i + 1 :]:
+        key, eq, val = tok.partition("=")
+        if tok == "writeback":
+            kw["writeback"] = True
+        elif tok == "writethru":
+            kw["writeback"] = False
+        elif tok == "ro":
+            kw["ro"] = True
+        elif key == "discard":
+            kw["discard"] = True
+            if eq:
+                parts = val.split(":")
+                if len(parts) != 3:
+                    raise ConfigError(f"virtio-blk: {tok}: expected discard="
+                                      "<max_sectors>:<max_seg>:<align>")
+                kw["max_discard_sectors"] = _int(tok, parts[0])
+                kw["max_discard_seg"] = max(1, _int(tok, parts[1]))
+                kw["discard_alignment"] = _int(tok, parts[2])
+        elif key == "sectorsize" and eq:
+            s, _, ps = val.partition("/")
+            ss = _int(tok, s)
+            pss = _int(tok, ps) if ps else ss
+            if ss < SECTOR or ss & (ss - 1) or pss & (pss - 1) or pss < ss or ss > 4096:
+                raise ConfigError(f"virtio-blk: {tok}: sector sizes must be powers of two, "
+                                  "512 <= sectorsize <= 4096 and <= the physical size")
+            kw["sectorsize"], kw["physical_sectorsize"] = ss, pss
+        elif key == "range" and eq:
+            start, slash, size = val.partition("/")
+            if not slash:
+                raise ConfigError(f"virtio-blk: {tok}: expected range=<start_lba>/<size>")
+            kw["range_start"], kw["range_size"] = _int(tok, start), _int(tok, size)
+        elif key == "aio" and val == "threads":
+            pass
+        elif tok in ("nocache", "no_bst_block") or key == "aio":
+            raise ConfigError(f"virtio-blk: option {tok!r} is not supported by acrn-pydm")
+        else:
+            raise ConfigError(f"virtio-blk: unknown option {tok!r}")
+    if kw["path"] is None and (kw.get("range_start") is not None or kw.get("discard")):
+        raise ConfigError("virtio-blk: nodisk takes no range= or discard option")
+    return BlkOptions(**kw)  # type: ignore[arg-type]
+
+
+def disk_ident(text: str) -> bytes:
+    """acrn-dm's serial: "ACRN--" and six bytes of the MD5 of the option string."""
+    d = hashlib.md5(text.encode(), usedforsecurity=False).digest()
+    return "ACRN--{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}".format(*d[:6]).encode()
+
+
+# -- blocking helpers (run on the thread pool) -------------------------------------------
+
+
+def _advance(views: list[memoryview], n: int) -> None:
+    while n and views:
+        if n >= len(views[0]):
+            n -= len(views.pop(0))
+        else:
+            views[0] = views[0][n:]
+            n = 0
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.preadv(fd, views[:IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short read from the image")
+        offset += n
+        _advance(views, n)
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int, sync: bool) -> None:
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.pwritev(fd, views[:IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write to the image")
+        offset += n
+        _advance(views, n)
+    if sync:
+        os.fdatasync(fd)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _zero_range(fd: int, offset: int, length: int, unmap: bool, sync: bool) -> None:
+    """Make [offset, offset+length) read as zeroes, deallocating only if ``unmap``."""
+    modes = [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []
+    modes.append(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+    for mode in modes:
+        try:
+            _fallocate(fd, mode, offset, length)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+    else:
+        zeros = bytes(min(length, 1 << 20))
+        while length:
+            n = os.pwrite(fd, memoryview(zeros)[: min(length, len(zeros))], offset)
+            offset += n
+            length -= n
+    if sync:
+        os.fdatasync(fd)
+
+
+def _discard(fd: int, offset: int, length: int, sync: bool) -> None:
+    try:
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise  # a discard the backend cannot do is a no-op, as the spec allows
+    if sync:
+        os.fdatasync(fd)
+
+
+# -- request plumbing --------------------------------------------------------------------
+
+
+def _take_front(views: list[memoryview], n: int) -> tuple[bytes, list[memoryview]]:
+    """The first ``n`` bytes of a buffer list, and the views after them."""
+    if views and len(views[0]) >= n:
+        first = views[0]
+        rest = [first[n:]] + views[1:] if len(first) > n else views[1:]
+        return bytes(first[:n]), rest
+    out = bytearray()
+    rest = list(views)
+    while rest and len(out) < n:
+        v = rest.pop(0)
+        take = n - len(out)
+        out += v[:take]
+        if len(v) > take:
+            rest.insert(0, v[take:])
+    return bytes(out), rest
+
+
+def _take_back(views: list[memoryview]) -> tuple[list[memoryview], memoryview]:
+    """Split the last byte (the status) off a writable buffer list."""
+    rest = [v for v in views if len(v)]
+    last = rest.pop()
+    if len(last) > 1:
+        rest.append(last[:-1])
+    return rest, last[-1:]
+
+
+class VirtioBlk(VirtioDevice):
+    device_type = VIRTIO_ID_BLOCK
+    pci_ids = PciIds(legacy_device_id=0x1001, device_type=VIRTIO_ID_BLOCK,
+                     class_code=0x010000, windows_subvendor=True)
+    name = "virtio-blk"
+
+    def __init__(self, opts: BlkOptions, *, threads: int = 16) -> None:
+        self.opts = opts
+        self.fd = -1
+        self.ro = opts.ro
+        self.base = 0
+        self.size = 0
+        self.sectsz = opts.sectorsize
+        if opts.path is not None:
+            self._open(opts)
+        self.capacity = self.size // SECTOR
+        self.ident = disk_ident(opts.text)
+        features = (VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | VIRTIO_F_RING_INDIRECT_DESC
+                    | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE
+                    | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_CONFIG_WCE)
+        if self.ro:
+            features |= VIRTIO_BLK_F_RO
+        elif self.fd >= 0:
+            features |= VIRTIO_BLK_F_WRITE_ZEROES
+            if opts.discard:
+                features |= VIRTIO_BLK_F_DISCARD
+        if opts.mq > 1:
+            features |= VIRTIO_BLK_F_MQ
+        super().__init__(opts.mq, QUEUE_SIZE, features, CONFIG_SIZE, threads=threads)
+        self.max_discard_sectors = min(opts.max_discard_sectors or self.capacity, 0xFFFF_FFFF)
+        self.max_zeroes_sectors = min(self.capacity, 0xFFFF_FFFF)
+        self._build_config()
+
+    def _open(self, opts: BlkOptions) -> None:
+        assert opts.path is not None
+        flags = os.O_CLOEXEC | (os.O_RDONLY if opts.ro else os.O_RDWR)
+        try:
+            fd = os.open(opts.path, flags)
+        except PermissionError:
+            if opts.ro:
+                raise ConfigError(f"virtio-blk: cannot open {opts.path}: permission denied")
+            fd = os.open(opts.path, os.O_CLOEXEC | os.O_RDONLY)  # acrn-dm falls back to ro
+            self.ro = True
+        except OSError as e:
+            raise ConfigError(f"virtio-blk: cannot open {opts.path}: {e.strerror}") from None
+        self.fd = fd
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+            size = struct.unpack("<Q", buf)[0]
+        else:
+            size = st.st_size
+        if opts.range_start is not None:
+            start = opts.range_start * self.sectsz
+            length = (opts.range_size or 0) * self.sectsz
+            if not length or start + length > size:
+                self.close()
+                raise ConfigError(f"virtio-blk: range={opts.range_start}/{opts.range_size}: "
+                                  f"outside {opts.path} ({size} bytes)")
+            self.base, size = start, length
+        if size < SECTOR or size % SECTOR:
+            self.close()
+            raise ConfigError(f"virtio-blk: {opts.path}: size {size} is not a non-zero "
+                              "multiple of 512 bytes")
+        self.size = size
+
+    def _build_config(self) -> None:
+        phys_exp = (self.opts.physical_sectorsize // self.sectsz).bit_length() - 1
+        _CONFIG.pack_into(
+            self.config, 0,
+            self.capacity, SIZE_MAX, SEG_MAX,
+            0, 0, 0,  # geometry
+            self.sectsz,
+            phys_exp, 0, 0, 0,  # topology: alignment offset, min/opt io size
+            1 if self.opts.writeback else 0, 0, self.num_queues,
+            self.max_discard_sectors, self.opts.max_discard_seg, self.opts.discard_alignment,
+            self.max_zeroes_sectors, 1, 1,
+        )
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        if offset == CFG_WRITEBACK and len(data) == 1:
+            self.config[CFG_WRITEBACK] = 1 if data[0] else 0
+
+    def on_reset(self) -> None:
+        self.config[CFG_WRITEBACK] = 1 if self.opts.writeback else 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def writeback(self) -> bool:
+        """The effective cache mode: writeback needs a driver that can flush (§5.2.6.2)."""
+        if self.features & VIRTIO_BLK_F_CONFIG_WCE:
+            return bool(self.config[CFG_WRITEBACK])
+        return bool(self.features & VIRTIO_BLK_F_FLUSH) and self.opts.writeback
+
+    # -- workers -----------------------------------------------------------------------
+
+    def start_workers(self, nursery: trio.Nursery) -> None:
+        for q in self.queues:
+            if q.ready:
+                nursery.start_soon(self._serve, q, nursery)
+
+    async def _serve(self, q: Virtqueue, nursery: trio.Nursery) -> None:
+        while True:
+            chain = q.pop()
+            if chain is None:
+                await self.wait_kick(q)
+                continue
+            nursery.start_soon(self._request, q, chain)
+
+    async def _request(self, q: Virtqueue, chain: DescriptorChain) -> None:
+        if chain.readable_len < _HDR.size:
+            raise VirtqueueError(f"{self.name}: request without a 16-byte header")
+        if chain.writable_len < 1:
+            raise VirtqueueError(f"{self.name}: request without a status byte")
+        hdr, out_views = _take_front(chain.readable, _HDR.size)
+        in_views, status_view = _take_back(chain.writable)
+        rtype, _, sector = _HDR.unpack(hdr)
+        status, written = await self._execute(rtype, sector, out_views, in_views)
+        status_view[0] = status
+        q.add_used(chain.head, written + 1)
+        self.signal(q)
+
+    def _range_ok(self, sector: int, length: int) -> bool:
+        offset = sector * SECTOR
+        return (offset % self.sectsz == 0 and length % self.sectsz == 0
+                and offset + length <= self.size)
+
+    async def _execute(self, rtype: int, sector: int, out_views: list[memoryview],
+                       in_views: list[memoryview]) -> tuple[int, int]:
+        try:
+            if rtype == VIRTIO_BLK_T_IN:
+                length = sum(len(v) for v in in_views)
+                if self.fd < 0 or not self._range_ok(sector, length):
+                    return VIRTIO_BLK_S_IOERR, 0
+                await self.blocking(_preadv_all, self.fd, in_views, self.base + sector * SECTOR)
+                return VIRTIO_BLK_S_OK, length
+            if rtype == VIRTIO_BLK_T_OUT:
+                length = sum(len(v) for v in out_views)
+                if self.fd < 0 or self.ro or not self._range_ok(sector, length):
+                    return VIRTIO_BLK_S_IOERR, 0
+                await self.blocking(_pwritev_all, self.fd, out_views,
+                                    self.base + sector * SECTOR, not self.writeback)
+                return VIRTIO_BLK_S_OK, 0
+            if rtype == VIRTIO_BLK_T_FLUSH:
+                if self.fd >= 0 and not self.ro:
+                    await self.blocking(os.fsync, self.fd)
+                return VIRTIO_BLK_S_OK, 0
+            if rtype == VIRTIO_BLK_T_GET_ID:
+                return VIRTIO_BLK_S_OK, self._write_ident(in_views)
+            if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+                return await self._discard_or_zero(rtype, out_views), 0
+            return VIRTIO_BLK_S_UNSUPP, 0
+        except OSError as e:
+            self.glog.warning("%s: I/O error on %s: %s", self.name, self.opts.path, e)
+            return VIRTIO_BLK_S_IOERR, 0
+
+    def _write_ident(self, views: list[memoryview]) -> int:
+        data = self.ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        done = 0
+        for v in views:
+            n = min(len(v), len(data) - done)
+            v[:n] = data[done : done + n]
+            done += n
+            if done == len(data):
+                break
+        return done
+
+    async def _discard_or_zero(self, rtype: int, out_views: list[memoryview]) -> int:
+        zeroes = rtype == VIRTIO_BLK_T_WRITE_ZEROES
+        feature = VIRTIO_BLK_F_WRITE_ZEROES if zeroes else VIRTIO_BLK_F_DISCARD
+        if not self.features & feature:
+            return VIRTIO_BLK_S_UNSUPP
+        total = sum(len(v) for v in out_views)
+        nseg = total // _SEG.size
+        max_seg = 1 if zeroes else self.opts.max_discard_seg
+        if total % _SEG.size or not 1 <= nseg <= max_seg:
+            return VIRTIO_BLK_S_IOERR
+        data, _ = _take_front(out_views, total)
+        max_sectors = self.max_zeroes_sectors if zeroes else self.max_discard_sectors
+        segs = []
+        for k in range(nseg):
+            sector, num, flags = _SEG.unpack_from(data, k * _SEG.size)
+            allowed = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if zeroes else 0
+            if flags & ~allowed:
+                return VIRTIO_BLK_S_UNSUPP
+            if self.ro or num > max_sectors or not self._range_ok(sector, num * SECTOR):
+                return VIRTIO_BLK_S_IOERR
+            align = self.opts.discard_alignment
+            if not zeroes and align and sector % align:
+                return VIRTIO_BLK_S_IOERR
+            segs.append((self.base + sector * SECTOR, num * SECTOR, bool(flags)))
+        sync = not self.writeback
+        for offset, length, unmap in segs:
+            if zeroes:
+                await self.blocking(_zero_range, self.fd, offset, length, unmap, sync)
+            else:
+                await self.blocking(_discard, self.fd, offset, length, sync)
+        return VIRTIO_BLK_S_OK

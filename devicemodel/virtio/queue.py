@@ -1,0 +1,322 @@
+"""The split virtqueue (virtio 1.2 §2.7): a small queue type and a descriptor-chain walker.
+
+The guest is untrusted. Every ring and buffer address goes through ``MemoryMap.view``
+(bounds and 2^64 wrap checks), chains are walked with hard limits (index < size, at most
+``size`` direct descriptors, one level of indirection, device-readable before
+device-writable), and anything malformed raises :class:`VirtqueueError`. The device turns
+that into DEVICE_NEEDS_RESET for itself only (``VirtioDevice.fail``).
+
+Rings are mapped once, at :meth:`Virtqueue.start`, as memoryviews of guest RAM; the hot
+path is ``struct.Struct`` on those views, never construct (design.md §6).
+
+Memory ordering: the device model runs on x86 (TSO), where stores are not reordered with
+stores nor loads with loads. The one reordering that matters is a load passing an earlier
+store (publishing used.idx, then reading used_event; writing avail_event, then re-reading
+avail.idx). :func:`_full_barrier` orders those with a locked instruction (a lock
+acquire/release), as ``mb()`` does in C.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+from ..memory import GuestMemoryError, MemoryMap
+
+# Descriptor flags (§2.7.5)
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# Ring flags (§2.7.6, §2.7.8)
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+#: Largest split queue the spec allows.
+MAX_QUEUE_SIZE = 32768
+#: Most entries an indirect table may have. The spec lets a table be as long as the
+#: driver likes; a bound keeps one hostile request from pinning the event loop.
+MAX_INDIRECT = 1024
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # id, len
+
+_barrier_lock = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory barrier (a locked read-modify-write on x86)."""
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+class VirtqueueError(Exception):
+    """The driver broke the virtqueue (or device request) protocol.
+
+    Raised for malformed rings, descriptors and requests; the device that sees it stops
+    and signals DEVICE_NEEDS_RESET. Never raised for host-side I/O errors.
+    """
+
+
+def legacy_ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, int, int]:
+    """Ring addresses of a legacy (virtio 0.9.5) queue at ``base`` = PFN << 12.
+
+    The legacy layout is contiguous: descriptors, then the avail ring, then the used ring
+    at the next ``align`` boundary.
+    """
+    desc = base
+    avail = desc + 16 * size
+    used = (avail + 6 + 2 * size + align - 1) & ~(align - 1)
+    return desc, avail, used
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One request: its head index and its buffers as views of guest RAM.
+
+    ``readable`` are the device-readable buffers (driver → device) in order, ``writable``
+    the device-writable ones. The views stay valid while the guest RAM mapping exists.
+    """
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+    readable_len: int
+    writable_len: int
+
+
+class Virtqueue:
+    """One split virtqueue, configured by the transport and driven by the device.
+
+    The transport writes ``size``, ``desc_addr``, ``avail_addr``, ``used_addr`` and
+    ``ready`` as the driver programs them (``size`` starts at ``max_size``), then the device
+    calls :meth:`start` when the driver sets DRIVER_OK. ``last_avail_idx`` and ``used_idx``
+    are the device's ring positions; a vhost-user back end sets both from
+    SET_VRING_BASE before :meth:`start` and reads ``last_avail_idx`` for GET_VRING_BASE.
+    """
+
+    __slots__ = (
+        "mem", "index", "max_size", "size", "desc_addr", "avail_addr", "used_addr", "ready",
+        "last_avail_idx", "used_idx", "event_idx", "indirect", "_signalled_used",
+        "_desc", "_avail", "_used", "_mask", "_used_event_off", "_avail_event_off", "started",
+    )
+
+    def __init__(self, mem: MemoryMap, index: int, max_size: int) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} is not a power of two in 1..32768")
+        self.mem = mem
+        self.index = index
+        self.max_size = max_size
+        self.size = max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.ready = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.event_idx = False
+        self.indirect = False
+        self.started = False
+        self._signalled_used = 0
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
+        self._mask = 0
+        self._used_event_off = 0
+        self._avail_event_off = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Back to the power-on state (device reset): unconfigured, not ready."""
+        self.size = self.max_size
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.ready = False
+        self.last_avail_idx = self.used_idx = 0
+        self.stop()
+
+    def stop(self) -> None:
+        """Forget the ring mappings; the configuration and positions stay."""
+        self.started = False
+        self._desc = self._avail = self._used = None
+
+    def start(self, *, event_idx: bool, indirect: bool) -> None:
+        """Validate the ring addresses and map the rings (at DRIVER_OK).
+
+        ``event_idx`` and ``indirect`` say whether VIRTIO_F_EVENT_IDX and
+        VIRTIO_F_INDIRECT_DESC were negotiated. Raises :class:`VirtqueueError` when the
+        driver's queue configuration is unusable.
+        """
+        size = self.size
+        if not 1 <= size <= self.max_size or size & (size - 1):
+            raise VirtqueueError(f"queue {self.index}: size {size} is not a power of two "
+                                 f"up to {self.max_size}")
+        if self.desc_addr & 15 or self.avail_addr & 1 or self.used_addr & 3:
+            raise VirtqueueError(f"queue {self.index}: misaligned ring address")
+        try:
+            self._desc = self.mem.view(self.desc_addr, 16 * size)
+            self._avail = self.mem.view(self.avail_addr, 6 + 2 * size)
+            self._used = self.mem.view(self.used_addr, 6 + 8 * size)
+        except GuestMemoryError as e:
+            self.stop()
+            raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from None
+        self._mask = size - 1
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._signalled_used = self.used_idx
+        self.started = True
+
+    # -- driver → device ---------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        assert self._avail is not None
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def has_available(self) -> bool:
+        """True if the driver has made buffers available that we have not popped."""
+        if self._avail is None:
+            return False
+        return _U16.unpack_from(self._avail, 2)[0] != self.last_avail_idx
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None if the ring is empty (or not started)."""
+        avail = self._avail
+        if avail is None:
+            return None
+        idx = _U16.unpack_from(avail, 2)[0]
+        pending = (idx - self.last_avail_idx) & 0xFFFF
+        if not pending:
+            return None
+        if pending > self.size:
+            raise VirtqueueError(
+                f"queue {self.index}: avail idx {idx} is {pending} ahead of {self.last_avail_idx}"
+                f" (queue size {self.size})"
+            )
+        slot = self.last_avail_idx & self._mask
+        head = _U16.unpack_from(avail, 4 + 2 * slot)[0]
+        chain = self._walk(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
+
+    def undo_pop(self, count: int = 1) -> None:
+        """Give back the last ``count`` popped chains (e.g. rx buffers a frame did not need)."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+    def _walk(self, head: int) -> DescriptorChain:
+        size = self.size
+        if head >= size:
+            raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
+        view = self.mem.view
+        table = self._desc
+        assert table is not None
+        limit = size
+        indirect_table = False
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        i = head
+        count = 0
+        try:
+            while True:
+                count += 1
+                if count > limit:
+                    raise VirtqueueError(
+                        f"queue {self.index}: chain at {head} loops or exceeds {limit} descriptors"
+                    )
+                addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    if indirect_table:
+                        raise VirtqueueError(f"queue {self.index}: nested indirect table")
+                    if not self.indirect:
+                        raise VirtqueueError(
+                            f"queue {self.index}: indirect descriptor without INDIRECT_DESC"
+                        )
+                    if flags & VIRTQ_DESC_F_NEXT:
+                        raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT")
+                    n = length // 16
+                    if length % 16 or not 0 < n <= MAX_INDIRECT:
+                        raise VirtqueueError(
+                            f"queue {self.index}: indirect table length {length} is invalid"
+                        )
+                    table = view(addr, length)
+                    indirect_table = True
+                    limit = n
+                    size = n
+                    count = 0
+                    i = 0
+                    continue
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append(view(addr, length))
+                    wlen += length
+                else:
+                    if writable:
+                        raise VirtqueueError(
+                            f"queue {self.index}: readable descriptor after a writable one"
+                        )
+                    readable.append(view(addr, length))
+                    rlen += length
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    break
+                if nxt >= size:
+                    raise VirtqueueError(f"queue {self.index}: next index {nxt} >= {size}")
+                i = nxt
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"queue {self.index}: buffer outside guest RAM ({e})") from None
+        return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    # -- device → driver ---------------------------------------------------------------
+
+    def add_used(self, head: int, written: int) -> None:
+        """Return chain ``head`` with ``written`` bytes written to its writable buffers."""
+        used = self._used
+        if used is None:
+            return  # the queue was reset under us: the chain is gone with it
+        _USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx & self._mask), head,
+                             written & 0xFFFF_FFFF)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(used, 2, self.used_idx)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for the used entries added since last asked.
+
+        Call after a batch of :meth:`add_used`; with EVENT_IDX this consumes the batch.
+        """
+        if self._used is None:
+            return False
+        assert self._avail is not None
+        _full_barrier()
+        if self.event_idx:
+            used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            new = self.used_idx
+            old = self._signalled_used
+            self._signalled_used = new
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to kick us for new buffers; True if some arrived meanwhile.
+
+        A worker calls this before sleeping and goes on instead if it returns True: the
+        driver may have added buffers before it saw the request.
+        """
+        used = self._used
+        if used is None:
+            return False
+        if self.event_idx:
+            _U16.pack_into(used, self._avail_event_off, self.last_avail_idx)
+        else:
+            flags = _U16.unpack_from(used, 0)[0]
+            _U16.pack_into(used, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+        _full_barrier()
+        return self.has_available()
+
+    def disable_notification(self) -> None:
+        """Tell the driver it need not kick us (we are polling the ring anyway)."""
+        used = self._used
+        if used is None or self.event_idx:
+            return  # with EVENT_IDX a stale avail_event already suppresses kicks
+        flags = _U16.unpack_from(used, 0)[0]
+        _U16.pack_into(used, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
