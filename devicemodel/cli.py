@@ -130,15 +130,30 @@ def _launch(cfg: VmConfig) -> int:
         return _error(str(e))
     try:
         trio.run(run_vm, cfg)
-    except ConfigError as e:
-        return _error(str(e))
-    except HypervisorError as e:
-        return _error(str(e))
-    except OSError as e:
-        return _error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except (ConfigError, HypervisorError, OSError, BaseExceptionGroup) as e:
+        leaf = _user_error(e)
+        if leaf is None:
+            raise
+        if isinstance(leaf, OSError) and leaf.strerror:
+            return _error(f"{leaf.filename + ': ' if leaf.filename else ''}{leaf.strerror}")
+        return _error(str(leaf))
     finally:
         lock.release()
     return 0
+
+
+_USER_ERRORS = (ConfigError, HypervisorError, OSError)
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error to show the user, looking inside trio's exception groups; None if any
+    part of it is a bug (then the traceback is worth more than a one-liner)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_user_error(e) for e in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+        return None
+    return exc if isinstance(exc, _USER_ERRORS) else None
 
 
 def _parse(args: list[str], *, check_files: bool = True) -> VmConfig | int:

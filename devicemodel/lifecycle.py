@@ -118,6 +118,10 @@ class Lifecycle:
         self._request.set()
         return how
 
+    def poweroff(self) -> None:
+        """Stop now, without asking the guest (console Ctrl-A x, ``poweroff force``)."""
+        self.request_poweroff("immediate power-off", force=True)
+
     async def run(self) -> None:
         """Carry out power-off requests; runs for the VM's life in its nursery."""
         await self._request.wait()

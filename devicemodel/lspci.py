@@ -8,6 +8,7 @@ bus exactly as guest config cycles are answered.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TextIO
 
@@ -33,9 +34,12 @@ def dump(pci: PciBus, out: TextIO, size: int = 4096) -> None:
 
 
 def main(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        sys.stderr.write(USAGE)
+        return 2
+    if args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
-        return 0 if args else 2
+        return 0
     from .hsm.sim import SimHypervisor
     from .vm import Vm
 
@@ -51,6 +55,8 @@ def main(args: list[str]) -> int:
         assert vm.pci is not None
         dump(vm.pci, sys.stdout)
         sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         vm._release()  # build without run: give back what build took
     return 0

@@ -294,21 +294,18 @@ def _poweroff(mon: Monitor, req: dict[str, Any]) -> Any:
 async def _reset(mon: Monitor, req: dict[str, Any]) -> Any:
     vm = mon.vm
     assert vm.ctx is not None
-    fn = None
-    for name in ("request_reset", "system_reset", "reset"):
-        fn = getattr(vm, name, None)
-        if callable(fn):
-            break
-        fn = None
-    if fn is None:
-        extra = vm.ctx.extras.get("system_reset")
-        fn = extra if callable(extra) else None
-    if fn is None:
-        raise MonitorError("reset is not available: this VM has no reset path (no platform PM)")
+    if mon.lifecycle.shutdown_requested is not None:
+        raise MonitorError("cannot reset: the VM is shutting down")
+    if mon.lifecycle.paused:
+        raise MonitorError("cannot reset: the VM is paused; resume it first")
+    power = vm.ctx.extras.get("guest_power")  # platform: queues acrn-dm's reset sequence
+    fn = getattr(power, "request_reset", None)
+    if not callable(fn):
+        raise MonitorError("reset is not available: this VM has no platform reset path")
     result = fn()
     if inspect.isawaitable(result):
         await result
-    return {"state": mon.lifecycle.state}
+    return {"state": mon.lifecycle.state, "action": "reset requested"}
 
 
 @command("blkrescan", 'swap a virtio-blk image: "slot": "3", "path": "/new.img"')

@@ -88,6 +88,11 @@ class GuestPower:
                 server.release_held()
             self.resetting = False
             raise
+        # give whoever waits on the completed requests a turn before RESET_VM frees the
+        # slots (a sim guest; the HSM also lets its clients drain). Two scheduling rounds:
+        # trio may run us before them in the first.
+        for _ in range(2):
+            await trio.lowlevel.checkpoint()
         if server is not None:
             # CLEAR_VM_IOREQ completed the held requests; finishing them again after
             # RESET_VM would mark FREE slots COMPLETE, so they are dropped

@@ -275,11 +275,12 @@ _REGS = st.one_of(
     st.sampled_from([0x04, 0x06, 0x10, 0x14, 0x18, 0x1C, 0x20, 0x24, 0x30, 0x3C, 0x42, 0x44,
                      0x48, 0x4C, 0x50, 0x54, 0x5A, 0x5C, 0x60]),
     st.integers(0, 0x1FF),
+    st.integers(0, 0x1FFF),
 )
 _VALUES = st.one_of(st.just(0xFFFF_FFFF), st.just(0), st.integers(0, 0xFFFF_FFFF),
                     st.sampled_from([0x8000_0000, 0x8000_1000, 0x8000_2000, 0x2000, 0x3000,
                                      0xE000_0000, 0xFEE0_0000, 0x7, 0x3, 0x0400, 0xC000]))
-_OPS = st.lists(st.tuples(st.sampled_from([3, 4]), _REGS, st.sampled_from([1, 2, 3, 4, 8]),
+_OPS = st.lists(st.tuples(st.sampled_from([3, 4, 5]), _REGS, st.sampled_from([1, 2, 3, 4, 8]),
                           _VALUES), max_size=60)
 
 
@@ -294,7 +295,8 @@ def test_random_config_writes_keep_the_bus_sane(ops: list[tuple[int, int, int, i
     home = {slot: [b.addr for b in dev.bars] for slot, dev in devs.items()}
     for slot, reg, size, value in ops:
         pci.cfg_write(0, slot, 0, reg, size, value & 0xFFFF_FFFF)
-        assert pci.cfg_read(0, slot, 0, 0, 4) == 0x0001_10DD
+        pci.cfg_read(0, slot, 0, reg, size)
+        assert pci.cfg_read(0, slot, 0, 0, 4) == (0x0001_10DD if slot in devs else 0xFFFF_FFFF)
         for dev in devs.values():
             for bar in dev.bars:
                 if bar.mapped_at is not None:
@@ -315,3 +317,34 @@ def test_random_config_writes_keep_the_bus_sane(ops: list[tuple[int, int, int, i
             assert bus.find(addr) is not None and bus.find(addr).handler is bar, (slot, bar.idx)
         ctx.ports.write(home[slot][0], 4, 0x1234)
         assert ctx.ports.read(home[slot][0], 4) == 0x1234
+
+
+class Legacy:
+    """A function that keeps its own config bytes (the older minimal device shape)."""
+
+    name = "legacy"
+
+    def __init__(self) -> None:
+        self.cfg = bytearray(256)
+        self.cfg[0:4] = (0x7000_8086).to_bytes(4, "little")
+
+    def cfg_read(self, reg: int, size: int) -> int:
+        return int.from_bytes(self.cfg[reg : reg + size], "little") if reg < 256 else 0
+
+    def cfg_write(self, reg: int, size: int, value: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+def test_functions_with_their_own_config_bytes_share_the_bus() -> None:
+    pci, ctx = _bus()
+    pci.add(SlotConfig(0, 1, 0, "legacy"), Legacy())  # type: ignore[arg-type]
+    pci.add(SlotConfig(0, 1, 1, "dummy"), Dummy(ctx))  # type: ignore[arg-type]
+    pci.finish()
+    assert pci.cfg_read(0, 1, 0, 0, 4) == 0x7000_8086
+    assert pci.cfg_read(0, 1, 0, 0x0C, 4) >> 16 == 0x80  # multi-function fixed up on read
+    assert pci.cfg_read(0, 1, 1, 0x0E, 1) == 0x80
+    assert pci.cfg_read(0, 1, 1, 0x10, 4) == 0x2001
+    pci.reset()

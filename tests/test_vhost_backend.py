@@ -25,13 +25,15 @@ from devicemodel.vhost_user.frontend import Frontend, RingSetup
 from devicemodel.vhost_user.protocol import Req
 from devicemodel.vhost_user.server import serve
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
-from devicemodel.virtio.device import VirtioDevice
+from devicemodel.virtio.device import VIRTIO_F_RING_EVENT_IDX, VirtioDevice
 from devicemodel.virtio.mock import MockDriver
 from devicemodel.virtio.rnd import VirtioRnd
 
 RING_BASE = 0x10_0000
 BLK_IN = 0
 BLK_OUT = 1
+#: The mock driver leaves used_event at 0; without EVENT_IDX every used buffer interrupts.
+NO_EVENT_IDX = ~VIRTIO_F_RING_EVENT_IDX
 
 
 @asynccontextmanager
@@ -81,7 +83,7 @@ async def test_stopped_ring_restarts_where_it_stopped(tmp_path: Path) -> None:
     sock = tmp_path / "rnd.sock"
     mem = GuestMemory(128 * MiB)
     async with served(VirtioRnd(), sock), frontend(sock) as fe:
-        await fe.negotiate()
+        await fe.negotiate(NO_EVENT_IDX)
         drv = await start(fe, mem)
         for _ in range(3):
             drv.add_chain(writable=[16])
@@ -104,7 +106,7 @@ async def test_disabled_ring_is_not_processed(tmp_path: Path) -> None:
     sock = tmp_path / "rnd.sock"
     mem = GuestMemory(128 * MiB)
     async with served(VirtioRnd(), sock), frontend(sock) as fe:
-        await fe.negotiate()
+        await fe.negotiate(NO_EVENT_IDX)
         drv = MockDriver(mem, RING_BASE, 64)
         assert await fe.set_mem_table(mem) == 0
         await fe.start_ring(RingSetup(0, 64, drv.desc_addr, drv.avail_addr, drv.used_addr),
@@ -130,7 +132,7 @@ async def test_blk_config_and_write_reach_the_image(tmp_path: Path) -> None:
     mem = GuestMemory(128 * MiB)
     dev = VirtioBlk(parse_blk_options(str(img)))
     async with served(dev, sock), frontend(sock) as fe:
-        await fe.negotiate()
+        await fe.negotiate(NO_EVENT_IDX)
         assert await fe.call_u64(Req.GET_QUEUE_NUM) == 1
         cfg = await fe.get_config(0, 60)
         assert len(cfg) == 60 and struct.unpack_from("<Q", cfg)[0] == 2048  # sectors
@@ -158,7 +160,7 @@ async def test_reconnect_starts_from_a_clean_slate(tmp_path: Path) -> None:
     async with served(dev, sock):
         for _ in range(2):
             async with frontend(sock) as fe:
-                await fe.negotiate()
+                await fe.negotiate(NO_EVENT_IDX)
                 drv = await start(fe, mem)
                 head = drv.add_chain(writable=[8])
                 fe.kick_ring(0)
@@ -187,7 +189,7 @@ async def test_backend_unmaps_memory_when_the_front_end_leaves() -> None:
             done.set()
 
         nursery.start_soon(run_backend)
-        await fe.negotiate()
+        await fe.negotiate(NO_EVENT_IDX)
         assert await fe.set_mem_table(mem) == 0
         assert backend.mem is not None and backend.mem.total == mem.total
         fe.close()
@@ -201,7 +203,7 @@ async def test_reply_ack_reports_failure_then_drops(tmp_path: Path) -> None:
     sock = tmp_path / "rnd.sock"
     async with served(VirtioRnd(), sock):
         async with frontend(sock) as fe:
-            await fe.negotiate()
+            await fe.negotiate(NO_EVENT_IDX)
             # ring 7 does not exist on an entropy device (one queue)
             assert await fe.ack(Req.SET_VRING_NUM, p.VRING_STATE.pack(7, 64)) != 0
             with pytest.raises(ConnectionError):

@@ -45,6 +45,10 @@ KVM_DEVICE = "/dev/kvm"
 KICK_SIGNAL = signal.SIGRTMIN + 4
 #: how often the halt watchdog looks for a VM whose every vCPU halted with IF=0
 HALT_CHECK_INTERVAL = 1.0
+#: how long RESET_VM / SET_VCPU_REGS wait for every vCPU to leave KVM_RUN
+PARK_TIMEOUT = 5.0
+#: ACRN's vIOAPIC pin count (acrn-facts §1.3): the GSIs SET_IRQLINE accepts
+VIOAPIC_PINS = 48
 #: first GSI given to irqfd MSI routes (0..23 are the PIC/IOAPIC pins)
 FIRST_MSI_GSI = k.KVM_IOAPIC_NUM_PINS
 
@@ -240,6 +244,7 @@ class KvmHypervisor(Hypervisor):
         self._ioeventfds: dict[IoEventFdReg, k.KvmIoeventfd] = {}
         self._chips: list[k.KvmIrqchip] = []
         self._pit: k.KvmPitState2 | None = None
+        self._undeliverable: set[int] = set()
 
     # --- VM lifecycle -----------------------------------------------------------------
     def create_vm(
@@ -478,7 +483,11 @@ class KvmHypervisor(Hypervisor):
         region.flags = 0 if attr & abi.MEM_ACCESS_WRITE else k.KVM_MEM_READONLY
         region.guest_phys_addr = gpa
         region.memory_size = size
-        region.userspace_addr = _mmap_address(backing)
+        try:
+            region.userspace_addr = _mmap_address(backing)
+        except TypeError as e:
+            raise HypervisorError("SET_MEMSEG: guest RAM must be a writable mapping",
+                                  errno.EINVAL) from e
         ioctl(self._vm_fd, k.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
         self._slots.append((gpa, size, backing))
 
@@ -492,18 +501,24 @@ class KvmHypervisor(Hypervisor):
             self._client_gone = False
 
     async def attach_ioreq_client(self) -> bool:
+        waited = False
         while True:
             if self._client_gone or not self._client:
                 return False
             if True in self._pending:
-                await trio.lowlevel.checkpoint()
+                if not waited:  # every call is a checkpoint, but one is enough
+                    await trio.lowlevel.checkpoint()
                 return not self._client_gone
             try:
                 os.eventfd_read(self._efd)
                 continue
             except BlockingIOError:
                 pass
-            await trio.lowlevel.wait_readable(self._efd)
+            try:
+                await trio.lowlevel.wait_readable(self._efd)
+            except trio.ClosedResourceError:
+                return False  # the VM was destroyed under us
+            waited = True
 
     def destroy_ioreq_client(self) -> None:
         self._client = False
@@ -559,8 +574,15 @@ class KvmHypervisor(Hypervisor):
         levels = _IRQLINE_LEVELS.get(op)
         if levels is None:
             raise HypervisorError(f"SET_IRQLINE: bad op {op}", errno.EINVAL)
-        if not 0 <= gsi < k.KVM_IOAPIC_NUM_PINS:
+        if not 0 <= gsi < VIOAPIC_PINS:
             raise HypervisorError(f"SET_IRQLINE: GSI {gsi} out of range", errno.EINVAL)
+        if gsi >= k.KVM_IOAPIC_NUM_PINS:
+            # ACRN's vIOAPIC has 48 pins, KVM's 24: such a line cannot reach the guest
+            if gsi not in self._undeliverable:
+                self._undeliverable.add(gsi)
+                log.warning("GSI %d: KVM's IOAPIC has %d pins; this INTx line is dropped",
+                            gsi, k.KVM_IOAPIC_NUM_PINS)
+            return
         invert = 1 if self._active_low(gsi) else 0
         line = k.KvmIrqLevel()
         line.irq = gsi
@@ -687,6 +709,7 @@ class KvmHypervisor(Hypervisor):
         self._threads_started = True
         for vc in self._vcpus:
             vc.alive = True
+            vc.parked = False  # until the thread itself parks (at once if not running)
             vc.thread = threading.Thread(target=self._vcpu_main, args=(vc,),
                                          name=f"{self.vm_name}-vcpu{vc.index}", daemon=True)
             vc.thread.start()
@@ -724,7 +747,7 @@ class KvmHypervisor(Hypervisor):
                 pass
 
     def _wait_parked(self, what: str) -> None:
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + PARK_TIMEOUT
         with self._cond:
             while not all(vc.parked or not vc.alive for vc in self._vcpus):
                 left = deadline - time.monotonic()
@@ -893,9 +916,9 @@ class KvmHypervisor(Hypervisor):
             # ---- wait for NOTIFY_REQUEST_FINISH ----
             done = vc.done
             while True:
-                if done.acquire(timeout=0.5):
-                    if _U32.unpack_from(page, off + _PROCESSED)[0] == _COMPLETE:
-                        break
+                if (done.acquire(timeout=0.5)
+                        and _U32.unpack_from(page, off + _PROCESSED)[0] == _COMPLETE):
+                    break
                 if self._stopping:
                     return None
         # ---- hypervisor post-work (dm_emulate_io_complete) ----

@@ -25,6 +25,7 @@ uses the synthetic SimHostDevice (tests, and trying vMSI-X without the hardware)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import ConfigError
@@ -164,7 +165,9 @@ class Passthru(PciDevice):
         cfg.set8(pc.INT_PIN, 0)
         cfg.set8(pc.INT_LINE, 0xFF)
         cfg.set16(pc.COMMAND, 0)
-        cfg.set16(pc.STATUS, self.host.config_read(pc.STATUS, 2) & pc.STATUS_CAP_LIST)
+        # informational status bits stay; error (W1C) and interrupt status start clear
+        cfg.set16(pc.STATUS, self.host.config_read(pc.STATUS, 2)
+                  & ~(pc.STATUS_W1C | pc.STATUS_INTX))
         cfg.multifunction = False
         # capabilities are read-only copies; MSI is handled below
         self.capabilities = self.host.capabilities()
@@ -184,11 +187,11 @@ class Passthru(PciDevice):
                          fixed=hb.base if hb.kind == "io" else None,
                          prefetchable=hb.prefetchable if hb.kind != "io" else None)
 
-    def _bar_reader(self, hb: HostBar):  # noqa: ANN202 - a closure for the BAR handler
+    def _bar_reader(self, hb: HostBar) -> Callable[[int, int], int]:
         host, index = self.host, hb.index
         return lambda off, size: host.bar_read(index, off, size)
 
-    def _bar_writer(self, hb: HostBar):  # noqa: ANN202
+    def _bar_writer(self, hb: HostBar) -> Callable[[int, int, int], None]:
         host, index = self.host, hb.index
         return lambda off, size, value: host.bar_write(index, off, size, value)
 
@@ -248,7 +251,7 @@ class Passthru(PciDevice):
         if self.intx is not None and self.intx.gsi is not None:
             self.intx_assignment = PtdevIntx(
                 virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, virt_pin=self.intx.gsi,
-                phys_pin=self.host.config_read(pc.INT_LINE, 1), is_pic_pin=False)
+                phys_pin=self.host.legacy_irq(), is_pic_pin=False)
             self.ctx.hv.set_ptdev_intr(self.intx_assignment)
         self.assignment = PciDevAssignment(
             virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf,

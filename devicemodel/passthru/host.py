@@ -99,6 +99,10 @@ class HostPciDevice(ABC):
     def can_reset(self) -> bool:
         return True
 
+    def legacy_irq(self) -> int:
+        """The host IRQ of the device's INTx pin (SET_PTDEV_INTR's phys_pin)."""
+        return self.config_read(pc.INT_LINE, 1)
+
     def connect_interrupts(self, sink: MessageSink | None) -> None:
         """Where the device's MSI writes go (the platform's interrupt remapping)."""
 
@@ -271,7 +275,7 @@ class SimHostDevice(HostPciDevice):
         self.vectors = vectors
         self.features = tuple(features)
         self.phys_bdf = bdf & 0xFFFF
-        self.name = "0000:{:02x}:{:02x}.{}".format(bdf >> 8, (bdf >> 3) & 0x1F, bdf & 7)
+        self.name = f"0000:{bdf >> 8:02x}:{(bdf >> 3) & 0x1F:02x}.{bdf & 7}"
         self._sink: MessageSink | None = None
         self._eventfds: list[int] | None = None
         #: what happened, for tests: messages sent, INTx assertions, resets, lost messages
@@ -290,6 +294,7 @@ class SimHostDevice(HostPciDevice):
         cs.set_wmask(pc.COMMAND, 2, pc.CMD_IO | pc.CMD_MEM | pc.CMD_MASTER
                      | pc.CMD_INTX_DISABLE)
         cs.set8(pc.INT_PIN, 1)
+        cs.set8(pc.INT_LINE, 11)  # the host IRQ of its INTx pin
         self._bar_list = [HostBar(0, "mem32", SIM_BAR0_BASE, SIM_BAR0_SIZE)]
         if "allbars" in self.features:
             self._bar_list += [HostBar(i, "mem32", SIM_BAR0_BASE + i * SIM_BAR0_SIZE,

@@ -191,7 +191,7 @@ class VmsixOnMsi:
         if end <= len(self.table):
             return int.from_bytes(self.table[offset:end], "little")
         pba_len = (self.entries + 63) // 64 * 8
-        if PBA_OFFSET <= offset and end <= PBA_OFFSET + pba_len:
+        if offset >= PBA_OFFSET and end <= PBA_OFFSET + pba_len:
             return (self.pending() >> (8 * (offset - PBA_OFFSET))) & _ONES[size]
         return _ONES[size]
 

@@ -325,12 +325,13 @@ class VirtioBlk(VirtioDevice):
         assert opts.path is not None
         flags = os.O_CLOEXEC | (os.O_RDONLY if opts.ro else os.O_RDWR)
         try:
-            fd = os.open(opts.path, flags)
-        except PermissionError:
-            if opts.ro:
-                raise ConfigError(f"virtio-blk: cannot open {opts.path}: permission denied")
-            fd = os.open(opts.path, os.O_CLOEXEC | os.O_RDONLY)  # acrn-dm falls back to ro
-            self.ro = True
+            try:
+                fd = os.open(opts.path, flags)
+            except PermissionError:
+                if opts.ro:
+                    raise
+                fd = os.open(opts.path, os.O_CLOEXEC | os.O_RDONLY)  # as acrn-dm: fall back to ro
+                self.ro = True
         except OSError as e:
             raise ConfigError(f"virtio-blk: cannot open {opts.path}: {e.strerror}") from None
         self.fd = fd

@@ -281,6 +281,7 @@ class VirtioDevice(ABC):
             self._fail(session, str(e))
             session.done.set()
             return
+        self.on_activate()
         self._draining.add(session)
         self._nursery.start_soon(self._session_main, session)
 
@@ -317,6 +318,9 @@ class VirtioDevice(ABC):
     @abstractmethod
     def start_workers(self, nursery: trio.Nursery) -> None:
         """Start this activation's worker tasks in ``nursery`` (cancelled on reset)."""
+
+    def on_activate(self) -> None:
+        """Synchronous set-up at DRIVER_OK, once ``features`` and the queues are in place."""
 
     def on_reset(self) -> None:
         """Drop device state that lives only while the driver is active."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,9 +125,13 @@ async def run_guest(
     vcpus: int = 1,
     slots: tuple[str, ...] = ("0:0,hostbridge",),
     setup: Callable[[GuestRun], None] | None = None,
+    during: Callable[[GuestRun], Awaitable[None]] | None = None,
     timeout: float = 30.0,
 ) -> GuestRun:
-    """Boot ``image`` on a fresh KVM VM and serve it until debugexit, a stop, or timeout."""
+    """Boot ``image`` on a fresh KVM VM and serve it until debugexit, a stop, or timeout.
+
+    ``setup`` runs before the VM starts (register handlers); ``during`` runs as a task
+    beside the running VM (pause, reset, inject)."""
     argv = ["-m", "128M", "--hv", "kvm", "--cpu_affinity", ",".join(map(str, range(vcpus)))]
     for s in slots:
         argv += ["-s", s]
@@ -148,8 +152,12 @@ async def run_guest(
         raise
     async with trio.open_nursery() as nursery:
         await nursery.start(vm.run)
+        if during is not None:
+            nursery.start_soon(during, run)
         with trio.move_on_after(timeout):
             await vm.wait_stopped()
         vm.poweroff()
+        await vm.wait_stopped()
+        nursery.cancel_scope.cancel()  # a ``during`` task that is still waiting
     run.exit_reason = hv.exit_reason
     return run

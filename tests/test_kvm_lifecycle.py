@@ -1,0 +1,198 @@
+"""The KVM backend's VM lifecycle with real guests: stops it decides itself (halt with
+interrupts off, triple fault), SMP start-up, pause/start, ACRN's reset sequence, and no
+thread or fd left behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import trio
+
+from devicemodel.hsm import default_backend, open_hypervisor
+from devicemodel.hsm import kvm as kvm_mod
+from devicemodel.hsm.base import HypervisorError
+from devicemodel.hsm.kvm import KvmHypervisor, kvm_usable
+from tests.guests.harness import (
+    LOAD_ADDR,
+    VERDICT_PASS,
+    GuestRun,
+    build,
+    kvm_skip_reason,
+    pm32_regs,
+    run_guest,
+)
+
+SKIP = kvm_skip_reason()
+needs_kvm = pytest.mark.skipif(SKIP is not None, reason=f"no usable KVM: {SKIP}")
+LOOP_PORT = 0xE4
+AP_PORT = 0xE3
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    out = tmp_path_factory.mktemp("guests")
+    return {n: build(n, out)[1] for n in ("smp", "halt", "crash", "loop", "msi")}
+
+
+def vcpu_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "-vcpu" in t.name]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+class Values:
+    """A port that records every value written to it and calls ``on_write`` after."""
+
+    def __init__(self, on_write=None) -> None:
+        self.values: list[int] = []
+        self.on_write = on_write
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.values.append(value)
+        if self.on_write is not None:
+            self.on_write(value)
+
+
+@needs_kvm
+async def test_smp_start_up_and_every_thread_and_fd_released(images):
+    before = open_fds()
+    ap = Values()
+    run = await run_guest(images["smp"], vcpus=2,
+                          setup=lambda r: r.vm.ports.register(AP_PORT, 1, ap, "ap"))
+    assert run.verdict == VERDICT_PASS, (run.uart.text, run.exit_reason)
+    assert run.uart.text == "bsp apic 00\nap up\n"
+    assert ap.values == [1]  # the AP ran and read its own APIC id, 1
+    assert run.hv.state == "destroyed"
+    # the AP was left in `cli; hlt` inside KVM_RUN: it had to be kicked out
+    assert vcpu_threads() == []
+    assert open_fds() - before == set()
+
+
+@needs_kvm
+async def test_halt_with_interrupts_off_stops_the_vm(images):
+    t0 = time.monotonic()
+    run = await run_guest(images["halt"], timeout=20)
+    assert run.uart.text == "halting\n"
+    assert run.verdict is None
+    assert run.exit_reason == "every vCPU halted with interrupts disabled"
+    assert time.monotonic() - t0 < 10 * kvm_mod.HALT_CHECK_INTERVAL
+    assert vcpu_threads() == []
+
+
+@needs_kvm
+async def test_triple_fault_stops_the_vm_with_the_reason(images):
+    run = await run_guest(images["crash"], timeout=20)
+    assert run.uart.text == "crashing\n"
+    assert run.verdict is None
+    assert run.exit_reason is not None and "shutdown (triple fault)" in run.exit_reason
+
+
+@needs_kvm
+async def test_poweroff_of_a_guest_sleeping_in_hlt(images):
+    # nobody answers the msi guest's request: it sleeps in `sti; hlt` until we power off
+    run = await run_guest(images["msi"], timeout=1.0)
+    assert run.verdict is None and run.exit_reason is None
+    assert run.hv.state == "destroyed"
+    assert vcpu_threads() == []
+
+
+@needs_kvm
+async def test_pause_holds_the_guest_and_start_resumes_it(images):
+    paused_at: list[int] = []
+    port = Values()
+
+    def setup(run: GuestRun) -> None:
+        def on_write(value: int) -> None:
+            if value == 10:
+                run.hv.pause_vm()
+                paused_at.append(len(port.values))
+
+        port.on_write = on_write
+        run.vm.ports.register(LOOP_PORT, 4, port, "loop")
+
+    async def during(run: GuestRun) -> None:
+        while not paused_at:
+            await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        assert len(port.values) == paused_at[0]  # nothing ran while paused
+        assert run.hv.state == "paused"
+        run.hv.start_vm()
+
+    run = await run_guest(images["loop"], setup=setup, during=during)
+    assert run.verdict == VERDICT_PASS, (run.uart.text, run.exit_reason)
+    assert port.values == list(range(50))
+
+
+@needs_kvm
+async def test_acrn_reset_sequence_runs_the_guest_again(images, monkeypatch):
+    """acrn-facts §1.5: hold the triggering request, PAUSE, CLEAR_VM_IOREQ, RESET_VM,
+    reload, SET_VCPU_REGS, START: the guest starts from its entry point again."""
+    trigger = trio.Event()
+    port = Values()
+
+    def setup(run: GuestRun) -> None:
+        def on_write(value: int) -> None:
+            if value == 10 and not trigger.is_set():
+                assert run.vm.server is not None
+                run.vm.server.hold_completion = True
+                trigger.set()
+
+        port.on_write = on_write
+        run.vm.ports.register(LOOP_PORT, 4, port, "loop")
+
+    async def during(run: GuestRun) -> None:
+        await trigger.wait()
+        hv, server = run.hv, run.vm.server
+        # (IoreqServer rescans a held slot until the reset runs: it may be listed twice)
+        assert server is not None and set(server.held) == {0}
+        hv.pause_vm()
+        # without CLEAR_VM_IOREQ the vCPU still holds its request: RESET_VM refuses
+        monkeypatch.setattr(kvm_mod, "PARK_TIMEOUT", 0.2)
+        with pytest.raises(HypervisorError, match="holds a request"):
+            hv.reset_vm()
+        hv.clear_vm_ioreq()
+        server.held.clear()
+        server.hold_completion = False
+        hv.reset_vm()
+        assert run.vm.memory is not None
+        run.vm.memory.write(LOAD_ADDR, images["loop"])
+        hv.set_vcpu_regs(0, pm32_regs(LOAD_ADDR))
+        hv.start_vm()
+
+    run = await run_guest(images["loop"], setup=setup, during=during)
+    assert run.verdict == VERDICT_PASS, (run.uart.text, run.exit_reason)
+    values = port.values
+    assert values[:11] == list(range(11)) and values[-50:] == list(range(50))
+    assert set(values[11:-50]) <= {10}  # see above: the held write may be seen again
+    assert run.uart.text == "loop start\nloop start\nloop end\n"
+
+
+def test_default_backend_prefers_acrn_then_kvm_then_sim(monkeypatch):
+    import devicemodel.hsm as hsm
+
+    monkeypatch.setattr(hsm, "acrn_present", lambda: True)
+    assert default_backend() == "acrn"
+    monkeypatch.setattr(hsm, "acrn_present", lambda: False)
+    monkeypatch.setattr(kvm_mod, "kvm_usable", lambda device=None: None)
+    assert default_backend() == "kvm"
+    monkeypatch.setattr(kvm_mod, "kvm_usable", lambda device=None: "no /dev/kvm")
+    assert default_backend() == "sim"
+
+
+def test_kvm_usable_names_the_problem(tmp_path):
+    assert "No such file" in (kvm_usable(str(tmp_path / "kvm")) or "")
+
+
+@needs_kvm
+def test_hv_kvm_selects_the_kvm_backend():
+    hv = open_hypervisor("kvm")
+    assert isinstance(hv, KvmHypervisor) and hv.name == "kvm"
+    hv.close()
