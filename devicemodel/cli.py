@@ -47,7 +47,7 @@ acrn-dm compatible options:
   -l, --lpc com1,stdio           LPC device (com1..com4[,backend], com5,<backend>,<port>,<irq>)
   -k, --kernel <bzImage>   -B, --bootargs <cmdline>   -r, --ramdisk <initrd>
   -E, --elf_file <elf>     --ovmf [w,]<path> | [w,]code=<path>,vars=<path>
-  --cpu_affinity <cpu,...>       pCPUs; their count is the vCPU count
+  --cpu_affinity <id,...>        the CPUs (LAPIC ids, as acrn-dm); their count = vCPUs
   --debugexit                    guest write to port 0xF4 powers the VM off
   --virtio_poll <ns>  --virtio_msi  --windows
   --cmd_monitor <socket>         JSON command monitor (docs/vm-toml.md)

@@ -135,9 +135,26 @@ class VmConfig:
         return len(self.cpu_affinity) or 1
 
     @property
+    def pcpus(self) -> list[int]:
+        """The physical CPU indexes behind ``cpu_affinity``.
+
+        acrn-dm HEAD takes LAPIC ids (what ACRN's launch scripts pass) and maps each to the
+        pCPU whose LAPIC it is: the n-th enabled LAPIC of the host MADT is pCPU n. Where the
+        MADT cannot be read or does not list an id, the ids are taken as pCPU indexes.
+        """
+        host = host_lapic_ids()
+        if host and all(i in host for i in self.cpu_affinity):
+            return [host.index(i) for i in self.cpu_affinity]
+        return list(self.cpu_affinity)
+
+    @property
     def cpu_affinity_mask(self) -> int:
+        """CREATE_VM's pCPU bitmap."""
         mask = 0
-        for cpu in self.cpu_affinity:
+        for cpu in self.pcpus:
+            if cpu > 63:
+                raise ConfigError(f"--cpu_affinity {','.join(map(str, self.cpu_affinity))}: "
+                                  f"pCPU {cpu} is beyond the 64 ACRN supports; pick other CPUs")
             mask |= 1 << cpu
         return mask
 
@@ -349,15 +366,23 @@ def parse_ovmf(text: str) -> OvmfConfig:
     return OvmfConfig(kv["code"], kv["vars"], writeback)
 
 
+def host_lapic_ids() -> list[int]:
+    """The host's enabled LAPIC ids in MADT order (empty where the MADT is unreadable)."""
+    from .platform.setup import host_lapic_ids as read_madt  # lazy: platform sits above us
+
+    return read_madt()
+
+
 def parse_cpu_affinity(text: str) -> list[int]:
+    """acrn-dm's ``--cpu_affinity``: the LAPIC ids of the VM's CPUs, e.g. ``0,2``."""
     fields = text.split(",")
     if not all(f.isdigit() for f in fields):
         raise ConfigError(
-            f"--cpu_affinity {text}: expected comma-separated physical CPU ids, e.g. 1,2"
+            f"--cpu_affinity {text}: expected comma-separated CPU (LAPIC) ids, e.g. 1,2"
         )
     cpus = [int(x, 10) for x in fields]
-    if any(c > 63 for c in cpus):
-        raise ConfigError(f"--cpu_affinity {text}: CPU ids must be 0..63")
+    if any(c > 255 for c in cpus):
+        raise ConfigError(f"--cpu_affinity {text}: LAPIC ids must be 0..255")
     if len(set(cpus)) != len(cpus):
         raise ConfigError(f"--cpu_affinity {text}: a CPU is listed twice; list each once")
     if len(cpus) > 16:

@@ -9,6 +9,7 @@ DEVICE_MODULES = (
     "devicemodel.pci.dummy",
     "devicemodel.passthru.device",
     "devicemodel.platform.lpc",
+    "devicemodel.virtio.pci_devices",
 )
 
 

@@ -110,6 +110,8 @@ class IoreqServer:
             kernel_handled, state = _STATE.unpack_from(page, off + _KH_OFF)
             if state != _PROCESSING or kernel_handled:
                 continue
+            if self.held and vcpu in self.held:
+                continue  # answered already; it waits for the reset (platform issue)
             self.handle_slot(off)
             served += 1
             if self.hold_completion:

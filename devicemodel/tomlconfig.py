@@ -111,7 +111,7 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
         cpus = data["cpu_affinity"]
         if not isinstance(cpus, list) or not cpus or not all(
                 isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
-            raise ctx.error("cpu_affinity", cpus, "expected a list of physical CPU ids; "
+            raise ctx.error("cpu_affinity", cpus, "expected a list of CPU (LAPIC) ids; "
                             "e.g. cpu_affinity = [1, 2]")
         text = ",".join(map(str, cpus))
         try:

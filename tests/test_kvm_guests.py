@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
+import trio
 
 from devicemodel.hsm import abi
+from devicemodel.vm import running
 from tests.guests.harness import VERDICT_PASS, GuestRun, build, kvm_skip_reason, run_guest
 
 SKIP = kvm_skip_reason()
@@ -148,3 +151,36 @@ async def test_msix_from_the_dummy_device_masked_then_unmasked(images):
         run.uart.text)
     # one message for the held-then-unmasked fire, one for the plain fire: nothing while masked
     assert injected == [(0xFEE0_0000, 0x43)] * 2
+
+
+async def boot_elf(elf: Path, serial: Path, *extra: str) -> tuple[int | None, str, object]:
+    """acrn-dm's launch line for a test guest, on KVM: the platform's ELF loader, LPC
+    UART and debugexit instead of the test stand-ins."""
+    args = ["--hv", "kvm", "--debugexit", "-E", str(elf), "-m", "128M",
+            "-s", "0:0,hostbridge", "-s", "1:0,lpc", "-l", f"com1,file:{serial}", *extra,
+            "kvmcli"]
+    async with running(args) as vm:
+        with trio.move_on_after(30):
+            await vm.wait_stopped()
+    assert vm.ctx is not None
+    return vm.ctx.extras["platform"].exit_code, serial.read_text(), vm.hv
+
+
+@pytest.fixture(scope="module")
+def elves(tmp_path_factory):
+    out = tmp_path_factory.mktemp("elves")
+    return {name: build(name, out)[0] for name in ("pci", "reboot")}
+
+
+async def test_pci_guest_loaded_with_dash_e_on_the_real_platform(elves, tmp_path):
+    code, text, hv = await boot_elf(elves["pci"], tmp_path / "com1")
+    assert code == VERDICT_PASS, (text, hv.exit_reason)
+    assert "pci 00:00.0 1275:1275 class 060000\n" in text  # acrn-dm's host bridge IDs
+    assert re.search(r"pci 00:01\.0 [0-9a-f]{4}:[0-9a-f]{4} class 0601", text)  # ISA bridge
+    assert "pci devices: 02\n" in text
+
+
+async def test_reset_through_cf9_boots_the_guest_again(elves, tmp_path):
+    code, text, hv = await boot_elf(elves["reboot"], tmp_path / "com1")
+    assert code == VERDICT_PASS, (text, hv.exit_reason)
+    assert text == "first boot\nsecond boot\n"

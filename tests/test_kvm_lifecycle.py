@@ -4,6 +4,7 @@ thread or fd left behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -64,12 +65,19 @@ class Values:
 @needs_kvm
 async def test_smp_start_up_and_every_thread_and_fd_released(images):
     before = open_fds()
-    ap = Values()
-    run = await run_guest(images["smp"], vcpus=2,
-                          setup=lambda r: r.vm.ports.register(AP_PORT, 1, ap, "ap"))
+    ap, bsp_loop, ap_loop = Values(), Values(), Values()
+
+    def setup(run: GuestRun) -> None:
+        run.vm.ports.register(AP_PORT, 1, ap, "ap")
+        run.vm.ports.register(0xE6, 1, bsp_loop, "bsp-loop")
+        run.vm.ports.register(0xE7, 1, ap_loop, "ap-loop")
+
+    run = await run_guest(images["smp"], vcpus=2, setup=setup)
     assert run.verdict == VERDICT_PASS, (run.uart.text, run.exit_reason)
-    assert run.uart.text == "bsp apic 00\nap up\n"
+    assert run.uart.text == "bsp apic 00\nap up\nboth loops done\n"
     assert ap.values == [1]  # the AP ran and read its own APIC id, 1
+    # two vCPUs with requests in flight at once: each sequence whole and in order
+    assert bsp_loop.values == list(range(200)) and ap_loop.values == list(range(200))
     assert run.hv.state == "destroyed"
     # the AP was left in `cli; hlt` inside KVM_RUN: it had to be kicked out
     assert vcpu_threads() == []
@@ -196,3 +204,101 @@ def test_hv_kvm_selects_the_kvm_backend():
     hv = open_hypervisor("kvm")
     assert isinstance(hv, KvmHypervisor) and hv.name == "kvm"
     hv.close()
+
+
+@needs_kvm
+def test_set_vcpu_regs_builds_segments_as_acrn_does():
+    """ACRN's SET_VCPU_REGS takes CS from cs_ar/cs_base/cs_limit and derives every data
+    segment from CR0.PE; KVM must end up holding exactly that."""
+    from devicemodel.hsm import kvm_abi as k
+    from devicemodel.hsm.base import VcpuRegs
+    from devicemodel.hsm.kvm import ioctl
+    from devicemodel.ioreq import new_ioreq_page
+
+    hv = KvmHypervisor()
+    page = new_ioreq_page()
+    hv.create_vm("regs", page, cpu_affinity=0b11)
+    try:
+        regs = pm32_regs(0x10_0000, esp=0x9000)
+        regs.gprs = {"rax": 0x2BADB002, "rbx": 0x1234}
+        regs.gdt_base, regs.gdt_limit = 0x5000, 0x17
+        hv.set_vcpu_regs(0, regs)
+        sregs, kregs = k.KvmSregs(), k.KvmRegs()
+        fd = hv._vcpus[0].fd
+        ioctl(fd, k.KVM_GET_SREGS, sregs)
+        ioctl(fd, k.KVM_GET_REGS, kregs)
+        cs, ds, ss = sregs.cs, sregs.ds, sregs.ss
+        assert (cs.base, cs.limit, cs.selector, cs.type, cs.s, cs.present, cs.db, cs.g) == (
+            0, 0xFFFF_FFFF, 0x08, 0xB, 1, 1, 1, 1)
+        for seg in (ds, ss, sregs.es, sregs.fs, sregs.gs):
+            assert (seg.base, seg.limit, seg.selector, seg.type, seg.db, seg.g) == (
+                0, 0xFFFF_FFFF, 0x10, 0x3, 1, 1)
+        assert sregs.tr.type == 0xB and sregs.ldt.type == 0x2
+        assert (sregs.gdt.base, sregs.gdt.limit) == (0x5000, 0x17)
+        assert sregs.cr0 & 1
+        assert (kregs.rip, kregs.rsp, kregs.rax, kregs.rbx) == (0x10_0000, 0x9000,
+                                                               0x2BADB002, 0x1234)
+        # real mode (CR0.PE clear): data segments get limit 0xFFFF and AR 0x93
+        hv.set_vcpu_regs(1, VcpuRegs(rip=0xFFF0, cs_base=0xFFFF_0000, cs_sel=0xF000))
+        ioctl(hv._vcpus[1].fd, k.KVM_GET_SREGS, sregs)
+        assert (sregs.cs.base, sregs.cs.selector, sregs.cs.limit) == (0xFFFF_0000, 0xF000,
+                                                                      0xFFFF)
+        assert (sregs.ds.limit, sregs.ds.type, sregs.ds.db) == (0xFFFF, 0x3, 0)
+        with pytest.raises(HypervisorError, match="unknown register"):
+            hv.set_vcpu_regs(0, VcpuRegs(gprs={"eax": 1}))
+        with pytest.raises(HypervisorError, match="no vCPU 2"):
+            hv.set_vcpu_regs(2, VcpuRegs())
+    finally:
+        hv.destroy_vm()
+        page.close()
+
+
+@needs_kvm
+def test_eventfd_and_irqline_calls_follow_the_hsm_errors(caplog):
+    from devicemodel.hsm import abi
+    from devicemodel.ioreq import new_ioreq_page
+
+    hv = KvmHypervisor()
+    page = new_ioreq_page()
+    hv.create_vm("calls", page)
+    a, b = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        hv.ioeventfd(a, 0x2000, 2, pio=True)
+        with pytest.raises(HypervisorError) as e:
+            hv.ioeventfd(a, 0x2000, 2, pio=True)
+        assert e.value.errno == errno.EEXIST
+        hv.ioeventfd(a, 0x2000, 2, pio=True, datamatch=5)  # other data: a new registration
+        with pytest.raises(HypervisorError) as e:
+            hv.ioeventfd(a, 0x2000, 3, pio=True)
+        assert e.value.errno == errno.EINVAL
+        hv.ioeventfd(a, 0x2000, 2, pio=True, deassign=True)
+        with pytest.raises(HypervisorError) as e:
+            hv.ioeventfd(a, 0x2000, 2, pio=True, deassign=True)
+        assert e.value.errno == errno.ENOENT
+        hv.irqfd(b, 0xFEE0_0000, 0x45)
+        with pytest.raises(HypervisorError) as e:
+            hv.irqfd(b, 0xFEE0_0000, 0x45)
+        assert e.value.errno == errno.EEXIST
+        hv.irqfd(b, 0, 0, deassign=True)
+        with pytest.raises(HypervisorError) as e:
+            hv.irqfd(b, 0, 0, deassign=True)
+        assert e.value.errno == errno.ENOENT
+        hv.inject_msi(0xFEE0_0000, 0x40)
+        for op in (abi.GSI_SET_HIGH, abi.GSI_SET_LOW, abi.GSI_RAISING_PULSE,
+                   abi.GSI_FALLING_PULSE):
+            hv.set_irqline(16, op)
+        with pytest.raises(HypervisorError) as e:
+            hv.set_irqline(16, 7)
+        assert e.value.errno == errno.EINVAL
+        hv.set_irqline(40, abi.GSI_SET_HIGH)  # ACRN has 48 pins, KVM 24: dropped, said once
+        hv.set_irqline(40, abi.GSI_SET_LOW)
+        assert sum("GSI 40" in r.getMessage() for r in caplog.records) == 1
+        with pytest.raises(HypervisorError):
+            hv.set_irqline(48, abi.GSI_SET_HIGH)
+    finally:
+        hv.destroy_vm()
+        os.close(a)
+        os.close(b)
+        page.close()
+    with pytest.raises(HypervisorError):
+        hv.inject_msi(0xFEE0_0000, 0x40)  # no VM any more

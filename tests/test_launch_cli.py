@@ -180,7 +180,7 @@ ERRORS = [
     (["-k", "/etc/hostname", "-E", "/etc/hostname", "vm"], "exclude each other"),
     (["--cpu_affinity", "a,b", "vm"], "comma-separated"),
     (["--cpu_affinity", "1,1", "vm"], "listed twice"),
-    (["--cpu_affinity", "64", "vm"], "0..63"),
+    (["--cpu_affinity", "256", "vm"], "0..255"),
     (["--cpu_affinity", ",".join(map(str, range(17))), "vm"], "at most 16"),
     (["--virtio_poll", "10", "vm"], "1000..10000000"),
     (["--virtio_poll", "fast", "vm"], "nanoseconds"),
@@ -273,3 +273,17 @@ def test_any_argv_gives_a_config_or_a_clean_error(argv):
         assert "\n" not in str(e)
     else:
         assert parse_args(cfg.to_args(), check_files=False) == cfg
+
+
+def test_cpu_affinity_takes_lapic_ids_as_acrn_dm(monkeypatch):
+    """acrn-dm HEAD maps each LAPIC id to its pCPU through the host MADT (lapic_to_pcpu)."""
+    import devicemodel.config as config
+
+    cfg = parse_args(["--cpu_affinity", "2,6", "vm"])
+    monkeypatch.setattr(config, "host_lapic_ids", lambda: [0, 2, 4, 6])  # SMT siblings hidden
+    assert cfg.pcpus == [1, 3] and cfg.cpu_affinity_mask == 0b1010
+    monkeypatch.setattr(config, "host_lapic_ids", lambda: [])  # no MADT: ids are pCPUs
+    assert cfg.pcpus == [2, 6] and cfg.cpu_affinity_mask == (1 << 2) | (1 << 6)
+    wide = parse_args(["--cpu_affinity", "200", "vm"])
+    with pytest.raises(ConfigError, match="beyond the 64"):
+        _ = wide.cpu_affinity_mask

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is n
 def _unit_copy(tmp_path) -> str:
     """The unit with ExecStart pointing at a binary that exists here (verify checks it)."""
     exe = shutil.which("acrn-pydm") or sys.executable
-    text = open(UNIT).read().replace("/usr/bin/acrn-pydm", exe)
+    text = pathlib.Path(UNIT).read_text().replace("/usr/bin/acrn-pydm", exe)
     (tmp_path / "acrn-pydm@.service").write_text(text)
     (tmp_path / "acrn-pydm@vm1.service").symlink_to("acrn-pydm@.service")
     return str(tmp_path / "acrn-pydm@vm1.service")
@@ -74,7 +75,7 @@ def test_unit_contents():
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     cp.optionxform = str  # type: ignore[assignment]
     # repeated keys (DeviceAllow=) collapse in configparser; read those by hand
-    text = open(UNIT).read()
+    text = pathlib.Path(UNIT).read_text()
     cp.read_string(text)
     svc = cp["Service"]
     assert svc["Type"] == "notify"
@@ -305,3 +306,48 @@ def test_logger_setting_levels_and_disk_logger(tmp_path, monkeypatch):
         for h in saved[0]:
             root.addHandler(h)
         root.setLevel(saved[1])
+
+
+async def test_a_stalled_event_loop_stops_the_watchdog_pings(tmp_path):
+    """The pings come from the trio loop itself: while it is blocked, systemd hears nothing
+    (and after WatchdogSec kills and restarts the service)."""
+    import threading
+
+    import trio
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "wd.sock")
+    listener.bind(path)
+    listener.settimeout(0.5)
+    stamps: list[float] = []
+    done = threading.Event()
+
+    def collect() -> None:
+        while not done.is_set():
+            try:
+                if listener.recv(64) == b"WATCHDOG=1":
+                    stamps.append(time.monotonic())
+            except TimeoutError:
+                pass
+
+    reader = threading.Thread(target=collect)
+    reader.start()
+    notifier = sdnotify.Notifier(path)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sdnotify.watchdog, notifier, 0.02)
+            await trio.sleep(0.2)
+            stall_start = time.monotonic()
+            time.sleep(0.5)  # a device handler that blocks the loop
+            stall_end = time.monotonic()
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    finally:
+        done.set()
+        reader.join()
+        listener.close()
+        notifier.close()
+    during = [t for t in stamps if stall_start + 0.05 < t < stall_end]
+    assert during == []
+    assert sum(1 for t in stamps if t < stall_start) >= 4
+    assert any(t > stall_end for t in stamps)  # and they resume with the loop

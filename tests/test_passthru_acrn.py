@@ -61,10 +61,21 @@ async def test_keep_gsi_sets_up_intx_before_assigning():
         assert pin == 1 and gsi is not None
         intx = struct.pack("<IHHIII", 0, VIRT_BDF, PHYS_BDF, gsi, 11, 0)
         got = calls(fake, ASSIGN_PCIDEV, SET_PTDEV_INTR)
-        assert got == [(SET_PTDEV_INTR, intx),
-                       (ASSIGN_PCIDEV, pcidev(line, pin, (0x8000_0000, 0, 0, 0, 0, 0)))]
+        # acrn-dm assigns before INTx is routed (INTLINE still 255), then binds the pin
+        assert got == [(ASSIGN_PCIDEV, pcidev(0xFF, pin, (0x8000_0000, 0, 0, 0, 0, 0))),
+                       (SET_PTDEV_INTR, intx)]
+        assert line != 0xFF  # the guest's INTLINE is routed all the same
     reset = struct.pack("<IHHIII", 0, VIRT_BDF, PHYS_BDF, gsi, 0, 0)
     assert calls(fake, RESET_PTDEV_INTR, DEASSIGN_PCIDEV)[0] == (RESET_PTDEV_INTR, reset)
+
+
+async def test_irq_option_overrides_the_physical_pin():
+    fake, hv = new_hv(FakeHsm(vcpu_num=1))
+    args = ["-m", "128M", "-s", f"{SLOT},passthru,sim:4,keep_gsi,irq=42", "vm1"]
+    async with running(args, hypervisor=hv) as vm:
+        gsi = vm.passthrough(SLOT).intx.gsi
+        intx = struct.pack("<IHHIII", 0, VIRT_BDF, PHYS_BDF, gsi, 42, 0)
+        assert calls(fake, SET_PTDEV_INTR) == [(SET_PTDEV_INTR, intx)]
 
 
 async def test_no_intx_without_keep_gsi_for_an_msi_device():

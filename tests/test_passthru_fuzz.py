@@ -26,6 +26,8 @@ op = st.one_of(
     st.tuples(st.just("vctrl"), st.integers(0, N - 1), st.just(4), st.integers(0, 1)),
     st.tuples(st.just("read"), offsets_bar, st.sampled_from([1, 2, 4, 8]), st.just(0)),
     st.tuples(st.just("fire"), st.integers(0, N - 1), st.just(0), st.just(0)),
+    # what a driver does to get vector k going: enable, program entry k, unmask it
+    st.tuples(st.just("linux"), st.integers(0, N - 1), st.just(0), st.integers(0x20, 0xFF)),
 )
 
 
@@ -57,6 +59,11 @@ async def test_random_accesses_keep_the_guests_masks():
                     bar.write(16 * a + 12, 4, value)
                 elif kind == "read":
                     bar.read(a, size)
+                elif kind == "linux":
+                    pci.cfg_write(0, SLOT, 0, CAP + 2, 2, 0x8000)
+                    bar.write(16 * a, 8, 0xFEE0_0000 | a << 12)
+                    bar.write(16 * a + 8, 4, value)
+                    bar.write(16 * a + 12, 4, 0)
                 else:
                     before = len(sim.msis)
                     host.fire(a)

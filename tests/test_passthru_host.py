@@ -167,7 +167,7 @@ def test_resources_and_config_of_a_sysfs_device(tmp_path):
             HostBar(2, "mem64", 0x60_0000_0000, 0x4000, prefetchable=True),
             HostBar(4, "io", 0xE000, 0x20),
         ]
-        assert host.legacy_irq() == 16
+        assert host.legacy_irq() == 11  # INTLINE, as acrn-dm reads it
         msi, bar = check_eligible(host)  # vMSI-X eligibility read through sysfs config
         assert (msi.offset, msi.count, bar) == (0x50, 4, 1)
         host.config_write(0x04, 2, 0x0406)

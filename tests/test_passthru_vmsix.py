@@ -369,9 +369,11 @@ async def test_guest_doorbell_in_the_device_bar_raises_an_msix_vector():
         bar0 = await guest.bar_addr(0)
         await sim.guest(0).mmio_write(bar0 + 0x10, 4, 0xABCD)
         assert await sim.guest(0).mmio_read(bar0 + 0x10, 4) == 0xABCD
+        await sim.guest(0).mmio_write(bar0, 4, 9)  # no source 9: ignored
         await sim.guest(0).mmio_write(bar0, 4, 2)
         with trio.fail_after(5):
             assert await sim.next_msi() == guest_msg(2)
+        assert len(sim.msis) == 1
 
 
 async def test_vm_reset_returns_to_masked_and_disabled():
@@ -405,6 +407,8 @@ async def test_vm_reset_returns_to_masked_and_disabled():
         ("sim:4", "vmsix_on_msi,0", "BAR 0 is implemented by the device"),
         ("sim:4", "bogus", "unknown option 'bogus'"),
         ("sim:4", "romfile=/x", "option 'romfile' is not supported"),
+        ("sim:4", "irq=x1", "irq='x1' is not an IRQ number"),
+        ("sim:4", "vmsix_on_msi,7", "vmsix_on_msi BAR 7 is not 0..5"),
         ("sim:3", "vmsix_on_msi", "power of two"),
         ("sim:4:wat", "vmsix_on_msi", "unknown feature 'wat'"),
         ("1/2", "vmsix_on_msi", "not <bus>/<dev>/<func> in hex"),
@@ -444,3 +448,24 @@ async def test_32bit_msi_device_works_too():
         await guest.mask(5)
         host.fire(5)
         assert await guest.pba_bits() == 1 << 5
+
+
+async def test_two_vmsix_devices_get_separate_remap_blocks():
+    sim = SimHypervisor()
+    argv = ["-m", "128M", "-s", "0:0,hostbridge", "-s", f"{SLOT},passthru,sim:4,vmsix_on_msi",
+            "-s", "6,passthru,sim:8,vmsix_on_msi", "vm1"]
+    async with running(argv, hypervisor=sim) as vm:
+        a, b = LinuxGuest(sim, SLOT), LinuxGuest(sim, 6)
+        await a.probe()
+        await b.probe()
+        assert await a.alloc_irq_vectors(1, 32) == 4
+        msgs_b = [(0xFEE0_0000, 0x80 + k) for k in range(8)]
+        assert await b.alloc_irq_vectors(1, 32, msgs_b) == 8
+        ha, hb = vm.passthrough(SLOT).host, vm.passthrough(6).host
+        base_a = decode_remappable(*ha.msi.message())
+        base_b = decode_remappable(*hb.msi.message())
+        assert {base_a, base_a + 3}.isdisjoint(range(base_b, base_b + 8))
+        hb.fire(7)
+        ha.fire(3)
+        with trio.fail_after(5):
+            assert [await sim.next_msi(), await sim.next_msi()] == [msgs_b[7], guest_msg(3)]

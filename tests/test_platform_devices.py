@@ -153,12 +153,14 @@ async def test_cf9_reset_runs_the_acrn_sequence(tmp_path):
         sim.memory.write(0x200000, b"\xcc")  # the guest scribbles over its image
         sim.memory.write(0xF2400, b"XXXX")  # and over the RSDP
         mark = len(sim.calls)
+        pio_before = vm.server.stats["pio"]
         with trio.fail_after(5):
             await g.pio_write(0xCF9, 1, 0x06)  # the triggering request completes via CLEAR
             while vm.platform.power.resets == 0:
                 await trio.sleep(0.001)
         assert sim.calls[mark:] == ["pause_vm", "clear_vm_ioreq", "reset_vm", "set_vcpu_regs",
                                     "start_vm"]
+        assert vm.server.stats["pio"] == pio_before + 1  # the held write was served once
         assert sim.vcpu_regs[0].rip == 0x200000 + 12
         assert sim.memory.read(0x200000 + 12, 1) == b"\xf4"  # reloaded
         assert sim.memory.read(0xF2400, 8) == b"RSD PTR "  # tables rebuilt

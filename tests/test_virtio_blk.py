@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -258,30 +260,27 @@ async def test_write_cache_modes(mem, image):
         assert r.dev.writeback and not r.dev.features & VIRTIO_BLK_F_CONFIG_WCE
 
 
-async def test_many_requests_in_flight(mem, image):
+def _cache_miss(fd, views, offset):
+    raise BlockingIOError
+
+
+async def test_many_requests_in_flight(mem, image, monkeypatch):
     async with rig(mem, image) as r:
-        started = 0
         peak = 0
         real = blk._preadv_all
 
         def slow_preadv(fd, views, offset):
-            nonlocal started, peak
-            started += 1
+            nonlocal peak
             peak = max(peak, r.dev.limiter.borrowed_tokens)
-            import time
-
             time.sleep(0.05)
             real(fd, views, offset)
 
-        blk_pre = blk._preadv_all
-        blk._preadv_all = slow_preadv
-        try:
-            heads = [r.request(VIRTIO_BLK_T_IN, 8 * i, in_len=4096) for i in range(32)]
-            t0 = trio.current_time()
-            used = await wait_used(r.drv, 32)
-            elapsed = trio.current_time() - t0
-        finally:
-            blk._preadv_all = blk_pre
+        monkeypatch.setattr(blk, "_preadv_nowait", _cache_miss)  # as if nothing is cached
+        monkeypatch.setattr(blk, "_preadv_all", slow_preadv)
+        heads = [r.request(VIRTIO_BLK_T_IN, 8 * i, in_len=4096) for i in range(32)]
+        t0 = trio.current_time()
+        used = await wait_used(r.drv, 32)
+        elapsed = trio.current_time() - t0
         assert sorted(h for h, _ in used) == sorted(heads)
         assert peak > 4, f"only {peak} requests ran at once"
         assert elapsed < 32 * 0.05 / 4, f"32 reads took {elapsed:.2f}s: serialized"
@@ -289,6 +288,32 @@ async def test_many_requests_in_flight(mem, image):
             data = f.read(32 * 4096)
         for i, h in enumerate(heads):
             assert r.drv.written(h, 4096) == data[i * 4096 : (i + 1) * 4096]
+
+
+async def test_cached_reads_skip_the_thread_pool(mem, image, monkeypatch):
+    async with rig(mem, image + ",writeback") as r:
+        payload = os.urandom(4096)
+        # ext4 refuses buffered RWF_NOWAIT writes (EOPNOTSUPP): this one may use a thread
+        assert (await r.do(VIRTIO_BLK_T_OUT, 40, out=payload))[0] == VIRTIO_BLK_S_OK
+
+        def no_threads(*args):
+            raise AssertionError("went to a thread")
+
+        monkeypatch.setattr(blk, "_preadv_all", no_threads)
+        status, data, _ = await r.do(VIRTIO_BLK_T_IN, 40, in_len=4096)
+        assert (status, data) == (VIRTIO_BLK_S_OK, payload)
+
+
+async def test_file_system_without_nowait_falls_back(mem, image, monkeypatch):
+    async with rig(mem, image) as r:
+        def unsupported(fd, views, offset):
+            raise OSError(errno.EOPNOTSUPP, "no")
+
+        monkeypatch.setattr(blk, "_preadv_nowait", unsupported)
+        with open(image, "rb") as f:
+            want = f.read(512)
+        assert (await r.do(VIRTIO_BLK_T_IN, 0, in_len=512))[:2] == (VIRTIO_BLK_S_OK, want)
+        assert not r.dev._nowait_read
 
 
 async def test_reset_in_the_middle_of_io(mem, image):
@@ -299,8 +324,6 @@ async def test_reset_in_the_middle_of_io(mem, image):
 
         def slow_write(fd, views, offset, sync):
             trio.from_thread.run_sync(gate.set, trio_token=token)
-            import time
-
             time.sleep(0.1)
             real(fd, views, offset, sync)
 
@@ -377,3 +400,19 @@ def test_missing_image_is_a_config_error(tmp_path):
     odd.write_bytes(b"x" * 1000)
     with pytest.raises(ConfigError, match="multiple of 512"):
         VirtioBlk(parse_blk_options(str(odd)))
+
+
+async def test_multiqueue(mem, image):
+    dev = VirtioBlk(parse_blk_options("mq=2," + image))
+    assert dev.num_queues == 2 and struct.unpack_from("<H", dev.read_config(34, 2))[0] == 2
+    q0, q1 = MockDriver(mem, 0x100000, 64), MockDriver(mem, 0x600000, 64, index=1)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dev.run)
+            dev.activate(dev.device_features, [q0.queue(), q1.queue()], RecordingInterrupt())
+            head = q1.add_chain([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
+            dev.queue_notify(1)
+            assert await wait_used(q1, 1) == [(head, 513)]
+            nursery.cancel_scope.cancel()
+    finally:
+        dev.close()

@@ -142,3 +142,17 @@ def test_static_description():
     assert (ids.vendor_id, ids.legacy_device_id, ids.modern_device_id, ids.subsystem_id) == \
         (0x1AF4, 0x1005, 0x1044, 4)
     assert ids.subsystem_vendor(windows=True) == 0x1AF4  # only blk/net change it
+
+
+def test_create_device_by_emulation_name(tmp_path):
+    from devicemodel.virtio import DEVICE_MODULES, create_device
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    dev = create_device("virtio-blk", f"{img},ro")
+    try:
+        assert dev.name == "virtio-blk" and dev.pci_ids.legacy_device_id == 0x1001
+    finally:
+        dev.close()
+    assert create_device("virtio-rnd", "").pci_ids.class_code == 0x100000
+    assert set(DEVICE_MODULES) == {"virtio-blk", "virtio-net", "virtio-console", "virtio-rnd"}

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 
 from devicemodel.memory import MiB
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
+from devicemodel.virtio.console import VirtioConsole, parse_console_options
 from devicemodel.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
-from devicemodel.virtio.mock import GuardedMemory, RecordingInterrupt
+from devicemodel.virtio.mock import FakeTap, GuardedMemory, RecordingInterrupt
+from devicemodel.virtio.net import VirtioNet, parse_net_options
 from devicemodel.virtio.queue import (
     MAX_INDIRECT,
     VIRTQ_DESC_F_INDIRECT,
@@ -111,13 +113,21 @@ def changed_outside(before: list[bytes], allowed: list[tuple[int, int]]) -> list
     return bad
 
 
-def make_queue(r: dict) -> Virtqueue:
-    q = Virtqueue(MEM, 0, SIZE)
+def make_queue(r: dict, index: int = 0, max_size: int = SIZE) -> Virtqueue:
+    q = Virtqueue(MEM, index, max_size)
+    q.size = SIZE
     q.desc_addr, q.avail_addr, q.used_addr, q.ready = DESC, AVAIL, USED, True
     return q
 
 
-async def drive(dev, r: dict) -> RecordingInterrupt:
+def queues_for(dev, r: dict, hostile_index: int) -> list[Virtqueue]:
+    """The device's queues: the hostile ring at ``hostile_index``, the others not ready."""
+    qs = [Virtqueue(MEM, i, dev.queue_max_size(i)) for i in range(dev.num_queues)]
+    qs[hostile_index] = make_queue(r, hostile_index, dev.queue_max_size(hostile_index))
+    return qs
+
+
+async def drive(dev, r: dict, hostile_index: int = 0) -> RecordingInterrupt:
     irq = RecordingInterrupt()
     feats = dev.device_features & ~(
         (0 if r["event_idx"] else VIRTIO_F_RING_EVENT_IDX)
@@ -125,8 +135,8 @@ async def drive(dev, r: dict) -> RecordingInterrupt:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(dev.run)
-            dev.activate(feats, [make_queue(r)], irq)
-            dev.queue_notify(0)
+            dev.activate(feats, queues_for(dev, r, hostile_index), irq)
+            dev.queue_notify(hostile_index)
             while True:
                 await trio.testing.wait_all_tasks_blocked(0.001)
                 if dev.limiter.borrowed_tokens == 0:
@@ -136,10 +146,10 @@ async def drive(dev, r: dict) -> RecordingInterrupt:
     return irq
 
 
-def check(dev, r: dict) -> None:
+def check(dev, r: dict, hostile_index: int = 0) -> None:
     allowed = lay_out(r)
     before = MEM.snapshot()
-    irq = trio.run(drive, dev, r)
+    irq = trio.run(drive, dev, r, hostile_index)
     assert irq.reset_requests <= 1
     assert (irq.reset_requests == 1) == (dev.failure is not None)
     aliased = any(a < RING_AREA[1] and RING_AREA[0] < a + n for a, n in allowed[1:])
@@ -147,7 +157,7 @@ def check(dev, r: dict) -> None:
         assert changed_outside(before, allowed) == []
 
 
-COMMON = settings(max_examples=150, deadline=None,
+COMMON = settings(max_examples=100, deadline=None,
                   suppress_health_check=[HealthCheck.function_scoped_fixture,
                                          HealthCheck.too_slow])
 
@@ -194,3 +204,28 @@ def test_pop_never_raises_anything_else(r):
         for v in chain.readable + chain.writable:
             assert len(v) <= LOW
         q.add_used(chain.head, chain.writable_len)
+
+
+@COMMON
+@given(r=rings, rx=st.booleans(), frames=st.lists(st.binary(min_size=0, max_size=3000),
+                                                   max_size=4))
+def test_hostile_rings_vs_net(r, rx, frames):
+    tap = FakeTap()
+    dev = VirtioNet(parse_net_options("tap=faketap"), tap=tap)  # type: ignore[arg-type]
+    try:
+        for f in frames:
+            tap.host.send(f)
+        check(dev, r, 0 if rx else 1)
+    finally:
+        dev.close()
+
+
+@COMMON
+@given(r=rings, index=st.sampled_from([1, 3, 5]))
+def test_hostile_rings_vs_console(tmp_path_factory, r, index):
+    out = tmp_path_factory.mktemp("con") / "out"
+    dev = VirtioConsole(parse_console_options(f"@file:a={out},file:b={out}"))
+    try:
+        check(dev, r, index)
+    finally:
+        dev.close()

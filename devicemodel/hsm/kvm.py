@@ -241,7 +241,8 @@ class KvmHypervisor(Hypervisor):
         self._client_gone = False
         self._can_kick = False
         self._irqfd_gsi: dict[int, tuple[int, int, int]] = {}  # fd → (gsi, address, data)
-        self._ioeventfds: dict[IoEventFdReg, k.KvmIoeventfd] = {}
+        #: registration → its KVM_IOEVENTFD argument (None: matched in the HSM half only)
+        self._ioeventfds: dict[IoEventFdReg, k.KvmIoeventfd | None] = {}
         self._chips: list[k.KvmIrqchip] = []
         self._pit: k.KvmPitState2 | None = None
         self._undeliverable: set[int] = set()
@@ -457,8 +458,7 @@ class KvmHypervisor(Hypervisor):
                 raise HypervisorError(f"SET_VCPU_REGS: unknown register {name!r}",
                                       errno.EINVAL)
             setattr(kregs, name, value)
-        if regs.rsp or "rsp" not in regs.gprs:
-            kregs.rsp = regs.rsp
+        kregs.rsp = regs.gprs.get("rsp", regs.rsp)
         kregs.rip = regs.rip
         kregs.rflags = regs.rflags | 0x2
         ioctl(vc.fd, k.KVM_SET_REGS, kregs, "KVM_SET_REGS")
@@ -510,15 +510,14 @@ class KvmHypervisor(Hypervisor):
                     await trio.lowlevel.checkpoint()
                 return not self._client_gone
             try:
-                os.eventfd_read(self._efd)
-                continue
-            except BlockingIOError:
-                pass
-            try:
                 await trio.lowlevel.wait_readable(self._efd)
             except trio.ClosedResourceError:
                 return False  # the VM was destroyed under us
             waited = True
+            try:
+                os.eventfd_read(self._efd)  # drain before looking at the slots again
+            except BlockingIOError:
+                pass
 
     def destroy_ioreq_client(self) -> None:
         self._client = False
@@ -623,9 +622,10 @@ class KvmHypervisor(Hypervisor):
             if existing is None:
                 raise HypervisorError("IOEVENTFD: no such registration", errno.ENOENT)
             kreg = self._ioeventfds.pop(existing)
-            kreg.flags |= k.KVM_IOEVENTFD_FLAG_DEASSIGN
             self._dispatch.remove_ioeventfd(existing)
-            ioctl(self._vm_fd, k.KVM_IOEVENTFD, kreg, "KVM_IOEVENTFD")
+            if kreg is not None:
+                kreg.flags |= k.KVM_IOEVENTFD_FLAG_DEASSIGN
+                ioctl(self._vm_fd, k.KVM_IOEVENTFD, kreg, "KVM_IOEVENTFD")
             return
         if existing is not None:
             raise HypervisorError("IOEVENTFD: already registered", errno.EEXIST)
@@ -637,8 +637,18 @@ class KvmHypervisor(Hypervisor):
         if datamatch is not None:
             kreg.flags |= k.KVM_IOEVENTFD_FLAG_DATAMATCH
             kreg.datamatch = datamatch & _MASK[length]
-        ioctl(self._vm_fd, k.KVM_IOEVENTFD, kreg, "KVM_IOEVENTFD")
-        self._ioeventfds[reg] = kreg
+        try:
+            ioctl(self._vm_fd, k.KVM_IOEVENTFD, kreg, "KVM_IOEVENTFD")
+        except HypervisorError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            # KVM lets a wildcard collide with any data at the same address; ACRN does
+            # not: this one is matched in the HSM half only (the write exits to us)
+            log.debug("ioeventfd %#x: KVM refuses the overlap, matching in user space",
+                      address)
+            self._ioeventfds[reg] = None
+        else:
+            self._ioeventfds[reg] = kreg
         self._dispatch.add_ioeventfd(reg)
 
     def irqfd(self, fd: int, address: int, data: int, *, deassign: bool = False) -> None:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 FLAGS = ("keep_gsi", "no_reset", "d3hot_reset", "vmsix_on_msi")
 #: acrn-dm options we do not implement: refused by name rather than ignored
-UNSUPPORTED = ("enable_ptm", "romfile", "irq", "dsdt", "gpu")
+UNSUPPORTED = ("enable_ptm", "romfile", "dsdt", "gpu")
 PAGE = 4096
 #: command bits that reach the physical device (decode and bus mastering)
 CMD_FORWARDED = pc.CMD_IO | pc.CMD_MEM | pc.CMD_MASTER
@@ -66,6 +66,8 @@ class PassthruOptions:
         self.device = tokens[0]
         self.flags: set[str] = set()
         self.vmsix_bar: int | None = None
+        #: irq=<n>: the host IRQ of the INTx pin, instead of the device's INTLINE
+        self.irq: int | None = None
         i = 1
         while i < len(tokens):
             tok = tokens[i]
@@ -75,11 +77,18 @@ class PassthruOptions:
                 if tok == "vmsix_on_msi" and i + 1 < len(tokens) and tokens[i + 1].isdigit():
                     self.vmsix_bar = int(tokens[i + 1], 10)
                     i += 1
+            elif name == "irq":
+                value = tok.partition("=")[2]
+                if not value.isdigit() or int(value) > 255:
+                    raise ConfigError(f"-s {where},passthru: irq={value!r} is not an IRQ "
+                                      "number 0..255")
+                self.irq = int(value)
             elif name in UNSUPPORTED:
                 raise ConfigError(f"-s {where},passthru: option {name!r} is not supported")
             else:
                 raise ConfigError(
-                    f"-s {where},passthru: unknown option {tok!r}; known: {', '.join(FLAGS)}"
+                    f"-s {where},passthru: unknown option {tok!r}; known: "
+                    f"{', '.join(FLAGS)}, irq=<n>"
                 )
             i += 1
         if self.vmsix_bar is not None and not 0 <= self.vmsix_bar <= 5:
@@ -151,6 +160,11 @@ class Passthru(PciDevice):
         self._copy_config()
         self._declare_bars()
         self._setup_interrupts(ctx)
+        map_dma = getattr(host, "map_dma", None)
+        if not self.hv_owned and map_dma is not None:
+            # the device's DMA lands in guest RAM (ACRN's hypervisor does this itself)
+            for region in ctx.memory.regions:
+                map_dma(region.gpa, region.mm)
 
     # --- building the guest's view ------------------------------------------------------
     def _copy_config(self) -> None:
@@ -244,21 +258,24 @@ class Passthru(PciDevice):
             self._assign()
 
     def _assign(self) -> None:
+        """acrn-dm's order: ASSIGN_PCIDEV at device init, when BARs have their guest
+        values but INTx is not routed yet (INTLINE still 255); SET_PTDEV_INTR later, once
+        the pin has its vIOAPIC GSI (acrn-dm's vdev_phys_access after pci_lintr_route)."""
         assert self.ctx is not None and self.bdf is not None
         b, d, f = self.bdf
         virt_bdf = b << 8 | d << 3 | f
         bars = tuple(self.cfg.get32(pc.BAR0 + 4 * i) for i in range(6))
-        if self.intx is not None and self.intx.gsi is not None:
-            self.intx_assignment = PtdevIntx(
-                virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, virt_pin=self.intx.gsi,
-                phys_pin=self.host.legacy_irq(), is_pic_pin=False)
-            self.ctx.hv.set_ptdev_intr(self.intx_assignment)
         self.assignment = PciDevAssignment(
-            virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf,
-            intr_line=self.cfg.get8(pc.INT_LINE), intr_pin=self.cfg.get8(pc.INT_PIN),
-            bars=bars)
+            virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, intr_line=0xFF,
+            intr_pin=self.cfg.get8(pc.INT_PIN), bars=bars)
         self.ctx.hv.assign_pcidev(self.assignment)
         self._assigned = True
+        if self.intx is not None and self.intx.gsi is not None:
+            phys_pin = self.opts.irq if self.opts.irq is not None else self.host.legacy_irq()
+            self.intx_assignment = PtdevIntx(
+                virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, virt_pin=self.intx.gsi,
+                phys_pin=phys_pin, is_pic_pin=False)
+            self.ctx.hv.set_ptdev_intr(self.intx_assignment)
 
     # --- config space (sim/KVM: ours) ---------------------------------------------------
     def cfg_write(self, reg: int, size: int, value: int) -> None:

@@ -100,7 +100,8 @@ class HostPciDevice(ABC):
         return True
 
     def legacy_irq(self) -> int:
-        """The host IRQ of the device's INTx pin (SET_PTDEV_INTR's phys_pin)."""
+        """The host IRQ of the device's INTx pin (SET_PTDEV_INTR's phys_pin): the INTLINE
+        register, as acrn-dm reads it (``irq=<n>`` overrides it)."""
         return self.config_read(pc.INT_LINE, 1)
 
     def connect_interrupts(self, sink: MessageSink | None) -> None:
@@ -351,7 +352,8 @@ class SimHostDevice(HostPciDevice):
         if index != 0 or size not in (1, 2, 4, 8) or not 0 <= offset <= SIM_BAR0_SIZE - size:
             return
         if offset == SIM_REG_FIRE:
-            self.fire(value & 0x1F)
+            if value < self.vectors:  # the doorbell ignores sources the device lacks
+                self.fire(value)
             return
         self.bar0[offset : offset + size] = (value & _ONES[size]).to_bytes(size, "little")
 

@@ -363,11 +363,6 @@ class SysfsHostDevice(HostPciDevice):
             return
         m[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
-    def legacy_irq(self) -> int:
-        """The kernel's IRQ for the INTx pin (sysfs ``irq``; the INTLINE register may lie)."""
-        text = self.sysfs.read(self.name, "irq")
-        return int(text) if text and text.isdigit() else super().legacy_irq()
-
     @property
     def can_reset(self) -> bool:
         return self.sysfs.has_attr(self.name, "reset")

@@ -66,6 +66,7 @@ MAX_PORTS = 16  # acrn-dm's VIRTIO_CONSOLE_MAXPORTS
 CONFIG_SIZE = 12  # cols, rows, max_nr_ports, emerg_wr
 CTRL_RX, CTRL_TX = 2, 3
 READ_CHUNK = 4096
+MAX_PENDING_CONTROL = 4 * MAX_PORTS + 16
 BACKENDS = ("stdio", "tty", "pty", "file", "socket")
 
 _CTRL = struct.Struct("<IHH")  # id, event, value
@@ -499,6 +500,9 @@ class VirtioConsole(VirtioDevice):
     # control ---------------------------------------------------------------------------
 
     def _control(self, pid: int, event: int, value: int, extra: bytes = b"") -> None:
+        if len(self._ctrl_out) >= MAX_PENDING_CONTROL:
+            self.glog.warning("%s: driver does not read control messages; dropping", self.name)
+            return  # a driver that asks and never reads must not grow our memory
         self._ctrl_out.append(_CTRL.pack(pid, event, value) + extra)
         self._ctrl_kick.set()
 
@@ -559,3 +563,8 @@ class VirtioConsole(VirtioDevice):
             self._send_host_open(port)
         elif event == VIRTIO_CONSOLE_PORT_OPEN:
             port.guest_open = bool(value)
+
+
+def create(options: str, slot: int = 0, func: int = 0) -> VirtioConsole:
+    """The ``-s <slot>,virtio-console,<options>`` device."""
+    return VirtioConsole(parse_console_options(options))

@@ -72,13 +72,28 @@ irqfd), ``notify_config()`` (transport: generation++, ISR bit 1 / config vector)
 interrupt). ``needs_reset`` is called at most once per activation, after which the device
 processes nothing until ``reset``. The transport may call ``notify_config`` itself too.
 
-Writing a device: subclass, give ``device_type``/``pci_ids``, call
+Building devices: ``devicemodel.virtio.create_device(emul, options, slot, func)`` (or
+``<module>.create(options, slot, func)``) parses acrn-dm's option string, raising
+``ConfigError`` that names the bad option; slot/func feed virtio-net's default MAC.
+The transport registers the ``-s`` names (``devicemodel.virtio.DEVICE_MODULES``).
+
+Transport checklist: create ``Virtqueue(memory, i, dev.queue_max_size(i))`` per queue;
+legacy PFN writes go through ``queue.legacy_ring_layout``; on DRIVER_OK call
+``activate``; on status 0 call ``dev.reset()`` then ``q.reset()`` for every queue; on
+``needs_reset`` set 0x40 and raise the config interrupt.
+
+Writing a device: subclass, give ``device_type``/``pci_ids``/``name``, call
 ``super().__init__(num_queues, queue_sizes, features, config_size)``, keep the config
-bytes in ``self.config``, and implement ``start_workers(nursery)`` which starts one task
-per queue (or per request). Workers use ``await self.wait_kick(q)`` to sleep until the
-driver adds buffers, ``self.signal(q)`` after adding used entries, and
-``await self.blocking(fn, *args)`` for blocking calls on the device's bounded thread pool.
-A ``VirtqueueError`` (or any other exception) escaping a worker stops this device only.
+bytes in ``self.config`` (``write_config`` to accept writes), and implement
+``start_workers(nursery)``, which starts this activation's tasks (typically one per ready
+queue). Hooks: ``on_activate()`` (synchronous, before workers start: e.g. header size
+from the features), ``on_reset()`` (restore defaults), ``close()``. Workers use
+``await self.wait_kick(q)`` to sleep until the driver adds buffers (it re-enables
+notifications and returns at once if buffers arrived meanwhile), ``self.signal(q)`` after
+a batch of ``q.add_used``, ``self.config_changed()`` after changing config bytes, and
+``await self.blocking(fn, *args)`` for blocking calls on the device's bounded thread pool
+(``self.limiter``). A ``VirtqueueError`` (or any other exception) escaping a worker stops
+this device only: ``failure`` is set and ``needs_reset`` is raised once.
 """
 
 from __future__ import annotations

@@ -348,3 +348,8 @@ class VirtioNet(VirtioDevice):
             remaining -= length
         self.rx_frames += 1
         return True
+
+
+def create(options: str, slot: int = 0, func: int = 0) -> VirtioNet:
+    """The ``-s <slot>,virtio-net,<options>`` device; slot/func seed the default MAC."""
+    return VirtioNet(parse_net_options(options, slot, func))

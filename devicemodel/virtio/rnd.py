@@ -106,3 +106,8 @@ class VirtioRnd(VirtioDevice):
                     break
             q.add_used(chain.head, n)
             self.signal(q)
+
+
+def create(options: str, slot: int = 0, func: int = 0) -> VirtioRnd:
+    """The ``-s <slot>,virtio-rnd[,<options>]`` device."""
+    return VirtioRnd(parse_rnd_options(options))

@@ -1,18 +1,25 @@
 /* Starts the second vCPU with INIT-SIPI-SIPI through the in-kernel LAPIC; the AP
- * reports its APIC id on port 0xe3 and both CPUs print over COM1. */
+ * reports its APIC id on port 0xe3.  Then both vCPUs write 0..N-1 to a port of their
+ * own (BSP 0xe6, AP 0xe7) at the same time: two request slots in flight at once. */
 #include "lib.h"
 
 #define LAPIC 0xfee00000u
 #define AP_PORT 0xe3
+#define BSP_LOOP 0xe6
+#define AP_LOOP 0xe7
+#define LOOP_N 200
 
 extern char ap_trampoline[], ap_trampoline_end[];
-static volatile int ap_up;
+static volatile int ap_up, ap_done;
 
 void ap_main(void)
 {
     uint32_t id = mmio_read32(LAPIC + 0x20) >> 24;
     outb(AP_PORT, (uint8_t)id);
     ap_up = 1;
+    for (uint32_t i = 0; i < LOOP_N; i++)
+        outb(AP_LOOP, (uint8_t)i);
+    ap_done = 1;
 }
 
 static void icr(uint32_t dest, uint32_t low)
@@ -37,5 +44,11 @@ int main(void)
         if (spins > 20000000u)
             return 0x50;
     puts("ap up\n");
+    for (uint32_t i = 0; i < LOOP_N; i++)
+        outb(BSP_LOOP, (uint8_t)i);
+    for (uint32_t spins = 0; !ap_done; spins++)
+        if (spins > 20000000u)
+            return 0x51;
+    puts("both loops done\n");
     return VERDICT_PASS;
 }
