@@ -3,8 +3,9 @@
 Each request is one JSON object on one line, ``{"cmd": "status", "id": 7}``; each gets one
 reply line, ``{"ok": true, "id": 7, "result": {...}}`` or ``{"ok": false, "error": "..."}``.
 Commands: help, status, pause, resume, poweroff [force], reset, blkrescan slot path,
-devices. acrn-dm's monitor speaks acrn-manager's binary messages; JSON is ours, but the
-commands are the ones acrn-dm's monitor and acrnctl offer.
+devices. acrn-dm HEAD's own dialect is answered too: ``{"command": "destroy"}`` and
+``{"command": "blkrescan", "arguments": "<slot>,<path>"}``, replied ``{"ack": 0|-1}``, and,
+as acrn-dm reads them, such requests may arrive without a newline, one object per write.
 
 The monitor is a control plane reachable by any local client with access to the socket
 (mode 0600): a malformed, oversized or unknown request gets an error reply and the
@@ -54,6 +55,17 @@ def command(name: str, doc: str) -> Callable[[Handler], Handler]:
         return fn
 
     return deco
+
+
+def _whole_object(buf: bytearray) -> bool:
+    """Whether ``buf`` already holds one complete JSON object (and nothing else)."""
+    text = bytes(buf).strip()
+    if not text.startswith(b"{") or not text.endswith(b"}") or len(text) > MAX_LINE:
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _json_safe(obj: Any) -> Any:
@@ -156,6 +168,9 @@ class Monitor:
             buf += data
             while True:
                 nl = buf.find(b"\n")
+                if nl < 0 and not discarding and _whole_object(buf):
+                    nl = len(buf)  # acrn-dm's clients send one object per write, no newline
+                    buf += b"\n"
                 if nl < 0:
                     if len(buf) > self.max_line:
                         if not discarding:
@@ -202,6 +217,8 @@ class Monitor:
             rid = req["id"]
             reply["id"] = rid if isinstance(rid, str | int | float | bool) or rid is None \
                 else str(rid)
+        if "cmd" not in req and "command" in req:
+            return await self._acrn_dm_request(req)
         cmd = req.get("cmd")
         entry = _COMMANDS.get(cmd) if isinstance(cmd, str) else None
         if entry is None:
@@ -226,6 +243,28 @@ class Monitor:
         if after is not None:
             reply["_after"] = after
         return reply
+
+    async def _acrn_dm_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """acrn-dm's own dialect (core/cmd_monitor): ``{"command": "destroy"}`` or
+        ``{"command": "blkrescan", "arguments": "<slot>,<path>"}``, answered ``{"ack": 0}``
+        on success and ``{"ack": -1}`` on failure, so its tools work against us too."""
+        command = req.get("command")
+        args = req.get("arguments", "")
+        ok: dict[str, Any] = {"ack": 0}
+        if command == "destroy":
+            lc = self.lifecycle
+            ok["_after"] = lambda: lc.request_poweroff("monitor destroy", force=True)
+            return ok
+        if command == "blkrescan" and isinstance(args, str):
+            slot, _, path = args.partition(",")
+            reply = await self.handle_line(json.dumps(
+                {"cmd": "blkrescan", "slot": slot, "path": path}).encode())
+            if reply.get("ok"):
+                return ok
+            log.warning("blkrescan %s: %s", args, reply.get("error"))
+            return {"ack": -1}
+        log.warning("acrn-dm monitor command %r is not supported", str(command)[:40])
+        return {"ack": -1}
 
     def _slot_arg(self, req: dict[str, Any]) -> tuple[str, Any]:
         slot = req.get("slot")

@@ -212,3 +212,20 @@ async def test_shutdown_with_a_request_in_flight_does_not_hang():
     assert outcome == ["gone"]
     assert sim.state == "destroyed"
     assert vm.state == "stopped"
+
+
+async def test_a_held_request_is_handled_once():
+    async with served(vcpus=2) as s:
+        dev = Recorder(answer=1)
+        s.ports.register(0x700, 1, dev)
+        s.server.hold_completion = True
+        async with trio.open_nursery() as n:
+            n.start_soon(s.sim.guest(0).pio_read, 0x700, 1)
+            while not s.server.held:
+                await trio.sleep(0.001)
+            # another vCPU's request makes the server scan again while vCPU 0 is held
+            s.server.hold_completion = False
+            s.ports.register(0x701, 1, Recorder(answer=2))
+            assert await s.sim.guest(1).pio_read(0x701, 1) == 2
+            assert len(dev.log) == 1
+            s.server.release_held()

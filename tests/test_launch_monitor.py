@@ -94,7 +94,8 @@ async def test_bad_requests_get_errors_and_the_connection_lives(tmp_path):
         assert unknown["id"] == "x" and unknown["ok"] is False
         assert "unknown command 'launch_missiles'" in unknown["error"]
         assert "status" in unknown["error"]  # the fix: the list of commands
-        assert "missing" in (await c.call({"command": "status"}))["error"]
+        assert "missing" in (await c.call({"verb": "status"}))["error"]
+        assert await c.call({"command": "status"}) == {"ack": -1}  # acrn-dm's dialect
         assert (await c.call({"cmd": 7}))["ok"] is False
         deep = await c.call("[" * 100000 + "]" * 100000)  # over the line limit
         assert "longer than" in deep["error"]
@@ -310,3 +311,27 @@ def test_any_line_gets_one_reply(line):
     assert isinstance(reply.get("ok"), bool)
     assert reply["ok"] or isinstance(reply.get("error"), str)
     json.dumps({k: v for k, v in reply.items() if not k.startswith("_")})
+
+
+async def test_acrn_dm_dialect(tmp_path):
+    """acrn-dm's own monitor protocol: one object per write, no newline, {"ack": 0|-1}."""
+    new = tmp_path / "new.img"
+    new.write_bytes(b"\0" * 512)
+    async with vm_with_monitor(tmp_path) as (vm, path), connect(path) as c:
+        blk = _add_fake(vm, 5, can_rescan=True)
+        await c.send_raw(json.dumps({"command": "blkrescan",
+                                     "arguments": f"5,{new}"}).encode())
+        assert await c.reply() == {"ack": 0}
+        assert blk.paths == [str(new)]
+        await c.send_raw(b'{"command": "blkrescan", "arguments": "9,/none"}')
+        assert await c.reply() == {"ack": -1}
+        await c.send_raw(b'{"command": "register_vm_event_client"}')
+        assert await c.reply() == {"ack": -1}
+        # a partial object waits for the rest, as a stream should
+        await c.send_raw(b'{"command": ')
+        await trio.sleep(0.05)
+        await c.send_raw(b'"destroy"}')
+        assert await c.reply() == {"ack": 0}
+        with trio.fail_after(10):
+            await vm.wait_stopped()
+        del vm.devices[(0, 5, 0)]

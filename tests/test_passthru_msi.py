@@ -4,8 +4,10 @@ by irqfd."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
+from devicemodel.config import ConfigError
 from devicemodel.hsm.sim import SimHypervisor
 from devicemodel.passthru.host import SimHostDevice
 from devicemodel.passthru.remap import (
@@ -139,3 +141,25 @@ async def test_sim_remapper_blocks_are_aligned_and_faults_are_recorded():
         ra.close()
         rb.close()
         assert sim.remap_table == {}
+
+
+class NoRemapHypervisor(SimHypervisor):
+    """A backend with neither a remap table nor eventfds."""
+
+    name = "plain"
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.remap_table
+
+    @property
+    def supports_eventfds(self) -> bool:
+        return False
+
+
+async def test_a_backend_without_remapping_refuses_vmsix_at_start():
+    argv = ["-m", "128M", "-s", f"{SLOT},passthru,sim:4,vmsix_on_msi", "vm1"]
+    with pytest.raises(ConfigError, match="vmsix_on_msi: the plain backend offers no "
+                                          "interrupt remapping"):
+        async with running(argv, hypervisor=NoRemapHypervisor()):
+            pass

@@ -93,6 +93,49 @@ async def test_cmos_memory_size_bytes(memsize, low, high):
         assert got_high == high
 
 
+async def test_rtc_update_and_periodic_interrupts_on_irq8():
+    sim = SimHypervisor()
+    async with running(["vm"], sim):
+        g = sim.guest()
+        assert await _cmos(g, 0x0C) == 0
+        await _cmos_write(g, 0x0B, 0x02 | 0x10)  # update-ended interrupt on
+        with trio.fail_after(3):
+            while sim.irqlines.get(8) != 1:
+                await trio.sleep(0.01)
+        assert await _cmos(g, 0x0C) & 0x90 == 0x90  # IRQF | UF; the read clears them
+        assert sim.irqlines[8] == 0
+        assert await _cmos(g, 0x0C) & 0x80 == 0
+        # periodic at 16 Hz (rate 12) instead
+        await _cmos_write(g, 0x0B, 0x02 | 0x40)
+        await _cmos_write(g, 0x0A, 0x20 | 12)
+        await _cmos(g, 0x0C)
+        start = trio.current_time()
+        ticks = 0
+        with trio.fail_after(3):
+            while ticks < 8:
+                if sim.irqlines.get(8) == 1:
+                    assert await _cmos(g, 0x0C) & 0xC0 == 0xC0
+                    ticks += 1
+                await trio.sleep(0.005)
+        assert 0.3 < trio.current_time() - start < 1.5
+
+
+async def test_rtc_alarm_interrupt():
+    sim = SimHypervisor()
+    async with running(["vm"], sim):
+        g = sim.guest()
+        await _cmos_write(g, 0x0B, 0x06)  # binary, 24 h
+        t = time.gmtime(time.time() + 2)
+        for reg, val in ((0x01, t.tm_sec), (0x03, 0xC0), (0x05, 0xFF)):  # sec; any min/hour
+            await _cmos_write(g, reg, val)
+        await _cmos_write(g, 0x0B, 0x06 | 0x20)
+        with trio.fail_after(5):
+            while sim.irqlines.get(8) != 1:
+                await trio.sleep(0.01)
+        assert await _cmos(g, 0x0C) & 0xA0 == 0xA0
+        assert abs(await _cmos(g, 0x00) - t.tm_sec) <= 1
+
+
 def test_rtc_nvram_and_read_only_registers():
     rtc = Rtc(256 * MiB, 0, clock=lambda: 0.0, monotonic=lambda: 5.0)
     rtc.write(0, 1, 0x40)

@@ -36,7 +36,7 @@ from ..pci.device import BarKind, PciDevice
 from ..pci.registry import register
 from .host import HostBar, HostPciDevice, PassthroughError, parse_sim_spec
 from .msi import PtMsi
-from .remap import remapper_for
+from .remap import remapper_for, remapping_missing
 from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible
 
 if TYPE_CHECKING:
@@ -212,6 +212,9 @@ class Passthru(PciDevice):
     def _setup_interrupts(self, ctx: VmContext) -> None:
         ids = {c.cap_id for c in self.capabilities}
         has_msi = bool(ids & {pcaps.CAP_ID_MSI, pcaps.CAP_ID_MSIX})
+        missing = None if self.hv_owned else remapping_missing(ctx)
+        if missing and "vmsix_on_msi" in self.opts.flags:
+            raise PassthroughError(f"passthru {self.host.name}: vmsix_on_msi: {missing}")
         if "vmsix_on_msi" in self.opts.flags:
             msi, bar = check_eligible(self.host, self.opts.vmsix_bar)
             if self.hv_owned:
@@ -227,7 +230,9 @@ class Passthru(PciDevice):
                                   on_write=self.vmsix.config_written)
         elif not self.hv_owned:
             msi = self.host.msi
-            if msi is not None:
+            if msi is not None and missing:
+                log.warning("passthru %s: MSI not forwarded: %s", self.host.name, missing)
+            elif msi is not None:
                 self.ptmsi = PtMsi(self.host, msi, self.cfg,
                                    lambda n: remapper_for(ctx, self.host, n))
                 self.watch_config(msi.offset, msi.regs.length,

@@ -194,6 +194,17 @@ class IrqfdRemapper(InterruptRemapper):
         self.fds = []
 
 
+def remapping_missing(ctx: VmContext) -> str | None:
+    """Why this backend cannot remap a passthrough device's MSI, or None if it can."""
+    hv = ctx.hv
+    if hasattr(hv, "remap_table") and hasattr(hv, "remap_msi"):
+        return None
+    if ctx.irq.supports_eventfds:
+        return None
+    return f"the {hv.name} backend offers no interrupt remapping (needs the sim remap " \
+        "table or irqfd)"
+
+
 def remapper_for(ctx: VmContext, host: HostPciDevice, count: int,
                  *, prefer: str | None = None) -> InterruptRemapper:
     """The remapper the backend offers: the sim's table, or irqfd routes."""
@@ -202,13 +213,10 @@ def remapper_for(ctx: VmContext, host: HostPciDevice, count: int,
         return SimRemapper(hv, host, count)  # type: ignore[arg-type]
     if ctx.irq.supports_eventfds:
         return IrqfdRemapper(ctx, host, count)
-    raise PassthroughError(
-        f"passthru {host.name}: the {hv.name} backend offers no interrupt remapping "
-        "(needs the sim remap table or irqfd)"
-    )
+    raise PassthroughError(f"passthru {host.name}: {remapping_missing(ctx)}")
 
 
 __all__ = [
     "InterruptRemapper", "IrqfdRemapper", "SimRemapper", "decode_remappable",
-    "remappable_address", "remapper_for",
+    "remappable_address", "remapper_for", "remapping_missing",
 ]

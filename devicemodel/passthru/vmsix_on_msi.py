@@ -124,12 +124,13 @@ class VmsixOnMsi:
         self.table = bytearray(self.entries * ENTRY_SIZE)
         self._routed = [False] * self.entries
         self._programmed = False
-        self._control = 0
         self._rl = RateLimitedLog(log)
         #: the device as found, to put back at teardown
         self._found: MsiState = msi.save()
         self._found_intx_disable = bool(host.config_read(pc.COMMAND, 2) & pc.CMD_INTX_DISABLE)
         self._install_capability()
+        #: Message Control as last seen, to tell which bits a guest write changed
+        self._control = self.control
         self._reset_table()
         self._sync_masks()
 

@@ -4,17 +4,24 @@ Time starts at the host's clock and then runs on the host's monotonic clock, so 
 that sets its RTC keeps that offset.  Date and time registers follow register B's format
 bits (BCD or binary, 12 or 24 hour).  The CMOS bytes report guest memory as acrn-dm fills
 them for firmware: 0x34/0x35 = 64 KiB units above 16 MiB below 4 GiB, 0x5B..0x5D = 64 KiB
-units above 4 GiB.  Alarm, periodic and update-ended interrupts (IRQ 8) are not
-generated: the flags in register C stay clear.
+units above 4 GiB.  Update-ended, alarm and periodic interrupts set register C's flags
+and raise IRQ 8 while an enabled flag is set (SET_HIGH, and SET_LOW once the guest reads
+register C, as acrn-dm drives it); ``run`` is the timer task behind them.
 """
 
 from __future__ import annotations
 
 import calendar
+import logging
 import time
 from collections.abc import Callable
 
+import trio
+
+from ..hsm import abi
 from ..memory import KiB, MiB
+
+log = logging.getLogger(__name__)
 
 RTC_INDEX_PORT = 0x70
 RTC_DATA_PORT = 0x71
@@ -27,7 +34,20 @@ LMEM_LSB, LMEM_MSB = 0x34, 0x35
 HMEM_LSB, HMEM_SB, HMEM_MSB = 0x5B, 0x5C, 0x5D
 
 REGA_UIP = 0x80
+REGA_DIVIDER = 0x70
+REGA_DIVIDER_ON = 0x20  # 32.768 kHz time base running
+REGA_RATE = 0x0F
 REGB_SET = 0x80  # updates halted while the guest sets the time
+REGB_PIE = 0x40
+REGB_AIE = 0x20
+REGB_UIE = 0x10
+REGC_IRQF = 0x80
+REGC_PF = 0x40
+REGC_AF = 0x20
+REGC_UF = 0x10
+RTC_IRQ = 8
+MAX_PERIODIC_HZ = 1024  # faster rates are delivered at this rate
+ALARM_SEC, ALARM_MIN, ALARM_HOUR = 0x01, 0x03, 0x05
 REGB_BINARY = 0x04
 REGB_24H = 0x02
 REGD_VRT = 0x80  # valid RAM and time
@@ -49,9 +69,13 @@ class Rtc:
 
     def __init__(self, lowmem: int, highmem: int,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 set_irqline: Callable[[int, int], None] | None = None) -> None:
         self._clock = clock
         self._monotonic = monotonic
+        self._set_irqline = set_irqline
+        self._irq = False
+        self._changed = trio.Event()
         self._lowmem = lowmem
         self._highmem = highmem
         self.reset()
@@ -74,6 +98,8 @@ class Rtc:
         self._base_mono = self._monotonic()
         self._halted_at: float | None = None
         self._store_time(self._base_rtc)
+        self._set_reg_c(0)
+        self._changed.set()
 
     # --- time -----------------------------------------------------------------------------
     def now(self) -> float:
@@ -155,7 +181,7 @@ class Rtc:
             return (self.cmos[REG_A] & 0x7F) | uip
         if idx == REG_C:
             value = self.cmos[REG_C]
-            self.cmos[REG_C] = 0
+            self._set_reg_c(0)
             return value
         return self.cmos[idx]
 
@@ -163,8 +189,11 @@ class Rtc:
         idx = self.index
         if idx == REG_A:
             self.cmos[REG_A] = value & 0x7F
+            self._changed.set()
         elif idx == REG_B:
             self._write_reg_b(value)
+            self._set_reg_c(self.cmos[REG_C])  # the enables changed: IRQF may follow
+            self._changed.set()
         elif idx in (REG_C, REG_D):
             return  # read-only
         elif idx in _TIME_REGS:
@@ -194,3 +223,70 @@ class Rtc:
             self._halted_at = None
         if (old ^ value) & (REGB_BINARY | REGB_24H) and self._halted_at is None:
             self._store_time(self.now())  # the format changed: re-encode the time
+
+    # --- interrupts ---------------------------------------------------------------------
+    def _set_reg_c(self, flags: int) -> None:
+        flags &= REGC_PF | REGC_AF | REGC_UF
+        enabled = self.cmos[REG_B] & (REGB_PIE | REGB_AIE | REGB_UIE)
+        irqf = bool(flags & enabled)  # UIE/AIE/PIE sit at the bits of UF/AF/PF
+        self.cmos[REG_C] = flags | (REGC_IRQF if irqf else 0)
+        if irqf != self._irq:
+            self._irq = irqf
+            if self._set_irqline is not None:
+                self._set_irqline(RTC_IRQ, abi.GSI_SET_HIGH if irqf else abi.GSI_SET_LOW)
+
+    def _running(self) -> bool:
+        return (self.cmos[REG_A] & REGA_DIVIDER) == REGA_DIVIDER_ON and self._halted_at is None
+
+    def periodic_hz(self) -> float | None:
+        """The periodic interrupt rate when enabled (32.768 kHz >> (rate - 1))."""
+        rate = self.cmos[REG_A] & REGA_RATE
+        if not self.cmos[REG_B] & REGB_PIE or not rate or not self._running():
+            return None
+        if rate <= 2:
+            rate += 7  # rates 1 and 2 alias 8 and 9 on a 32.768 kHz time base
+        return min(32768 >> (rate - 1), MAX_PERIODIC_HZ)
+
+    def _alarm_matches(self) -> bool:
+        c = self.cmos
+        return all(c[alarm] >= 0xC0 or c[alarm] == c[field]
+                   for alarm, field in ((ALARM_SEC, SEC), (ALARM_MIN, MIN), (ALARM_HOUR, HOUR)))
+
+    def second_passed(self) -> None:
+        """An update cycle ended: UF, and AF if the alarm matches the new time."""
+        if not self._running():
+            return
+        self._store_time(self.now())
+        flags = self.cmos[REG_C] | REGC_UF
+        if self._alarm_matches():
+            flags |= REGC_AF
+        self._set_reg_c(flags)
+
+    def periodic_tick(self) -> None:
+        self._set_reg_c(self.cmos[REG_C] | REGC_PF)
+
+    async def run(self) -> None:
+        """The update-ended and periodic timers (they only wake us when due)."""
+        next_periodic: float | None = None
+        cur_hz: float | None = None
+        while True:
+            self._changed = trio.Event()
+            now = self._monotonic()
+            hz = self.periodic_hz()
+            if hz != cur_hz or next_periodic is None:
+                cur_hz = hz
+                next_periodic = None if hz is None else now + 1.0 / hz
+            next_update = now + (1.0 - self.now() % 1.0) if self._running() else None
+            due = [d for d in (next_update, next_periodic) if d is not None]
+            with trio.move_on_after(max(0.0, min(due) - now) if due else 3600.0) as timer:
+                await self._changed.wait()
+            if not timer.cancelled_caught:
+                continue  # the guest changed a register: recompute the deadlines
+            now = self._monotonic()
+            if next_periodic is not None and cur_hz and now >= next_periodic - 1e-6:
+                self.periodic_tick()
+                next_periodic += 1.0 / cur_hz
+                if next_periodic < now:  # fell behind: ticks coalesce, as lost edges do
+                    next_periodic = now + 1.0 / cur_hz
+            if next_update is not None and now >= next_update - 1e-6:
+                self.second_passed()

@@ -11,6 +11,8 @@ import logging
 import struct
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ..hsm.base import VcpuRegs
 from ..reset import GuestPower
 from . import acpi
@@ -80,7 +82,8 @@ class Platform:
         self.tables: dict[int, bytes] = {}
         self.power = GuestPower(vm, self.reload, self.reset, self.flush_consoles)
         try:
-            self.rtc = Rtc(vm.memory.lowmem, vm.memory.highmem)
+            self.rtc = Rtc(vm.memory.lowmem, vm.memory.highmem,
+                           set_irqline=ctx.irq.set_irqline)
             ctx.ports.register(RTC_INDEX_PORT, 2, self.rtc, "rtc")
             self._ports.append(RTC_INDEX_PORT)
             self.pm = PowerManagement(ctx.irq.set_irqline, self._s5, self.power.request_reset)
@@ -172,7 +175,9 @@ class Platform:
             lpc.flush()
 
     async def run(self) -> None:
-        await self.power.serve()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.rtc.run)
+            nursery.start_soon(self.power.serve)
 
     def close(self) -> None:
         ctx = self.vm.ctx

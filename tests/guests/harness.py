@@ -1,9 +1,10 @@
 """Build the guest test programs and run them on the KVM backend inside a real Vm.
 
-Until the platform loaders land, a program is a flat binary linked at 1 MiB that we copy
-into guest RAM ourselves; the BSP starts there in 32-bit protected mode with flat 4 GiB
-segments and paging off (the state ACRN's ELF/multiboot loader sets up).  COM1 and the
-debugexit port are tiny test handlers here, so the tests depend only on the backend.
+``run_guest`` copies a flat binary (linked at 1 MiB) into guest RAM itself and starts the
+BSP there in 32-bit protected mode with flat 4 GiB segments and paging off (the state
+ACRN's ELF/multiboot loader sets up), with tiny test stand-ins for COM1 and debugexit:
+those tests then depend on the backend and the request path only.  ``build`` also keeps
+the ELF, so other tests can boot the same program through ``-E`` and the real platform.
 """
 
 from __future__ import annotations

@@ -1,0 +1,46 @@
+"""Settings shared by every fuzz target: how many examples, and a count of what ran.
+
+Short mode (CI): each test runs ``short`` examples, a few seconds at most. Long mode:
+``ACRN_PYDM_FUZZ_LONG=1`` runs 1,000,000 per test, ``ACRN_PYDM_FUZZ_EXAMPLES=N`` runs N.
+Each target bumps ``COUNTS[name]`` once per input, so the runner can report how many
+inputs really ran (hypothesis stops early when it has exhausted a small input space).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from hypothesis import HealthCheck, settings
+
+LONG_EXAMPLES = 1_000_000
+COUNTS: Counter[str] = Counter()
+
+
+def examples(short: int) -> int:
+    n = os.environ.get("ACRN_PYDM_FUZZ_EXAMPLES")
+    if n:
+        return int(n)
+    if os.environ.get("ACRN_PYDM_FUZZ_LONG"):
+        return LONG_EXAMPLES
+    return short
+
+
+def is_long() -> bool:
+    return examples(0) > 0
+
+
+def fuzz_settings(short: int = 50) -> settings:
+    """Hypothesis settings for one target; no example database in long mode (it would
+    grow without bound), and no health checks (targets build VMs in fixtures)."""
+    return settings(
+        max_examples=examples(short),
+        deadline=None,
+        database=None if is_long() else settings.default.database,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
+
+
+def count(name: str) -> None:
+    COUNTS[name] += 1

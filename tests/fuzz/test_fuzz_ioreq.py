@@ -1,0 +1,112 @@
+"""Request slots into the IoreqServer.
+
+1. ``tests/test_ioreq_fuzz.py``'s property (random slot bytes never break the server, it
+   completes exactly the slots it owns and never writes ``processed``), re-run here with
+   the fuzz settings so it gets a long mode.
+2. Well-formed-looking requests aimed at every range a real VM registers (all emulated
+   devices' BARs, platform ports, CF8/CFC-converted PCICFG, the ECAM window): no device
+   handler may raise (the server would hide it, answering all-ones: ``handler_error``
+   must stay 0), every read answers within its size, and a completed slot keeps state.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from devicemodel.hsm import abi
+from devicemodel.ioreq import IoreqServer, new_ioreq_page
+from tests import test_ioreq_fuzz as base
+
+from ._common import count, fuzz_settings
+from ._vm import build_vm, reset_vm
+
+_inner = base.test_random_slots_never_break_the_server.hypothesis.inner_test
+
+
+@fuzz_settings(100)
+@given(vcpu_num=st.integers(1, 16), slots=st.lists(base.slot, min_size=16, max_size=16))
+def test_random_slot_bytes(vcpu_num, slots):
+    count("ioreq.slot_bytes")
+    _inner(vcpu_num, slots)
+
+
+@pytest.fixture(scope="module")
+def vm():
+    vm, _ = build_vm()
+    yield vm
+    vm._release()
+
+
+def _targets(vm) -> list[tuple[int, int, int]]:
+    """(request type, base, length) of everything registered, plus holes around it."""
+    out = [(abi.IOREQ_TYPE_PORTIO, r.base, r.length) for r in vm.ports.ranges()]
+    out += [(abi.IOREQ_TYPE_MMIO, r.base, min(r.length, 0x10000)) for r in vm.mmio.ranges()]
+    out += [(abi.IOREQ_TYPE_PORTIO, 0xCF8, 8), (abi.IOREQ_TYPE_MMIO, 0x7FFF_F000, 0x2000),
+            (abi.IOREQ_TYPE_PORTIO, 0, 0x10000)]
+    return out
+
+
+op = st.tuples(
+    st.integers(0, 10_000),                      # which target (mod number of targets)
+    st.integers(0, 0xFFFF_FFFF),                 # offset inside it (mod length)
+    st.sampled_from([1, 2, 4, 8, 3, 0]),         # size
+    st.booleans(),                               # write?
+    st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 0xFF, 0xFFFF_FFFF])),
+    st.tuples(st.integers(0, 3), st.integers(0, 31), st.integers(0, 7),
+              st.one_of(st.integers(0, 0x100), st.integers(0, 0x1000))),
+    st.booleans(),                               # PCICFG instead of the target
+)
+
+
+class _Hv:
+    def __init__(self) -> None:
+        self.finished: list[int] = []
+
+    def notify_request_finish(self, vcpu: int) -> None:
+        self.finished.append(vcpu)
+
+
+@fuzz_settings(60)
+@given(ops=st.lists(op, min_size=1, max_size=40))
+def test_requests_into_every_device(vm, ops):
+    count("ioreq.devices")
+    reset_vm(vm)
+    targets = _targets(vm)
+    page_mm = new_ioreq_page()
+    page = memoryview(page_mm)
+    hv = _Hv()
+    server = IoreqServer(hv, page_mm, 1, vm.ports, vm.mmio, vm.pci)  # type: ignore[arg-type]
+    try:
+        for which, offset, size, write, value, bdfr, pcicfg in ops:
+            rtype, base_addr, length = targets[which % len(targets)]
+            addr = base_addr + offset % length
+            direction = abi.IOREQ_DIR_WRITE if write else abi.IOREQ_DIR_READ
+            if pcicfg:
+                rtype = abi.IOREQ_TYPE_PCICFG
+            page[0:256] = bytes(256)
+            struct.pack_into("<I", page, 0, rtype)
+            struct.pack_into("<IIQQQ", page, 64, direction, 0, addr, size, value)
+            if pcicfg:
+                struct.pack_into("<IIII", page, abi.SLOT_PCI_BDFR_OFF, *bdfr)
+                struct.pack_into("<I", page, 64 + 4, size)
+                struct.pack_into("<I", page, 64 + 8, value & 0xFFFF_FFFF)
+            struct.pack_into("<II", page, abi.SLOT_KERNEL_HANDLED_OFF, 0,
+                             abi.IOREQ_STATE_PROCESSING)
+            assert server.scan() == 1
+            assert hv.finished[-1] == 0
+            (state,) = struct.unpack_from("<I", page, abi.SLOT_PROCESSED_OFF)
+            assert state == abi.IOREQ_STATE_PROCESSING  # the DM never writes it
+            if not write:
+                wide = rtype == abi.IOREQ_TYPE_MMIO
+                (result,) = struct.unpack_from("<Q" if wide else "<I", page, abi.SLOT_VALUE_OFF)
+                if size in (1, 2, 4, 8):
+                    assert result < 1 << (8 * size)
+        assert server.stats["handler_error"] == 0, "a device handler raised"
+    finally:
+        server.page.release()
+        page.release()
+        page_mm.close()
