@@ -57,7 +57,8 @@ acrn-dm compatible options:
   --iasl (no iasl needed); refused: --enable_trusty --intr_monitor --acpidev_pt --mmiodev_pt
   --vtpm2 --lapic_pt --rtvm --ssram --pm_notify_channel -U
 our own:
-  --hv acrn|kvm|sim              hypervisor backend (default: acrn if /dev/acrn_hsm exists)
+  --hv acrn|kvm|sim              hypervisor backend (default: acrn with /dev/acrn_hsm,
+                                 else kvm where /dev/kvm works, else sim)
   --shutdown_timeout <s>         on SIGTERM, seconds the guest gets to power off (default 60)
 environment: ACRN_PYDM_RUNTIME_DIR (instance locks; default /run/acrn-pydm),
   ACRN_PYDM_LOG_DIR (disk logger; default /var/log/acrn-dm), NOTIFY_SOCKET, WATCHDOG_USEC
@@ -215,6 +216,12 @@ def _cmd_config(args: list[str]) -> int:
             return _error(f"{mode} takes one VM file, e.g. acrn-pydm config {mode} vm1.toml")
         try:
             cfg = load(rest[0], check_files=mode == "--check")
+            if mode == "--check":
+                from . import devices
+                from .pci.registry import known
+
+                devices.load_all()
+                check_emulations(cfg, known())
         except ConfigError as e:
             return _error(str(e))
         if mode == "--check":

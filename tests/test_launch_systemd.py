@@ -338,7 +338,7 @@ async def test_a_stalled_event_loop_stops_the_watchdog_pings(tmp_path):
             nursery.start_soon(sdnotify.watchdog, notifier, 0.02)
             await trio.sleep(0.2)
             stall_start = time.monotonic()
-            time.sleep(0.5)  # a device handler that blocks the loop
+            time.sleep(0.6)  # a device handler that blocks the loop
             stall_end = time.monotonic()
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
@@ -347,7 +347,8 @@ async def test_a_stalled_event_loop_stops_the_watchdog_pings(tmp_path):
         reader.join()
         listener.close()
         notifier.close()
-    during = [t for t in stamps if stall_start + 0.05 < t < stall_end]
+    # (a ping sent just before the stall may be read a little late by the thread)
+    during = [t for t in stamps if stall_start + 0.25 < t < stall_end]
     assert during == []
     assert sum(1 for t in stamps if t < stall_start) >= 4
     assert any(t > stall_end for t in stamps)  # and they resume with the loop

@@ -241,20 +241,52 @@ def test_real_resources_match_the_bar_registers():
                 assert reg & ~0xF == bar.base & 0xFFFF_FFF0
 
 
-@pytest.mark.skipif(not os.path.isdir("/sys/bus/pci/devices"), reason="no PCI in sysfs")
-async def test_a_device_bound_to_its_host_driver_is_refused_by_name():
-    name = next((n for n in real_devices() if Sysfs().driver(n) not in vfio.VFIO_FRIENDLY),
-                None)
-    if name is None:
-        pytest.skip("every PCI device here is already free")
+def bdf_arg(name: str) -> str:
     bus, rest = name.split(":")[1:]
     dev, func = rest.split(".")
-    bdf = f"{int(bus, 16):x}/{int(dev, 16):x}/{int(func, 16):x}"
+    return f"{int(bus, 16):x}/{int(dev, 16):x}/{int(func, 16):x}"
+
+
+def busy_real_device() -> str | None:
+    return next((n for n in real_devices() if Sysfs().driver(n) not in vfio.VFIO_FRIENDLY),
+                None)
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/bus/pci/devices"), reason="no PCI in sysfs")
+async def test_acrn_refuses_a_device_bound_to_its_host_driver_by_name():
+    from .test_acrn_backend import ASSIGN_PCIDEV, FakeHsm, new_hv
+
+    name = busy_real_device()
+    if name is None:
+        pytest.skip("every PCI device here is already free")
     drv = Sysfs().driver(name)
-    with pytest.raises(ConfigError, match=f"passthru {name}: bound to {drv}, needs vfio-pci"):
-        async with running(["-m", "128M", "-s", f"5,passthru,{bdf}", "vm1"],
-                           hypervisor=SimHypervisor()):
+    fake, hv = new_hv(FakeHsm(vcpu_num=1))
+    with pytest.raises(ConfigError,
+                       match=f"passthru {name}: bound to {drv}, needs pci-stub or vfio-pci"):
+        async with running(["-m", "128M", "-s", f"5,passthru,{bdf_arg(name)}", "vm1"],
+                           hypervisor=hv):
             pass
+    assert not [c for c in fake.calls if c[0] == ASSIGN_PCIDEV]
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/bus/pci/devices"), reason="no PCI in sysfs")
+async def test_sim_shows_a_real_device_without_touching_it():
+    name = busy_real_device() or real_devices()[-1]
+    config = Sysfs().device(name) / "config"
+    before = config.read_bytes()[:64]
+    sim = SimHypervisor()
+    async with running(["-m", "128M", "-s", f"5,passthru,{bdf_arg(name)}", "vm1"],
+                       hypervisor=sim) as vm:
+        g = sim.guest(0)
+        ids = await g.pci_cfg_read(0, 5, 0, 0, 4)
+        assert ids == int.from_bytes(before[:4], "little")  # the device's own IDs
+        host = vm.passthrough(5).host
+        assert host.read_only and not host.can_reset
+        await g.pci_cfg_write(0, 5, 0, 0x04, 2, 0x0000)  # would stop the real device
+        for off in range(0x40, 0x100, 4):
+            await g.pci_cfg_write(0, 5, 0, off, 4, 0xFFFF_FFFF)
+    after = config.read_bytes()[:64]
+    assert after[:6] == before[:6] and after[8:] == before[8:]  # status may move; rest not
 
 
 # --- VFIO ABI ---------------------------------------------------------------------------------
@@ -282,3 +314,56 @@ def test_vfio_ioctl_numbers_match_the_system_header(tmp_path):
                    vfio.VFIO_IOMMU_MAP_DMA, vfio.GROUP_STATUS.size, vfio.IRQ_SET_HDR.size,
                    vfio.DMA_MAP.size, vfio.VFIO_PCI_MSI_IRQ_INDEX,
                    vfio.VFIO_IRQ_SET_DATA_EVENTFD | vfio.VFIO_IRQ_SET_ACTION_TRIGGER]
+
+
+class KvmLike(SimHypervisor):
+    """A backend that owns config space and routes irqfds, like KVM (no sim remap table)."""
+
+    name = "kvm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.remap_table
+
+
+async def test_kvm_refuses_a_real_msix_device_but_takes_an_msi_one(tmp_path, monkeypatch):
+    from devicemodel.passthru import device as ptdev
+
+    tree = FakeTree(tmp_path)
+    tree.device(DEV, "vfio-pci", config=SimHostDevice(4, features=("msix",)).snapshot())
+    tree.device("0000:03:00.1", "vfio-pci")
+    opened = []
+
+    def fake_open(opts, slot, ctx):
+        if slot.dev == 5:
+            opened.append(SysfsHostDevice(Sysfs(tree.root), DEV, "7"))
+        else:  # sysfs only: no VFIO group to open in the fake tree
+            opened.append(SysfsHostDevice(Sysfs(tree.root), "0000:03:00.1"))
+        return opened[-1]
+
+    monkeypatch.setattr(ptdev, "open_host", fake_open)
+    with pytest.raises(ConfigError, match=f"passthru {DEV}: MSI-X devices are passed through "
+                                          "on the ACRN backend only"):
+        async with running(["-m", "128M", "-s", "5,passthru,3/0/0", "vm1"],
+                           hypervisor=KvmLike()):
+            pass
+    cfg = tree.pci / "devices" / "0000:03:00.1" / "config"
+    before = cfg.read_bytes()
+    async with running(["-m", "128M", "-s", "6,passthru,3/0/1,vmsix_on_msi,no_reset", "vm1"],
+                       hypervisor=KvmLike()) as vm:
+        dev = vm.passthrough(6)
+        assert dev.host.drives_hardware
+        assert dev.cfg.get8(0x50) == 0x11  # the vMSI-X view of a sysfs-backed device
+        assert cfg.read_bytes()[0x60:0x64] == b"\x0f\x00\x00\x00"  # all 4 vectors masked
+    assert cfg.read_bytes() == before  # and put back as found
+
+
+def test_missing_vfio_nodes_are_a_clean_error(tmp_path):
+    tree = FakeTree(tmp_path)
+    tree.device(DEV, "vfio-pci")
+    host = SysfsHostDevice(Sysfs(tree.root), DEV, "7")
+    try:
+        with pytest.raises(PassthroughError, match=f"passthru {DEV}: VFIO: .*/dev/vfio/vfio"):
+            host.message_eventfds([])
+    finally:
+        host.close()

@@ -98,11 +98,15 @@ async def test_tables_from_guest_memory_disassemble_and_checksum(tmp_path):
     assert 'EisaId ("PNP0A03")' in dsdt and "Device (ISA)" in dsdt
     assert "Device (COM1)" in dsdt and "Device (COM2)" in dsdt
     assert "0x03F8" in dsdt and "{4}" in dsdt and "0x02F8" in dsdt and "{3}" in dsdt
-    assert "_PRT" in dsdt
+    assert "Method (_PRT, 0" in dsdt and "If (PICM)" in dsdt  # APIC or PIC mode
+    assert "Method (_PIC, 1" in dsdt
     assert len(routes) == 2
     for r in routes:
         assert f"0x{(r.slot << 16) | 0xFFFF:08X}" in dsdt
         assert f"0x{r.gsi:02X}" in dsdt
+        assert f"\\_SB.PCI0.ISA.LNK{'ABCDEFGH'[r.pirq_pin - 1]}" in dsdt
+    assert dsdt.count('EisaId ("PNP0C0F")') == 8
+    assert "{5,6,7,9,10,11,12,14,15}" in dsdt  # COM1/COM2's IRQs 4 and 3 are not offered
 
 
 @needs_iasl
@@ -157,10 +161,11 @@ def test_dsdt_survives_an_iasl_round_trip(tmp_path):
     """Disassemble ours, compile that with iasl, disassemble again: the same ASL."""
     cfg = acpi.AcpiConfig(lapic_ids=[0, 1], lpc_slot=(1, 0),
                           com_ports=[acpi.ComDevice("COM1", 0x3F8, 4)],
-                          prt=[acpi.PrtEntry(3, 1, 16), acpi.PrtEntry(4, 2, 17)])
+                          prt=[acpi.PrtEntry(3, 1, 16, 1), acpi.PrtEntry(4, 2, 17, 2)])
     first = iasl_disassemble("DSDT", acpi.build_dsdt(cfg), tmp_path)
-    proc = subprocess.run([IASL, "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    # -on: keep our absolute name paths (iasl would shorten them)
+    proc = subprocess.run([IASL, "-on", "-p", "again", "dsdt.dsl"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     second = iasl_disassemble("again", (tmp_path / "again.aml").read_bytes(), tmp_path)
 

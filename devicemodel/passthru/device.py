@@ -127,9 +127,13 @@ def open_host(opts: PassthruOptions, slot: SlotConfig, ctx: VmContext) -> HostPc
         return parse_sim_spec(opts.device, 0xFE00 | slot.dev << 3 | slot.func)
     from .vfio import open_sysfs_host
 
-    acrn = ctx.hv.emulates_passthrough_config
-    return open_sysfs_host(opts.sysfs_name, drivers=("pci-stub", "vfio-pci") if acrn
-                           else ("vfio-pci",))
+    if ctx.hv.emulates_passthrough_config:  # ACRN: the hypervisor takes it from pci-stub
+        return open_sysfs_host(opts.sysfs_name, drivers=("pci-stub", "vfio-pci"))
+    if hasattr(ctx.hv, "remap_table"):
+        # the sim backend cannot take a real device's interrupts or DMA: show its guest
+        # view (acrn-pydm lspci) without ever writing to it
+        return open_sysfs_host(opts.sysfs_name, drivers=None)
+    return open_sysfs_host(opts.sysfs_name, drivers=("vfio-pci",))
 
 
 class Passthru(PciDevice):
@@ -213,6 +217,13 @@ class Passthru(PciDevice):
         ids = {c.cap_id for c in self.capabilities}
         has_msi = bool(ids & {pcaps.CAP_ID_MSI, pcaps.CAP_ID_MSIX})
         missing = None if self.hv_owned else remapping_missing(ctx)
+        if pcaps.CAP_ID_MSIX in ids and not self.hv_owned and self.host.drives_hardware:
+            # its table would take guest addresses straight into the hardware
+            raise PassthroughError(
+                f"passthru {self.host.name}: MSI-X devices are passed through on the ACRN "
+                f"backend only (its hypervisor virtualizes the table); the {ctx.hv.name} "
+                "backend passes through MSI devices"
+            )
         if missing and "vmsix_on_msi" in self.opts.flags:
             raise PassthroughError(f"passthru {self.host.name}: vmsix_on_msi: {missing}")
         if "vmsix_on_msi" in self.opts.flags:

@@ -81,6 +81,11 @@ class HostPciDevice(ABC):
     def config_size(self) -> int:
         return pc.STD_SIZE
 
+    @property
+    def drives_hardware(self) -> bool:
+        """True when writes reach a real device (not a simulation, not a preview)."""
+        return False
+
     @abstractmethod
     def bars(self) -> list[HostBar]: ...
 

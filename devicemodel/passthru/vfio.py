@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import struct
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .host import HostBar, HostPciDevice, PassthroughError
+
+log = logging.getLogger(__name__)
 
 # resource flags (include/linux/ioport.h)
 IORESOURCE_IO = 0x100
@@ -125,6 +128,12 @@ class Sysfs:
                 skip = wide and index < 5
         return bars
 
+    def vfio_node(self, leaf: str) -> str:
+        """/dev/vfio/<leaf> (next to a fake root's ``sys``, for tests)."""
+        if self.root == Path("/sys"):
+            return f"/dev/vfio/{leaf}"
+        return str(self.root.parent / "dev" / "vfio" / leaf)
+
     def has_attr(self, name: str, attr: str) -> bool:
         return (self.device(name) / attr).exists()
 
@@ -218,8 +227,7 @@ def check_assignable(sysfs: Sysfs, name: str, drivers: tuple[str, ...] = ("vfio-
                 f"{who}: IOMMU group {group} is not viable: {other} in the same group is "
                 f"bound to {odrv}; bind every device of the group to vfio-pci"
             )
-    node = str(sysfs.root.parent / "dev" / "vfio" / group) if sysfs.root != Path("/sys") \
-        else f"/dev/vfio/{group}"
+    node = sysfs.vfio_node(group)
     try:
         fd = opener(node, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -285,22 +293,34 @@ def bind(sysfs: Sysfs, name: str, driver: str = "vfio-pci") -> Binding:
 class SysfsHostDevice(HostPciDevice):
     """A real function: config space through sysfs ``config``, BARs through
     ``resourceN``, reset through ``reset``; VFIO (group, container, device fd) when it is
-    bound to vfio-pci, for DMA mapping and per-message eventfds."""
+    bound to vfio-pci, for DMA mapping and per-message eventfds.
 
-    def __init__(self, sysfs: Sysfs, name: str, group: str | None = None) -> None:
+    ``read_only`` (the sim backend: nothing there can take the device's interrupts or DMA)
+    never writes to the device: config writes, resets and BAR accesses are dropped, so a
+    preview such as ``acrn-pydm lspci`` can show a real device's guest view safely.
+    """
+
+    def __init__(self, sysfs: Sysfs, name: str, group: str | None = None, *,
+                 read_only: bool = False) -> None:
         self.sysfs = sysfs
         self.name = name
         bus, devfn = name.split(":")[1:]
         dev, func = devfn.split(".")
         self.phys_bdf = int(bus, 16) << 8 | int(dev, 16) << 3 | int(func, 16)
         self.group = group
+        self.read_only = read_only
         path = sysfs.device(name) / "config"
+        self._writable = False
         try:
-            self._cfg_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            self._writable = True
-        except PermissionError:
-            self._cfg_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self._writable = False
+            if not read_only:
+                try:
+                    self._cfg_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                    self._writable = True
+                except PermissionError:
+                    log.warning("passthru %s: %s is read-only to us (run as root); the "
+                                "device will not be programmed", name, path)
+            if not self._writable:
+                self._cfg_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise PassthroughError(f"passthru {name}: cannot open {path}: {e.strerror}") from None
         self._size = os.fstat(self._cfg_fd).st_size or 256
@@ -312,6 +332,10 @@ class SysfsHostDevice(HostPciDevice):
     @property
     def config_size(self) -> int:
         return min(self._size, 4096)
+
+    @property
+    def drives_hardware(self) -> bool:
+        return self._writable
 
     def config_read(self, off: int, size: int) -> int:
         if size not in (1, 2, 4) or off < 0 or off + size > self.config_size:
@@ -325,8 +349,7 @@ class SysfsHostDevice(HostPciDevice):
         if size not in (1, 2, 4) or off < 0 or off + size > self.config_size:
             return
         if not self._writable:
-            raise PassthroughError(f"passthru {self.name}: config space is read-only to us "
-                                   "(run as root)")
+            return  # read-only: a guest write must never fail (nor reach the device)
         os.pwrite(self._cfg_fd, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"),
                   off)
 
@@ -335,7 +358,7 @@ class SysfsHostDevice(HostPciDevice):
 
     def _map(self, index: int) -> mmap.mmap | None:
         m = self._maps.get(index)
-        if m is None:
+        if m is None and not self.read_only:
             bar = next((b for b in self._bars if b.index == index and b.kind != "io"), None)
             if bar is None:
                 return None
@@ -365,7 +388,7 @@ class SysfsHostDevice(HostPciDevice):
 
     @property
     def can_reset(self) -> bool:
-        return self.sysfs.has_attr(self.name, "reset")
+        return not self.read_only and self.sysfs.has_attr(self.name, "reset")
 
     def reset(self) -> bool:
         if not self.can_reset:
@@ -378,10 +401,13 @@ class SysfsHostDevice(HostPciDevice):
         """Container + group + device fd (the device must be bound to vfio-pci)."""
         if self._vfio or self.group is None:
             return
-        container = os.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)
-        fds = [container]
+        fds: list[int] = []
+        node = self.sysfs.vfio_node("vfio")
         try:
-            group = os.open(f"/dev/vfio/{self.group}", os.O_RDWR | os.O_CLOEXEC)
+            container = os.open(node, os.O_RDWR | os.O_CLOEXEC)
+            fds.append(container)
+            node = self.sysfs.vfio_node(self.group)
+            group = os.open(node, os.O_RDWR | os.O_CLOEXEC)
             fds.append(group)
             status = bytearray(GROUP_STATUS.pack(GROUP_STATUS.size, 0))
             fcntl.ioctl(group, VFIO_GROUP_GET_STATUS, status)
@@ -392,14 +418,19 @@ class SysfsHostDevice(HostPciDevice):
             fcntl.ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)
             fds.append(fcntl.ioctl(group, VFIO_GROUP_GET_DEVICE_FD,
                                    self.name.encode() + b"\0"))
-        except BaseException:
+        except BaseException as e:
             for fd in reversed(fds):
                 os.close(fd)
+            if isinstance(e, OSError):
+                raise PassthroughError(f"passthru {self.name}: VFIO: {node}: "
+                                       f"{e.strerror or e}") from None
             raise
         self._vfio = fds
 
     def map_dma(self, iova: int, backing: mmap.mmap) -> None:
         """Let the device DMA into guest RAM ``backing`` at guest address ``iova``."""
+        if self.read_only or self.group is None:
+            return
         self.open_vfio()
         vaddr = ctypes.addressof(ctypes.c_char.from_buffer(backing))
         arg = DMA_MAP.pack(DMA_MAP.size, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
@@ -435,12 +466,17 @@ class SysfsHostDevice(HostPciDevice):
             self._cfg_fd = -1
 
 
-def open_sysfs_host(name: str, drivers: tuple[str, ...] = ("vfio-pci",), *,
+def open_sysfs_host(name: str, drivers: tuple[str, ...] | None = ("vfio-pci",), *,
                     sysfs: Sysfs | None = None) -> SysfsHostDevice:
-    """Check the device and open it (the error says what is wrong and how to fix it)."""
+    """Check the device and open it (the error says what is wrong and how to fix it).
+    ``drivers=None`` opens it read-only, whatever its driver (a preview)."""
     sysfs = sysfs or Sysfs()
     if sysfs.root == Path("/sys") and sysfs.exists(name) and udev_device(name) is None:
         raise PassthroughError(f"passthru {name}: udev does not know this device")
+    if drivers is None:
+        if not sysfs.exists(name):
+            check_assignable(sysfs, name)  # the "no such device" message
+        return SysfsHostDevice(sysfs, name, None, read_only=True)
     group = check_assignable(sysfs, name, drivers)
     return SysfsHostDevice(sysfs, name, group)
 

@@ -44,6 +44,10 @@ IOAPIC_BASE = 0xFEC00000
 HPET_BASE = 0xFED00000
 HPET_SIZE = 0x400
 
+PIRQ_FIELDS = ("PIRA", "PIRB", "PIRC", "PIRD", "PIRE", "PIRF", "PIRG", "PIRH")
+PIRQ_PERMITTED = (3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15)
+PIRQ_DIS = 0x80
+ISA_PATH = "\\_SB.PCI0.ISA"
 PCI_IO_BASE = 0x2000  # acrn-dm's PCI_EMUL_IOBASE: the PIO BAR pool starts here
 PCI_MEM32 = (0x8000_0000, 0xE000_0000)
 PCI_MEM64 = (0x40_0000_0000, 0x80_0000_0000)
@@ -51,11 +55,13 @@ PCI_MEM64 = (0x40_0000_0000, 0x80_0000_0000)
 
 @dataclass(frozen=True)
 class PrtEntry:
-    """One INTx route: PCI slot, pin (1 = INTA .. 4 = INTD) → IOAPIC input (GSI)."""
+    """One INTx route: PCI slot, pin (1 = INTA .. 4 = INTD) → IOAPIC input (GSI), and the
+    PIRQ link (1..8 = LNKA..LNKH, 0 = none) that carries it in PIC mode."""
 
     slot: int
     pin: int
     gsi: int
+    pirq: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,8 @@ def _isa_bridge(cfg: AcpiConfig) -> bytes:
             (None, 4 * 8), ("PIRE", 8), ("PIRF", 8), ("PIRG", 8), ("PIRH", 8),
         ]),
     ]
+    if _pic_mode_routes(cfg):
+        terms += _pirq_links(cfg)
     for com in cfg.com_ports:
         uid = int(com.name[3:]) if com.name[3:].isdigit() else 0
         terms.append(_named_device(com.name, "PNP0501",
@@ -224,6 +232,70 @@ def _isa_bridge(cfg: AcpiConfig) -> bytes:
     return aml.device("ISA", *terms)
 
 
+def _pic_mode_routes(cfg: AcpiConfig) -> bool:
+    """PIC-mode routing needs the LPC bridge's PIRQ registers and links for every route."""
+    return cfg.lpc_slot is not None and bool(cfg.prt) and all(
+        1 <= e.pirq <= len(PIRQ_FIELDS) for e in cfg.prt)
+
+
+def _pirq_links(cfg: AcpiConfig) -> list[bytes]:
+    """LNKA..LNKH: PCI interrupt links over the PIRQ routing registers (PNP0C0F)."""
+    local0 = aml.LOCAL0
+    ret0 = aml.ret(aml.integer(0))
+    # PIRV (reg): does the routing register name a usable ISA IRQ?
+    pirv = aml.method(
+        "PIRV", 1,
+        aml.if_(aml.and_(aml.ARG0, aml.integer(PIRQ_DIS)), ret0),
+        aml.and_(aml.ARG0, aml.integer(0x0F), local0),
+        aml.if_(aml.lless(local0, aml.integer(3)), ret0),
+        aml.if_(aml.lequal(local0, aml.integer(8)), ret0),
+        aml.if_(aml.lequal(local0, aml.integer(13)), ret0),
+        aml.ret(aml.integer(1)),
+    )
+    taken = {com.irq for com in cfg.com_ports}
+    choices = [irq for irq in PIRQ_PERMITTED if irq not in taken]
+    links = [pirv]
+    for i, reg in enumerate(PIRQ_FIELDS):
+        letter = "ABCDEFGH"[i]
+        buf, cur, new = f"CB{i + 1:02d}", f"CIR{letter}", f"SIR{letter}"
+        reg_name = aml.name_string(reg)
+        links.append(aml.device(
+            f"LNK{letter}",
+            aml.name("_HID", aml.eisa_id("PNP0C0F")),
+            aml.name("_UID", aml.integer(i + 1)),
+            aml.method("_STA", 0,
+                       aml.if_(aml.call("PIRV", reg_name), aml.ret(aml.integer(0x0B))),
+                       aml.else_(aml.ret(aml.integer(0x09)))),
+            aml.name("_PRS", aml.resource_template(aml.res_irq(choices))),
+            aml.name(buf, aml.resource_template(aml.res_irq([]))),
+            aml.create_word_field(aml.name_string(buf), aml.integer(1), cur),
+            aml.method("_CRS", 0,
+                       aml.and_(reg_name, aml.integer(PIRQ_DIS | 0x0F), local0),
+                       aml.if_(aml.call("PIRV", local0),
+                               aml.shift_left(aml.integer(1), local0,
+                                              aml.name_string(cur))),
+                       aml.else_(aml.store(aml.integer(0), aml.name_string(cur))),
+                       aml.ret(aml.name_string(buf))),
+            aml.method("_DIS", 0, aml.store(aml.integer(PIRQ_DIS), reg_name)),
+            aml.method("_SRS", 1,
+                       aml.create_word_field(aml.ARG0, aml.integer(1), new),
+                       aml.find_set_right_bit(aml.name_string(new), local0),
+                       aml.store(aml.decrement(local0), reg_name)),
+        ))
+    return links
+
+
+def _prt_package(entries: list[PrtEntry], pic: bool) -> bytes:
+    rows = []
+    for e in sorted(entries, key=lambda e: (e.slot, e.pin)):
+        source = (aml.name_string(f"{ISA_PATH}.LNK{'ABCDEFGH'[e.pirq - 1]}") if pic
+                  else aml.integer(0))
+        index = aml.integer(0) if pic else aml.integer(e.gsi)
+        rows.append(aml.package([aml.integer((e.slot << 16) | 0xFFFF),
+                                 aml.integer(e.pin - 1), source, index]))
+    return aml.package(rows)
+
+
 def _pci_root(cfg: AcpiConfig) -> bytes:
     crs = aml.resource_template(
         aml.res_word_bus(0, 0),
@@ -239,13 +311,16 @@ def _pci_root(cfg: AcpiConfig) -> bytes:
         aml.name("_BBN", aml.integer(0)),
         aml.name("_CRS", crs),
     ]
-    if cfg.prt:
-        routes = [
-            aml.package([aml.integer((e.slot << 16) | 0xFFFF), aml.integer(e.pin - 1),
-                         aml.integer(0), aml.integer(e.gsi)])
-            for e in sorted(cfg.prt, key=lambda e: (e.slot, e.pin))
-        ]
-        terms.append(aml.name("_PRT", aml.package(routes)))
+    if cfg.prt and _pic_mode_routes(cfg):
+        # APIC mode (the OS called _PIC(1)): IOAPIC inputs; PIC mode: the PIRQ links
+        terms.append(aml.name("APRT", _prt_package(cfg.prt, pic=False)))
+        terms.append(aml.name("PPRT", _prt_package(cfg.prt, pic=True)))
+        terms.append(aml.method(
+            "_PRT", 0,
+            aml.if_(aml.name_string("PICM"), aml.ret(aml.name_string("APRT"))),
+            aml.else_(aml.ret(aml.name_string("PPRT")))))
+    elif cfg.prt:
+        terms.append(aml.name("_PRT", _prt_package(cfg.prt, pic=False)))
     if cfg.lpc_slot is not None:
         terms.append(_isa_bridge(cfg))
     if cfg.hpet is not None:

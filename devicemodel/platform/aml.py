@@ -33,6 +33,7 @@ IF_OP = 0xA0
 ELSE_OP = 0xA1
 ARG0 = b"\x68"
 LOCAL0 = b"\x60"
+NULL_TARGET = b"\x00"
 
 REGION_SYSTEM_MEMORY = 0x00
 REGION_SYSTEM_IO = 0x01
@@ -166,6 +167,39 @@ def else_(*terms: bytes) -> bytes:
     return _pkg(bytes([ELSE_OP]), b"".join(terms))
 
 
+def and_(a: bytes, b: bytes, target: bytes = NULL_TARGET) -> bytes:
+    return b"\x7b" + a + b + target
+
+
+def shift_left(a: bytes, b: bytes, target: bytes = NULL_TARGET) -> bytes:
+    return b"\x79" + a + b + target
+
+
+def lless(a: bytes, b: bytes) -> bytes:
+    return b"\x95" + a + b
+
+
+def lequal(a: bytes, b: bytes) -> bytes:
+    return b"\x93" + a + b
+
+
+def decrement(target: bytes) -> bytes:
+    return b"\x76" + target
+
+
+def find_set_right_bit(a: bytes, target: bytes = NULL_TARGET) -> bytes:
+    return b"\x82" + a + target
+
+
+def create_word_field(source: bytes, index: bytes, name_: str) -> bytes:
+    return b"\x8b" + source + index + name_string(name_)
+
+
+def call(method_: str, *args: bytes) -> bytes:
+    """Invoke a method defined earlier in the table (its arity fixes how args parse)."""
+    return name_string(method_) + b"".join(args)
+
+
 def op_region(name_: str, space: int, offset: int, length: int) -> bytes:
     return (bytes([EXT_PREFIX, OPREGION_OP]) + name_string(name_) + bytes([space])
             + integer(offset) + integer(length))
@@ -194,6 +228,16 @@ def res_irq_noflags(*irqs: int) -> bytes:
     for irq in irqs:
         mask |= 1 << irq
     return struct.pack("<BH", 0x22, mask)
+
+
+def res_irq(irqs: Iterable[int], *, level: bool = True, active_low: bool = True,
+            shared: bool = True) -> bytes:
+    """IRQ (Level|Edge, ActiveLow|ActiveHigh, Shared|Exclusive) {irqs}."""
+    mask = 0
+    for irq in irqs:
+        mask |= 1 << irq
+    flags = (0 if level else 0x01) | (0x08 if active_low else 0) | (0x10 if shared else 0)
+    return struct.pack("<BHB", 0x23, mask, flags)
 
 
 def res_memory32_fixed(base: int, length: int, writable: bool = True) -> bytes:

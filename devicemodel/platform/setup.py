@@ -124,7 +124,7 @@ class Platform:
         cfg = acpi.AcpiConfig(lapic_ids=guest_lapic_ids(vm))
         router: Any = getattr(vm.pci, "intx", None)
         if router is not None and hasattr(router, "routes"):
-            cfg.prt = [acpi.PrtEntry(r.slot, r.pin, r.gsi) for r in router.routes()
+            cfg.prt = [acpi.PrtEntry(r.slot, r.pin, r.gsi, r.pirq_pin) for r in router.routes()
                        if r.bus == 0]
         lpc = self.lpc
         if lpc is not None and lpc.slot is not None:
