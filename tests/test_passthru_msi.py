@@ -163,3 +163,28 @@ async def test_a_backend_without_remapping_refuses_vmsix_at_start():
                                           "interrupt remapping"):
         async with running(argv, hypervisor=NoRemapHypervisor()):
             pass
+
+
+async def test_a_remapper_that_fails_leaves_the_vectors_masked(monkeypatch):
+    from devicemodel.passthru import device as ptdev
+
+    def broken(*args, **kw):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(ptdev, "remapper_for", broken)
+    sim = SimHypervisor()
+    argv = ["-m", "128M", "-s", f"{SLOT},passthru,sim:4,vmsix_on_msi", "vm1"]
+    async with running(argv, hypervisor=sim) as vm:
+        g = sim.guest(0)
+        dev = vm.passthrough(SLOT)
+        await g.pci_cfg_write(0, SLOT, 0, 0x04, 2, 0x6)
+        await g.pci_cfg_write(0, SLOT, 0, MSI + 2, 2, 0x8000)
+        table = dev.bar(1).addr
+        await g.mmio_write(table, 4, 0xFEE0_0000)
+        await g.mmio_write(table + 8, 4, 0x41)
+        await g.mmio_write(table + 12, 4, 0)  # unmask: no remapper, so it stays masked
+        assert dev.host.msi.mask == 0b1111
+        dev.host.fire(0)
+        await trio.sleep(0)
+        assert sim.msis == []
+        assert await g.mmio_read(table + 0x800, 4) == 1  # held, and the guest can see it

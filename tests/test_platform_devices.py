@@ -9,10 +9,13 @@ import time
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devicemodel.hsm import abi
 from devicemodel.hsm.sim import SimHypervisor
 from devicemodel.memory import MiB
+from devicemodel.platform.pm import PowerManagement
 from devicemodel.platform.rtc import Rtc
 from devicemodel.vm import running
 
@@ -295,3 +298,42 @@ async def test_com_irqs_are_kept_off_pci_links(tmp_path):
         irqs = {r.irq for r in vm.pci.intx.routes()}
         assert not irqs & {3, 4}
         assert all(e.op != abi.GSI_RAISING_PULSE for e in sim.irqline_events)
+
+
+_accesses = st.lists(st.tuples(st.integers(0, 7), st.sampled_from([1, 2, 4]), st.booleans(),
+                               st.integers(0, 0xFFFF_FFFF)), max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_accesses)
+def test_any_rtc_access_sequence_is_safe(ops):
+    lines = []
+    rtc = Rtc(256 * MiB, 0, set_irqline=lambda gsi, op: lines.append((gsi, op)))
+    for port, size, write, value in ops:
+        value &= (1 << (8 * size)) - 1
+        if write:
+            rtc.write(port & 1, size, value)
+        else:
+            assert 0 <= rtc.read(port & 1, size) < 1 << (8 * size)
+        rtc.second_passed()
+        rtc.periodic_tick()
+        irqf = bool(rtc.cmos[0x0C] & 0x80)  # IRQ 8 is up exactly while IRQF is set
+        assert (lines[-1][1] == abi.GSI_SET_HIGH if lines else False) == irqf
+    assert all(gsi == 8 for gsi, _ in lines)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_accesses)
+def test_any_pm_access_sequence_is_safe(ops):
+    events = []
+    pm = PowerManagement(lambda gsi, op: events.append(("sci", gsi, op)),
+                         lambda: events.append(("off",)), lambda: events.append(("reset",)))
+    ports = [pm.status_port, pm.enable_port, pm.control_port, pm.smi_port, pm.reset_port]
+    for which, size, write, value in ops:
+        port = ports[which % len(ports)]
+        value &= (1 << (8 * size)) - 1
+        if write:
+            port.write(0, size, value)
+        else:
+            assert 0 <= port.read(0, size) < 1 << (8 * size)
+    assert all(e[0] in ("sci", "off", "reset") for e in events)

@@ -116,3 +116,11 @@ async def test_running_maps_guest_ram_and_orders_the_calls():
         "create_vm", "set_memseg", "create_ioreq_client", "start_vm",
         "pause_vm", "destroy_ioreq_client", "destroy_vm",
     ]
+
+
+async def test_one_handle_hosts_a_second_vm_after_destroy():
+    sim = SimHypervisor()
+    for _ in range(2):
+        async with running(["-m", "128M", "vm1"], hypervisor=sim) as vm:
+            vm.memory.write(0, b"x")
+            assert sim.memory.read(0, 1) == b"x"

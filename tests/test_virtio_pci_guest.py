@@ -23,8 +23,12 @@ import pytest
 import trio
 
 from devicemodel.hsm.sim import SimHypervisor
-from devicemodel.virtio.blk import VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN
-from devicemodel.virtio.blk import VIRTIO_BLK_T_OUT
+from devicemodel.virtio.blk import (
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
 from devicemodel.virtio.device import (
     STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,

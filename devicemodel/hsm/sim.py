@@ -141,6 +141,8 @@ class SimHypervisor(Hypervisor):
             raise HypervisorError("CREATE_VM: too many vCPUs", errno.EINVAL)
         self.vcpu_num = n
         self.vm_name = name
+        self.memory = MemoryMap()  # a new VM on this handle starts with no RAM mapped
+        self._client = False
         self.page = memoryview(ioreq_page)
         for v in range(abi.ACRN_IO_REQUEST_MAX):
             self._set_state(v, abi.IOREQ_STATE_FREE)

@@ -37,7 +37,7 @@ from ..pci.registry import register
 from .host import HostBar, HostPciDevice, PassthroughError, parse_sim_spec
 from .msi import PtMsi
 from .remap import remapper_for, remapping_missing
-from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible
+from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible, unused_bars
 
 if TYPE_CHECKING:
     from ..config import SlotConfig
@@ -224,9 +224,9 @@ class Passthru(PciDevice):
                 f"backend only (its hypervisor virtualizes the table); the {ctx.hv.name} "
                 "backend passes through MSI devices"
             )
-        if missing and "vmsix_on_msi" in self.opts.flags:
-            raise PassthroughError(f"passthru {self.host.name}: vmsix_on_msi: {missing}")
         if "vmsix_on_msi" in self.opts.flags:
+            if missing:
+                raise PassthroughError(f"passthru {self.host.name}: vmsix_on_msi: {missing}")
             msi, bar = check_eligible(self.host, self.opts.vmsix_bar)
             if self.hv_owned:
                 self._check_hv_bar(bar)
@@ -258,8 +258,6 @@ class Passthru(PciDevice):
                      "must use MSI", self.host.name, ctx.hv.name)
 
     def _check_hv_bar(self, bar: int) -> None:
-        from .vmsix_on_msi import unused_bars
-
         first = unused_bars(self.host.bars())[0]
         if bar != first:
             raise PassthroughError(

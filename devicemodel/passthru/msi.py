@@ -14,12 +14,16 @@ independent, so a guest that can use several messages gets them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from ..pci import caps as pcaps
 from ..pci import config as pc
+from ..ratelimit import RateLimitedLog
 from .host import HostMsi, HostPciDevice, MsiState
 from .remap import InterruptRemapper
+
+log = logging.getLogger(__name__)
 
 
 class PtMsi:
@@ -37,6 +41,7 @@ class PtMsi:
         self._found: MsiState = msi.save()
         self._found_intx_disable = bool(host.config_read(pc.COMMAND, 2) & pc.CMD_INTX_DISABLE)
         self._routes: dict[int, tuple[int, int]] = {}
+        self._rl = RateLimitedLog(log)
         self._install()
 
     def _install(self) -> None:
@@ -82,7 +87,11 @@ class PtMsi:
             return
         n = 1 << mme
         if self.remapper is None:
-            self.remapper = self._factory(self.msi.count)
+            try:
+                self.remapper = self._factory(self.msi.count)
+            except Exception as e:  # a guest write must not fail: MSI stays off
+                self._rl.warning("passthru %s: no interrupt remapping: %s", self.host.name, e)
+                return
         for k in range(self.msi.count):
             if k < n:
                 want = (address, (data & ~(n - 1)) | k)

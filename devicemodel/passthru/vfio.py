@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..ratelimit import RateLimitedLog
 from .host import HostBar, HostPciDevice, PassthroughError
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,7 @@ class SysfsHostDevice(HostPciDevice):
         self._maps: dict[int, mmap.mmap] = {}
         self._vfio: list[int] = []  # container, group, device fds
         self._msi_fds: list[int] | None = None
+        self._rl = RateLimitedLog(log)
 
     @property
     def config_size(self) -> int:
@@ -340,7 +342,11 @@ class SysfsHostDevice(HostPciDevice):
     def config_read(self, off: int, size: int) -> int:
         if size not in (1, 2, 4) or off < 0 or off + size > self.config_size:
             return (1 << (8 * size)) - 1 if size in (1, 2, 4) else 0xFFFF_FFFF
-        data = os.pread(self._cfg_fd, size, off)
+        try:
+            data = os.pread(self._cfg_fd, size, off)
+        except OSError as e:  # the device went away: read as absent hardware does
+            self._rl.warning("passthru %s: config read at %#x: %s", self.name, off, e)
+            return (1 << (8 * size)) - 1
         if len(data) != size:
             return (1 << (8 * size)) - 1
         return int.from_bytes(data, "little")
@@ -350,8 +356,11 @@ class SysfsHostDevice(HostPciDevice):
             return
         if not self._writable:
             return  # read-only: a guest write must never fail (nor reach the device)
-        os.pwrite(self._cfg_fd, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"),
-                  off)
+        try:
+            os.pwrite(self._cfg_fd, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"),
+                      off)
+        except OSError as e:
+            self._rl.warning("passthru %s: config write at %#x: %s", self.name, off, e)
 
     def bars(self) -> list[HostBar]:
         return list(self._bars)

@@ -145,7 +145,8 @@ class Rtc:
             fields = (year, self._dec(c[MONTH]), self._dec(c[DAY]), hour, self._dec(c[MIN]),
                       self._dec(c[SEC]))
             y, mo, d, h, mi, s = fields
-            if not (1 <= mo <= 12 and 1 <= d <= 31 and h < 24 and mi < 60 and s < 60):
+            if not (1970 <= y <= 9999 and 1 <= mo <= 12 and 1 <= d <= 31 and h < 24
+                    and mi < 60 and s < 60):
                 return None
             return float(calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)))
         except (ValueError, OverflowError):

@@ -383,9 +383,9 @@ class VirtioPci(PciDevice):
         self._drain_status = None
         old = self.status
         new = (value & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
-        if modern and new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
-            if not self._features_acceptable():
-                new &= ~STATUS_FEATURES_OK
+        if (modern and new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK
+                and not self._features_acceptable()):
+            new &= ~STATUS_FEATURES_OK
         self.status = new
         if new & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
             if modern and not new & STATUS_FEATURES_OK:
@@ -686,9 +686,8 @@ class VirtioPci(PciDevice):
             self._write_status(value, modern=False)
         elif offset == L_MSIX_CONFIG:
             self.config_vector = self._vector_value(value)
-        elif offset == L_MSIX_QUEUE:
-            if self.queue_sel < len(self.queues):
-                self.queue_vectors[self.queue_sel] = self._vector_value(value)
+        elif offset == L_MSIX_QUEUE and self.queue_sel < len(self.queues):
+            self.queue_vectors[self.queue_sel] = self._vector_value(value)
 
     def _legacy_set_pfn(self, pfn: int) -> None:
         q = self._sel()
