@@ -27,23 +27,13 @@ from .base import (
     VcpuRegs,
     VmInfo,
 )
+from .hsm_dispatch import PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA, HsmDispatcher, IoEventFdReg
 
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
-PCI_CONFIG_ADDRESS = 0xCF8
-PCI_CONFIG_DATA = 0xCFC
 
 
 class SimVmGone(Exception):
     """The VM was destroyed (or its client went away) while a guest access was in flight."""
-
-
-@dataclass
-class _IoEventFd:
-    fd: int
-    address: int
-    length: int
-    pio: bool
-    datamatch: int | None
 
 
 @dataclass
@@ -104,10 +94,8 @@ class SimHypervisor(Hypervisor):
         self._pending: set[int] = set()
         self._wake = trio.Event()
         self._running = trio.Event()
-        self._clearing = False
         self._vcpus: list[_Vcpu] = []
-        self._pci_conf_addr = 0
-        self._ioeventfds: list[_IoEventFd] = []
+        self.hsm = HsmDispatcher()
         self._irqfds: dict[int, _IrqFd] = {}
         self._nursery: trio.Nursery | None = None
         self._irqfd_queue: list[_IrqFd] = []
@@ -163,13 +151,13 @@ class SimHypervisor(Hypervisor):
             if irqfd.cancel:
                 irqfd.cancel.cancel()
         self._irqfds.clear()
-        self._ioeventfds.clear()
+        self.hsm = HsmDispatcher()
 
     def start_vm(self) -> None:
         self.calls.append("start_vm")
         self._need_vm()
         self.state = "running"
-        self._clearing = False
+        self.hsm.clearing = False
         self._running.set()
 
     def pause_vm(self) -> None:
@@ -185,7 +173,7 @@ class SimHypervisor(Hypervisor):
         for v in range(abi.ACRN_IO_REQUEST_MAX):
             self._set_state(v, abi.IOREQ_STATE_FREE)
         self._pending.clear()
-        self._pci_conf_addr = 0
+        self.hsm.reset()
 
     def set_vcpu_regs(self, vcpu_id: int, regs: VcpuRegs) -> None:
         self.calls.append("set_vcpu_regs")
@@ -232,7 +220,7 @@ class SimHypervisor(Hypervisor):
     def clear_vm_ioreq(self) -> None:
         self.calls.append("clear_vm_ioreq")
         self._need_vm()
-        self._clearing = True
+        self.hsm.clearing = True
         for vcpu in sorted(self._pending):
             self._complete(vcpu)
         self._pending.clear()
@@ -280,17 +268,23 @@ class SimHypervisor(Hypervisor):
     ) -> None:
         if length not in (1, 2, 4, 8) or address + length > 1 << 64:
             raise HypervisorError("IOEVENTFD: bad length or range", errno.EINVAL)
-        reg = _IoEventFd(fd, address, length, pio, datamatch)
+        reg = IoEventFdReg(fd, address, length, pio, datamatch)
+        existing = self.hsm.find_ioeventfd(reg)
         if deassign:
-            for i, r in enumerate(self._ioeventfds):
-                if (r.fd, r.address, r.pio, r.datamatch) == (fd, address, pio, datamatch):
-                    del self._ioeventfds[i]
-                    return
-            raise HypervisorError("IOEVENTFD: no such registration", errno.ENOENT)
-        for r in self._ioeventfds:
-            if (r.fd, r.address, r.pio, r.datamatch) == (fd, address, pio, datamatch):
-                raise HypervisorError("IOEVENTFD: already registered", errno.EEXIST)
-        self._ioeventfds.append(reg)
+            if existing is None:
+                raise HypervisorError("IOEVENTFD: no such registration", errno.ENOENT)
+            self.hsm.remove_ioeventfd(existing)
+            return
+        if existing is not None:
+            raise HypervisorError("IOEVENTFD: already registered", errno.EEXIST)
+        self.hsm.add_ioeventfd(reg)
+
+    @property
+    def ioeventfds(self) -> list[IoEventFdReg]:
+        """The ioeventfd registrations the device model made, in order."""
+        return list(self.hsm.ioeventfds)
+
+    _ioeventfds = ioeventfds
 
     def irqfd(self, fd: int, address: int, data: int, *, deassign: bool = False) -> None:
         if deassign:
@@ -431,59 +425,9 @@ class SimHypervisor(Hypervisor):
                       value: int) -> int | None:
         """Kernel-side handling. Returns a value if completed in the kernel, else None."""
         assert self.page is not None
-        page = self.page
-        off = abi.slot_offset(vcpu)
-        if self._clearing:
-            self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
-            return 0
-        if rtype == abi.IOREQ_TYPE_PORTIO and address == PCI_CONFIG_ADDRESS and size == 4:
-            if direction == abi.IOREQ_DIR_WRITE:
-                self._pci_conf_addr = value & 0xFFFF_FFFF
-            else:
-                abi.SLOT_U32.pack_into(page, off + abi.SLOT_VALUE_OFF, self._pci_conf_addr)
-            self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
-            return 0
-        if rtype == abi.IOREQ_TYPE_PORTIO and PCI_CONFIG_DATA <= address <= PCI_CONFIG_DATA + 3:
-            cf8 = self._pci_conf_addr
-            if not cf8 & 0x8000_0000:
-                if direction == abi.IOREQ_DIR_READ:
-                    abi.SLOT_U32.pack_into(page, off + abi.SLOT_VALUE_OFF, 0xFFFF_FFFF)
-                self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
-                return 0
-            # rewrite the slot in place as a PCICFG request
-            bus = (cf8 >> 16) & 0xFF
-            dev = (cf8 >> 11) & 0x1F
-            func = (cf8 >> 8) & 0x7
-            reg = (cf8 & 0xFC) + ((cf8 >> 16) & 0xF00) + (address - PCI_CONFIG_DATA)
-            abi.SLOT_U32.pack_into(page, off + abi.SLOT_TYPE_OFF, abi.IOREQ_TYPE_PCICFG)
-            struct_off = off + abi.SLOT_PCI_BDFR_OFF
-            for i, v in enumerate((bus, dev, func, reg)):
-                abi.SLOT_U32.pack_into(page, struct_off + 4 * i, v)
-            return None
-        if direction == abi.IOREQ_DIR_WRITE:
-            want_pio = rtype == abi.IOREQ_TYPE_PORTIO
-            for r in self._ioeventfds:
-                if (
-                    r.pio == want_pio
-                    and r.address == address
-                    and r.length >= size
-                    and (r.datamatch is None or r.datamatch == value)
-                ):
-                    try:
-                        os.eventfd_write(r.fd, 1)
-                    except OSError:
-                        pass
-                    self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
-                    return 0
-        else:
-            want_pio = rtype == abi.IOREQ_TYPE_PORTIO
-            for r in self._ioeventfds:
-                inside = r.address <= address and address + size <= r.address + r.length
-                if r.pio == want_pio and inside:
-                    abi.SLOT_U64.pack_into(page, off + abi.SLOT_VALUE_OFF, 0)
-                    self._set_state(vcpu, abi.IOREQ_STATE_COMPLETE)
-                    return 0
-        return None
+        done = self.hsm.dispatch(self.page, abi.slot_offset(vcpu), rtype, direction, address,
+                                 size, value)
+        return 0 if done else None
 
 
 class SimVcpu:
