@@ -99,7 +99,7 @@ def _encode(req: int, flags: int, payload: bytes, lie: bool) -> bytes:
     return struct.pack("=III", req & 0xFFFF_FFFF, flags, size) + payload
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_message, max_size=12), st.binary(max_size=64))
 async def test_backend_survives_any_message_stream(msgs: list, tail: bytes) -> None:
     dev = VirtioRnd()
@@ -112,7 +112,9 @@ async def test_backend_survives_any_message_stream(msgs: list, tail: bytes) -> N
             done = trio.Event()
 
             async def run() -> None:
-                await backend.serve(Connection(trio.socket.from_stdlib_socket(b)))
+                conn = Connection(trio.socket.from_stdlib_socket(b))
+                await backend.serve(conn)
+                conn.close()
                 done.set()
 
             nursery.start_soon(run)
@@ -151,7 +153,9 @@ async def test_malformed_mem_table_fds_do_not_leak_and_next_session_works() -> N
             done = trio.Event()
 
             async def run(sock: socket.socket = b, done: trio.Event = done) -> None:
-                await backend.serve(Connection(trio.socket.from_stdlib_socket(sock)))
+                conn = Connection(trio.socket.from_stdlib_socket(sock))
+                await backend.serve(conn)
+                conn.close()
                 done.set()
 
             nursery.start_soon(run)

@@ -309,3 +309,37 @@ def test_wrong_options_name_themselves(tmp_path: Path) -> None:
         vm = Vm(parse_args(["-s", slot, "vm1"]), SimHypervisor())
         with pytest.raises(ConfigError, match=word):
             vm.build()
+
+
+async def test_msix_direct_injection_without_irqfd() -> None:
+    async with vm_with("5,virtio-rnd,modern,no_irqfd") as (vm, sim, pci):
+        t: VirtioPci = vm.device(5)
+        drv = await VirtioPciDriver.probe(sim, pci, 5, legacy=False)
+        await _ready(drv, [0])
+        before = t.ctx.irq.msi_count
+        h = drv.queues[0].add_chain([], [16])
+        await drv.kick(0)
+        await drv.wait_msi(1)
+        assert await drv.wait_used(0) == [(h, 16)]
+        assert t.irqfd_sent == 0 and t.ctx.irq.msi_count == before + 1
+        assert not sim._irqfds
+
+
+async def test_vm_reset_returns_the_function_to_power_on(tmp_path: Path) -> None:
+    """The VM reset path (PciBus.reset): status 0, queues forgotten, MSI-X off, ioeventfds
+    gone; the guest can enumerate and drive the function from scratch."""
+    async with vm_with("5,virtio-rnd,modern") as (vm, sim, pci):
+        t: VirtioPci = vm.device(5)
+        drv = await VirtioPciDriver.probe(sim, pci, 5, legacy=False)
+        await _ready(drv, [0])
+        assert sim._ioeventfds and t.active
+        assert vm.pci is not None
+        vm.pci.reset()
+        assert not t.active and t.status == 0 and not t.queues[0].ready
+        assert not sim._ioeventfds and t.msix is not None and not t.msix.enabled
+        assert not sim._irqfds
+        drv2 = await VirtioPciDriver.probe(sim, pci, 5, legacy=False)
+        await _ready(drv2, [0])
+        h = drv2.queues[0].add_chain([], [16])
+        await drv2.kick(0)
+        assert await drv2.wait_used(0) == [(h, 16)]

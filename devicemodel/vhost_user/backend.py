@@ -154,20 +154,32 @@ class VhostUserBackend:
                 msg = await conn.receive()
             except Disconnected:
                 return
+            except (ProtocolError, OSError) as e:
+                log.warning("%s: dropping the front end: %s", self.device.name, e)
+                return
             try:
-                self.messages += 1
-                reply = await self._handle(msg)
+                await self._answer(conn, msg)
             except ProtocolError as e:
                 log.warning("%s: dropping the front end: %s", self.device.name, e)
-                if msg.header.need_reply and self._reply_ack:
-                    await conn.send(p.encode_u64(msg.header.request, 1))
                 return
-            finally:
-                msg.close()
-            if reply is not None:
-                await conn.send(reply)
-            elif msg.header.need_reply and self._reply_ack:
-                await conn.send(p.encode_u64(msg.header.request, 0))
+            except OSError as e:  # the front end hung up before reading our reply
+                log.warning("%s: front end gone: %s", self.device.name, e)
+                return
+
+    async def _answer(self, conn: Connection, msg: Message) -> None:
+        self.messages += 1
+        try:
+            reply = await self._handle(msg)
+        except ProtocolError:
+            if msg.header.need_reply and self._reply_ack:
+                await conn.send(p.encode_u64(msg.header.request, 1))
+            raise
+        finally:
+            msg.close()
+        if reply is not None:
+            await conn.send(reply)
+        elif msg.header.need_reply and self._reply_ack:
+            await conn.send(p.encode_u64(msg.header.request, 0))
 
     @property
     def _reply_ack(self) -> bool:

@@ -33,8 +33,9 @@ from __future__ import annotations
 import enum
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -343,10 +344,18 @@ class VirtioPci(PciDevice):
                 for i in range(len(self.queues)):
                     dev.queue_notify(i)
 
+    @property
+    def rescan(self) -> Callable[..., Any] | None:
+        """The device's image swap (the monitor's ``blkrescan``), if it has one."""
+        return getattr(self.device, "rescan", None)
+
     def reset(self) -> None:
         """VM reset: power-on config space and BARs, and the virtio device reset."""
         self._reset_device()
         self._drain_status = None
+        for v, route in enumerate(self._irq_routes):
+            if route is not None:  # the table goes back to all-masked: drop the routes
+                self._irqfd_deassign(v)
         super().reset()
 
     def close(self) -> None:
