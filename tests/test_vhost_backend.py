@@ -172,6 +172,27 @@ async def test_reconnect_starts_from_a_clean_slate(tmp_path: Path) -> None:
         assert not backend_state
 
 
+def _ram_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("memfd:guest-ram-low" in line for line in f)
+
+
+async def test_new_memory_table_while_running_keeps_the_ring_going(tmp_path: Path) -> None:
+    sock = tmp_path / "rnd.sock"
+    mem = GuestMemory(128 * MiB)
+    async with served(VirtioRnd(), sock), frontend(sock) as fe:
+        await fe.negotiate(NO_EVENT_IDX)
+        drv = await start(fe, mem)
+        drv.add_chain(writable=[8])
+        fe.kick_ring(0)
+        await fe.wait_call(0)
+        assert await fe.set_mem_table(mem) == 0  # e.g. after memory hot-plug
+        head = drv.add_chain(writable=[8])
+        fe.kick_ring(0)
+        await fe.wait_call(0)
+        assert drv.get_used()[-1] == (head, 8) and drv.used_idx() == 2
+
+
 async def test_backend_unmaps_memory_when_the_front_end_leaves() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     dev = VirtioRnd()
@@ -190,12 +211,15 @@ async def test_backend_unmaps_memory_when_the_front_end_leaves() -> None:
 
         nursery.start_soon(run_backend)
         await fe.negotiate(NO_EVENT_IDX)
+        assert _ram_mappings() == 1  # the front end's own
         assert await fe.set_mem_table(mem) == 0
         assert backend.mem is not None and backend.mem.total == mem.total
+        assert _ram_mappings() == 2  # ... and the back end's
         fe.close()
         with trio.fail_after(5):
             await done.wait()
         assert backend.mem is None and backend.features == 0
+        assert _ram_mappings() == 1
         nursery.cancel_scope.cancel()
 
 

@@ -343,3 +343,24 @@ async def test_vm_reset_returns_the_function_to_power_on(tmp_path: Path) -> None
         h = drv2.queues[0].add_chain([], [16])
         await drv2.kick(0)
         assert await drv2.wait_used(0) == [(h, 16)]
+
+
+async def test_modern_intx_and_isr_region() -> None:
+    """A modern driver that got no MSI-X (Linux's vp_find_vqs_intx): INTx, ISR at BAR4+0x1000,
+    read-to-clear; a config change shows as ISR bit 1."""
+    async with vm_with("5,virtio-rnd,modern") as (vm, sim, pci):
+        t: VirtioPci = vm.device(5)
+        drv = await VirtioPciDriver.probe(sim, pci, 5, legacy=False)
+        await _ready(drv, [0], msix=False)
+        gsi = t.intx.gsi
+        h = drv.queues[0].add_chain([], [8])
+        await drv.kick(0)
+        with trio.fail_after(5):
+            while sim.irqlines[gsi] != 0:
+                await trio.sleep(0.001)
+        assert await drv.read_isr() == 1 and sim.irqlines[gsi] == 1
+        assert await drv.wait_used(0) == [(h, 8)]
+        gen = await drv.common_read(21, 1)
+        t.device.config_changed()
+        assert sim.irqlines[gsi] == 0 and await drv.read_isr() == 2
+        assert await drv.common_read(21, 1) == (gen + 1) & 0xFF

@@ -24,7 +24,7 @@ import trio
 
 from ..memory import GuestMemoryError
 from ..ratelimit import RateLimitedLog
-from ..virtio.device import VirtioDevice
+from ..virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from ..virtio.queue import MAX_QUEUE_SIZE, Virtqueue
 from . import protocol as p
 from .connection import Connection, Disconnected, Message
@@ -168,6 +168,9 @@ class VhostUserBackend:
 
     async def _answer(self, conn: Connection, msg: Message) -> None:
         self.messages += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %d flags %#x size %d fds %d: %s", msg.header.request,
+                      msg.header.flags, msg.header.size, len(msg.fds), msg.payload.hex())
         try:
             reply = await self._handle(msg)
         except ProtocolError:
@@ -194,7 +197,9 @@ class VhostUserBackend:
 
     @property
     def offered_protocol_features(self) -> int:
-        config = 1 << p.PROTOCOL_F_CONFIG if self.device.config_size else 0
+        # Only a block front end reads config space from us: QEMU's virtio-net keeps its
+        # own (MAC, status) and its rng has none, and both warn about an unused CONFIG.
+        config = 1 << p.PROTOCOL_F_CONFIG if self.device.device_type == VIRTIO_ID_BLOCK else 0
         return PROTOCOL_FEATURES | config
 
     @property

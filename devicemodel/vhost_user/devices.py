@@ -15,9 +15,8 @@ from ..virtio.device import VirtioDevice
 
 @dataclass(frozen=True)
 class Kind:
+    #: the device module; its ``create(options)`` builds the device (as for ``-s``)
     module: str
-    parser: str
-    cls: str
     #: the back-end type of vhost-user.json (for --print-capabilities)
     vhost_type: str
     #: what QEMU attaches it with
@@ -25,14 +24,12 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "virtio-blk": Kind("devicemodel.virtio.blk", "parse_blk_options", "VirtioBlk", "block",
-                       "-device vhost-user-blk-pci"),
-    "virtio-net": Kind("devicemodel.virtio.net", "parse_net_options", "VirtioNet", "net",
+    "virtio-blk": Kind("devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci"),
+    "virtio-net": Kind("devicemodel.virtio.net", "net",
                        "-netdev vhost-user + -device virtio-net-pci"),
-    "virtio-console": Kind("devicemodel.virtio.console", "parse_console_options",
-                           "VirtioConsole", "console", "(no vhost-user console in QEMU 7.2)"),
-    "virtio-rnd": Kind("devicemodel.virtio.rnd", "parse_rnd_options", "VirtioRnd", "rng",
-                       "-device vhost-user-rng-pci"),
+    "virtio-console": Kind("devicemodel.virtio.console", "console",
+                           "(QEMU 7.2 has no vhost-user console device)"),
+    "virtio-rnd": Kind("devicemodel.virtio.rnd", "rng", "-device vhost-user-rng-pci"),
 }
 
 
@@ -52,5 +49,5 @@ def make_device(spec: str) -> VirtioDevice:
         module = importlib.import_module(kind.module)
     except ImportError:
         raise ConfigError(f"vhost-user: {emul} is not available in this build") from None
-    opts = getattr(module, kind.parser)(options)
-    return getattr(module, kind.cls)(opts)
+    device: VirtioDevice = module.create(options)
+    return device

@@ -17,7 +17,9 @@ one MSI message; INTx is always there as the last resort.
 
 Fast paths (design.md §2): when the backend offers eventfds, each queue's notify address
 is an ioeventfd (registered at DRIVER_OK with acrn-dm's address/len/datamatch, dropped at
-reset, moved with the BARs) that a task turns into ``queue_notify``; each MSI-X vector
+reset, moved with the BARs; where acrn-dm picks one notify address per queue we register
+every one the function has, so each interface a driver may use is fast) that a task turns
+into ``queue_notify``; each MSI-X vector
 is an irqfd carrying the entry's current address/data (re-registered when the guest
 rewrites the entry), used only while the vector is deliverable: masked vectors go the
 direct way, so the PBA keeps working. Both paths can be turned off per device
@@ -345,9 +347,12 @@ class VirtioPci(PciDevice):
                     dev.queue_notify(i)
 
     @property
-    def rescan(self) -> Callable[..., Any] | None:
-        """The device's image swap (the monitor's ``blkrescan``), if it has one."""
-        return getattr(self.device, "rescan", None)
+    def rescan(self) -> Callable[..., Any]:
+        """The device's image swap (the monitor's ``blkrescan``); absent if it has none."""
+        fn = getattr(self.device, "rescan", None)
+        if fn is None:
+            raise AttributeError(f"{self.name} cannot swap its backend")
+        return fn
 
     def reset(self) -> None:
         """VM reset: power-on config space and BARs, and the virtio device reset."""

@@ -1,0 +1,147 @@
+"""The command line (acrn-dm syntax), the device option strings and the TOML VM file.
+
+A bad command line or VM file must end in ``ConfigError`` (whose message names the
+problem), never in another exception; ``--help``/``--version`` raise their requests. A
+command line that parses survives a round trip through ``VmConfig.to_args`` and through
+TOML (``dumps`` → ``loads``) unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from devicemodel import tomlconfig
+from devicemodel.config import (
+    _LONG,
+    _SHORT,
+    ConfigError,
+    HelpRequested,
+    VersionRequested,
+    parse_args,
+)
+from devicemodel.virtio.blk import parse_blk_options
+from devicemodel.virtio.console import parse_console_options
+from devicemodel.virtio.net import parse_net_options
+from devicemodel.virtio.pci import split_transport_options
+from devicemodel.virtio.rnd import parse_rnd_options
+
+from ._common import count, fuzz_settings
+
+_TMP = tempfile.mkdtemp(prefix="acrn-fuzz-cfg-")
+KERNEL = os.path.join(_TMP, "bzImage")
+open(KERNEL, "wb").close()
+
+OPTIONS = sorted(_LONG) + [f"-{c}" for c in _SHORT] + ["--", "-", "--mem", "--virtio"]
+VALUES = [
+    "1G", "128M", "2048M", "0", "-1", "99999999999999G", "4k", "", " ", "vm1", "a" * 40,
+    "0:0,hostbridge", "3,virtio-blk,/nonexistent.img", "3,virtio-blk", "31,lpc", "2,dummy",
+    "3,virtio-rnd", "0:3:7,virtio-net,tap=t0", "255:31:7,dummy", "32,dummy", "1:2:3:4,dummy",
+    "3,virtio-console,@stdio:p0", "3,passthru,0/1/2", "com1,stdio", "com2,/dev/null", "com9,x",
+    "bootrom", "code=/x,vars=/y", "1,2,3", "0-3", "3-1", "10000", "ns", "1000ns", "sim",
+    "kvm", "acrn", "nope", "console=ttyS0", "enable_bar,log_level=6", "1.5", "nan", "inf",
+    KERNEL, "\x00", "é", "3,virtio-blk,,,", ",,,", "3,", ":,", "0x10,dummy",
+]
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+token = st.one_of(st.sampled_from(OPTIONS), st.sampled_from(VALUES), text,
+                  st.builds(lambda o, v: f"{o}={v}", st.sampled_from(sorted(_LONG)),
+                            st.sampled_from(VALUES)),
+                  st.builds(lambda o, v: o + v, st.sampled_from([f"-{c}" for c in _SHORT]),
+                            st.sampled_from(VALUES)))
+argvs = st.lists(token, max_size=14)
+
+CLEAN = (ConfigError, HelpRequested, VersionRequested)
+
+
+@fuzz_settings(300)
+@given(argv=argvs, check=st.booleans())
+def test_command_line(argv, check):
+    count("config.cmdline")
+    try:
+        cfg = parse_args(argv, check_files=check)
+    except CLEAN as e:
+        assert str(e) or isinstance(e, HelpRequested | VersionRequested)
+        return
+    again = parse_args(cfg.to_args(), check_files=False)
+    assert again.to_args() == cfg.to_args()
+    try:
+        text_ = tomlconfig.dumps(cfg)
+    except ConfigError:
+        return  # something the TOML schema cannot say; the message names it
+    back = tomlconfig.loads(text_, check_files=False)
+    assert back.to_args() == cfg.to_args()
+
+
+PARSERS = {
+    "blk": parse_blk_options,
+    "net": parse_net_options,
+    "console": parse_console_options,
+    "rnd": parse_rnd_options,
+    "transport": lambda t: split_transport_options("virtio-x", t),
+}
+opt_words = st.sampled_from([
+    "/nonexistent", "ro", "writethru", "writeback", "discard", "nocache", "range=1/2/3",
+    "logic_sector_size=512", "physical_sector_size=4096", "iothread=1", "tap=t0", "vhost",
+    "mac=00:16:3e:00:00:01", "mac=zz", "mac_seed=x", "mtu=1500", "mtu=-1", "mq=2",
+    "@stdio:p0", "@pty:p1", "file:p2=/tmp/x", "tty:p3=/dev/x", "socket:p4=/s:server", "@",
+    "legacy", "modern", "transitional", "pio_notify", "no_ioeventfd", "no_irqfd", "kernel",
+    "=", ":", "@file:", "sectors=1", "readonly", "",
+])
+opt_text = st.one_of(text, st.lists(st.one_of(opt_words, text), max_size=6).map(",".join))
+
+
+@fuzz_settings(300)
+@given(which=st.sampled_from(sorted(PARSERS)), options=opt_text)
+def test_device_option_strings(which, options):
+    count("config.device_options")
+    try:
+        PARSERS[which](options)
+    except ConfigError as e:
+        assert str(e)
+
+
+toml_scalar = st.one_of(st.integers(-2**63, 2**63 - 1), st.text(max_size=20), st.booleans(),
+                        st.floats(allow_nan=True), st.sampled_from(VALUES))
+toml_value = st.recursive(
+    toml_scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.sampled_from(
+                                ["slot", "emul", "options", "bus", "dev", "func", "size",
+                                 "path", "x"]), inner, max_size=4)),
+    max_leaves=12)
+KEYS = ["name", "memory", "memsize", "kernel", "bootargs", "ramdisk", "elf", "ovmf", "hv",
+        "cpu_affinity", "virtio_poll", "cmd_monitor", "shutdown_timeout", "debugexit",
+        "windows", "virtio_msi", "devices", "device", "lpc", "logger", "vcpus", "x"]
+toml_docs = st.dictionaries(st.sampled_from(KEYS), toml_value, max_size=8)
+
+
+@fuzz_settings(300)
+@given(doc=toml_docs)
+def test_toml_documents(doc):
+    count("config.toml_dict")
+    try:
+        tomlconfig.from_dict(doc, check_files=False)
+    except ConfigError as e:
+        assert str(e)
+
+
+@fuzz_settings(200)
+@given(raw=st.one_of(text, st.lists(st.sampled_from(
+    ['name = "vm1"', "[[devices]]", 'emul = "dummy"', "slot = 3", 'memory = "1G"', "[x]",
+     "memory = 1", "= 1", '"', "[[lpc]]", "a.b.c = 1", "[devices]", "slot = '3'"]),
+    max_size=8).map("\n".join)))
+def test_toml_text(raw):
+    count("config.toml_text")
+    try:
+        tomlconfig.loads(raw, check_files=False)
+    except ConfigError as e:
+        assert str(e)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(monkeypatch):
+    monkeypatch.chdir(_TMP)  # option parsers that touch relative paths touch only here
