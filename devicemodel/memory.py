@@ -98,6 +98,18 @@ class MemoryMap:
             return False
         return True
 
+    def spans(self) -> tuple[tuple[int, int, memoryview], ...] | None:
+        """Every region as (gpa, end, view of the whole region), for a hot loop that inlines
+        :meth:`view`'s check (``gpa <= addr and addr + length <= end``, then
+        ``view[addr - gpa : addr + length - gpa]``).
+
+        None when a subclass overrides :meth:`view`: it wants to see (or vet) every access.
+        The tuple is a snapshot: take it again after the map changes.
+        """
+        if type(self).view is not MemoryMap.view:
+            return None
+        return tuple((r.gpa, r.end, v) for r, v in zip(self._regions, self._views, strict=True))
+
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable memoryview of [gpa, gpa+length), which must lie in one RAM region."""
         if gpa < 0 or length < 0 or gpa + length > 0xFFFF_FFFF_FFFF_FFFF + 1:

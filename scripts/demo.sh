@@ -78,7 +78,7 @@ with tempfile.TemporaryDirectory(prefix="acrn-pydm-demo-") as d:
         f.truncate(64 << 20)
     specs = {"blk": f"virtio-blk,{image}", "net": f"virtio-net,tap={TAP}",
              "rnd": "virtio-rnd"}
-    with g.netns(NETNS, HOST_IP), g.backends(specs, work, netns={"net": NETNS}) as be:
+    with g.netns(NETNS), g.backends(specs, work, netns={"net": NETNS}) as be:
         for name, b in be.items():
             print(f"demo: acrn-pydm vhost-user {b.spec} (pid {b.proc.pid}) on {b.socket}")
         subprocess.run(["ip", "-n", NETNS, "addr", "add", f"{HOST_IP}/30", "dev", TAP],

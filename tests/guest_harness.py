@@ -115,6 +115,9 @@ def fetch_kernel(cache: Path | None = None) -> Kernel:
     offline after the first one.
     """
     cache = cache or cache_dir()
+    if _apt_kernel_package("amd64") is None and os.geteuid() == 0:
+        # a fresh container often ships without package lists
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
     for flavour in ("cloud-amd64", "amd64"):
         pkg = _apt_kernel_package(flavour)
         if pkg is None:
@@ -386,11 +389,11 @@ def backends(specs: dict[str, str], workdir: Path,
             stop_backend(b)
 
 
-def vhost_device_args(name: str, kind: str, sock: Path) -> list[str]:
+def vhost_device_args(name: str, kind: str, sock: Path, queues: int = 1) -> list[str]:
     """QEMU options that attach one vhost-user device of ``kind`` (blk, net, rnd)."""
     chardev = ["-chardev", f"socket,id={name},path={sock}"]
     if kind == "blk":
-        return [*chardev, "-device", f"vhost-user-blk-pci,chardev={name},num-queues=1"]
+        return [*chardev, "-device", f"vhost-user-blk-pci,chardev={name},num-queues={queues}"]
     if kind == "rnd":
         return [*chardev, "-device", f"vhost-user-rng-pci,chardev={name}"]
     if kind == "net":
@@ -398,13 +401,14 @@ def vhost_device_args(name: str, kind: str, sock: Path) -> list[str]:
         # enables MSI-X on a virtio-net-pci whose peer is vhost-user (before it sends
         # us a single ring message), whatever the back end.
         return [*chardev, "-netdev", f"vhost-user,id={name}n,chardev={name}",
-                "-device", f"virtio-net-pci,netdev={name}n,mac=52:54:00:12:34:56,romfile=,vectors=0"]
+                "-device",
+                f"virtio-net-pci,netdev={name}n,mac=52:54:00:12:34:56,romfile=,vectors=0"]
     raise ValueError(f"no QEMU vhost-user device for {kind!r}")
 
 
 @contextmanager
-def netns(name: str, host_addr: str, prefix: int = 30) -> Iterator[str]:
-    """A private network namespace; the back end's tap gets ``host_addr`` inside it.
+def netns(name: str) -> Iterator[str]:
+    """A private network namespace for the back end's tap (the caller addresses it).
 
     Nothing in the namespace routes anywhere else, so guest traffic can only reach
     addresses we created here.

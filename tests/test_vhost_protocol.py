@@ -19,6 +19,7 @@ from devicemodel.memory import GuestMemory, MiB
 from devicemodel.vhost_user import protocol as p
 from devicemodel.vhost_user.backend import VhostUserBackend
 from devicemodel.vhost_user.connection import Connection
+from devicemodel.vhost_user.frontend import Frontend, RingSetup
 from devicemodel.vhost_user.protocol import ProtocolError, Req
 from devicemodel.virtio.rnd import VirtioRnd
 
@@ -173,3 +174,31 @@ async def test_malformed_mem_table_fds_do_not_leak_and_next_session_works() -> N
                 await done.wait()
         nursery.cancel_scope.cancel()
     assert _open_fds() == before
+
+
+async def test_ring_outside_the_memory_table_drops_the_front_end() -> None:
+    dev = VirtioRnd()
+    backend = VhostUserBackend(dev)
+    mem = GuestMemory(128 * MiB)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dev.run)
+        done = trio.Event()
+
+        async def run() -> None:
+            conn = Connection(trio.socket.from_stdlib_socket(b))
+            await backend.serve(conn)
+            conn.close()
+            done.set()
+
+        nursery.start_soon(run)
+        fe = Frontend(Connection(trio.socket.from_stdlib_socket(a)))
+        await fe.negotiate()
+        assert await fe.set_mem_table(mem) == 0
+        # user addresses that no region covers
+        await fe.start_ring(RingSetup(0, 64, 1 << 40, 1 << 40, 1 << 40))
+        with trio.fail_after(5):
+            await done.wait()  # dropped once the ring setup settled, process still alive
+        assert backend.mem is None
+        fe.close()
+        nursery.cancel_scope.cancel()

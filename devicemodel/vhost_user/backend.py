@@ -16,6 +16,7 @@ vector).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -76,6 +77,21 @@ class Vring:
                 setattr(self, name, None)
 
 
+# write(2) through ctypes.PyDLL keeps the GIL: an eventfd write never blocks and takes a
+# microsecond, while os.eventfd_write releases the GIL around it and, with the device's
+# I/O threads busy, the event loop then waits up to a switch interval to get it back.
+_libc = ctypes.PyDLL(None, use_errno=True)
+_libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc.write.restype = ctypes.c_ssize_t
+_ONE = ctypes.c_uint64(1)
+_ONE_PTR = ctypes.addressof(_ONE)
+
+
+def signal_eventfd(fd: int) -> None:
+    """Add 1 to an eventfd without giving up the GIL (errors are the peer's problem)."""
+    _libc.write(fd, _ONE_PTR, 8)
+
+
 class VhostInterrupt:
     """The ``VirtioInterrupt`` of a vhost-user device: interrupts are call eventfd writes."""
 
@@ -85,10 +101,7 @@ class VhostInterrupt:
     def notify_queue(self, index: int) -> None:
         fd = self._backend.rings[index].call_fd
         if fd is not None:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass  # the front end closed its end; it will reconnect or exit
+            signal_eventfd(fd)  # a failure means the front end went away: it reconnects
 
     def notify_config(self) -> None:
         # A config interrupt needs the back-end request channel, which we do not offer;
@@ -99,10 +112,7 @@ class VhostInterrupt:
     def needs_reset(self) -> None:
         for ring in self._backend.rings:
             if ring.err_fd is not None:
-                try:
-                    os.eventfd_write(ring.err_fd, 1)
-                except OSError:
-                    pass
+                signal_eventfd(ring.err_fd)
 
 
 class VhostUserBackend:
@@ -148,22 +158,27 @@ class VhostUserBackend:
                 with trio.move_on_after(SETTLE_S) as quiet:
                     await trio.lowlevel.wait_readable(conn.sock)
                 if quiet.cancelled_caught:
-                    await self._reconcile()
+                    try:
+                        await self._reconcile()
+                    except ProtocolError as e:  # e.g. a ring outside the memory table
+                        self.glog.warning("%s: dropping the front end: %s",
+                                          self.device.name, e)
+                        return
                     continue
             try:
                 msg = await conn.receive()
             except Disconnected:
                 return
             except (ProtocolError, OSError) as e:
-                log.warning("%s: dropping the front end: %s", self.device.name, e)
+                self.glog.warning("%s: dropping the front end: %s", self.device.name, e)
                 return
             try:
                 await self._answer(conn, msg)
             except ProtocolError as e:
-                log.warning("%s: dropping the front end: %s", self.device.name, e)
+                self.glog.warning("%s: dropping the front end: %s", self.device.name, e)
                 return
             except OSError as e:  # the front end hung up before reading our reply
-                log.warning("%s: front end gone: %s", self.device.name, e)
+                self.glog.warning("%s: front end gone: %s", self.device.name, e)
                 return
 
     async def _answer(self, conn: Connection, msg: Message) -> None:
@@ -240,9 +255,8 @@ class VhostUserBackend:
             return None
         if req == Req.SET_MEM_TABLE:
             table = p.parse_mem_table(body)
-            fds = msg.take_fds()
             await self._deactivate()
-            new = VhostMemoryMap(table, fds)  # closes the fds; ProtocolError if unusable
+            new = VhostMemoryMap(table, msg.take_fds())  # closes the fds; ProtocolError if unusable
             if self.mem is not None:
                 self.mem.close()
             self.mem = new

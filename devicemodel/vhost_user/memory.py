@@ -17,7 +17,10 @@ from .protocol import MemRegion, ProtocolError
 
 
 class VhostMemoryMap(MemoryMap):
-    """Guest RAM regions mmap'd from the front end's fds, unmapped by :meth:`close`."""
+    """Guest RAM regions mmap'd from the front end's fds, unmapped by :meth:`close`.
+
+    It keeps ``MemoryMap.view`` as is, so queues may use ``spans()`` for their fast
+    paths (QEMU sends one region for all of a pc machine's RAM below 4 GiB)."""
 
     def __init__(self, table: Sequence[MemRegion], fds: Sequence[int]) -> None:
         """Map every region; the fds are closed here whatever happens (mmap keeps its own)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
 
 from ..memory import GuestMemoryError, MemoryMap
 
@@ -71,19 +70,43 @@ def legacy_ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, in
     return desc, avail, used
 
 
-@dataclass(slots=True)
 class DescriptorChain:
-    """One request: its head index and its buffers as views of guest RAM.
+    """One request: its head index and its buffers, every one checked to be guest RAM.
 
-    ``readable`` are the device-readable buffers (driver → device) in order, ``writable``
-    the device-writable ones. The views stay valid while the guest RAM mapping exists.
+    ``descs`` are the chain's descriptors as (addr, len, flags, next) in chain order, the
+    first ``nreadable`` device-readable (driver → device), the rest device-writable. A
+    hot path may use the addresses directly; ``readable`` and ``writable`` map them as
+    memoryviews of guest RAM on first use (views stay valid while the RAM mapping exists).
     """
 
-    head: int
-    readable: list[memoryview]
-    writable: list[memoryview]
-    readable_len: int
-    writable_len: int
+    __slots__ = ("head", "descs", "nreadable", "readable_len", "writable_len", "_queue",
+                 "_views")
+
+    def __init__(self, head: int, descs: list[tuple[int, int, int, int]], nreadable: int,
+                 readable_len: int, writable_len: int, queue: Virtqueue) -> None:
+        self.head = head
+        self.descs = descs
+        self.nreadable = nreadable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+        self._queue = queue
+        self._views: list[memoryview] | None = None
+
+    def views(self) -> list[memoryview]:
+        """Every buffer as a memoryview, readable ones first."""
+        v = self._views
+        if v is None:
+            map_ = self._queue.map_buffer
+            v = self._views = [map_(d[0], d[1]) for d in self.descs]
+        return v
+
+    @property
+    def readable(self) -> list[memoryview]:
+        return self.views()[: self.nreadable]
+
+    @property
+    def writable(self) -> list[memoryview]:
+        return self.views()[self.nreadable :]
 
 
 class Virtqueue:
@@ -100,6 +123,7 @@ class Virtqueue:
         "mem", "index", "max_size", "size", "desc_addr", "avail_addr", "used_addr", "ready",
         "last_avail_idx", "used_idx", "event_idx", "indirect", "_signalled_used",
         "_desc", "_avail", "_used", "_mask", "_used_event_off", "_avail_event_off", "started",
+        "_lo_end", "_lo_view", "_hi_start", "_hi_end", "_hi_view",
     )
 
     def __init__(self, mem: MemoryMap, index: int, max_size: int) -> None:
@@ -125,6 +149,13 @@ class Virtqueue:
         self._mask = 0
         self._used_event_off = 0
         self._avail_event_off = 0
+        # the RAM below and above the PCI hole (``MemoryMap.spans``), for inlined bounds
+        # checks in the walker; lo_end -1 / hi_start > hi_end: use ``mem.view``
+        self._lo_end = -1
+        self._lo_view: memoryview | None = None
+        self._hi_start = 1
+        self._hi_end = 0
+        self._hi_view: memoryview | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -140,6 +171,9 @@ class Virtqueue:
         """Forget the ring mappings; the configuration and positions stay."""
         self.started = False
         self._desc = self._avail = self._used = None
+        self._lo_end = -1
+        self._lo_view = None
+        self._hi_start, self._hi_end, self._hi_view = 1, 0, None
 
     def start(self, *, event_idx: bool, indirect: bool) -> None:
         """Validate the ring addresses and map the rings (at DRIVER_OK).
@@ -161,6 +195,11 @@ class Virtqueue:
         except GuestMemoryError as e:
             self.stop()
             raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from None
+        spans = list(self.mem.spans() or ())
+        if spans and spans[0][0] == 0:
+            _, self._lo_end, self._lo_view = spans.pop(0)
+        if spans:
+            self._hi_start, self._hi_end, self._hi_view = spans[0]
         self._mask = size - 1
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
@@ -201,21 +240,75 @@ class Virtqueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
 
+    def pop_batch(self, limit: int) -> list[DescriptorChain]:
+        """Up to ``limit`` available chains in ring order, [] if none (or not started).
+
+        A malformed chain after good ones ends the batch and stays at the front of the
+        ring, so the next call raises for it: the good requests before it still get served.
+        """
+        avail = self._avail
+        if avail is None:
+            return []
+        last = self.last_avail_idx
+        idx = _U16.unpack_from(avail, 2)[0]
+        pending = (idx - last) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(
+                f"queue {self.index}: avail idx {idx} is {pending} ahead of {last}"
+                f" (queue size {self.size})"
+            )
+        mask = self._mask
+        walk = self._walk
+        unpack = _U16.unpack_from
+        chains: list[DescriptorChain] = []
+        try:
+            for _ in range(min(pending, limit)):
+                chains.append(walk(unpack(avail, 4 + 2 * (last & mask))[0]))
+                last = (last + 1) & 0xFFFF
+        except VirtqueueError:
+            if not chains:
+                raise
+        self.last_avail_idx = last
+        return chains
+
     def undo_pop(self, count: int = 1) -> None:
         """Give back the last ``count`` popped chains (e.g. rx buffers a frame did not need)."""
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
 
+    @property
+    def low_ram(self) -> tuple[int, memoryview | None]:
+        """(end, view) of the RAM at GPA 0 while started, else (-1, None): a hot path may
+        index ``view`` at a validated chain's addresses once it has checked ``< end``."""
+        return self._lo_end, self._lo_view
+
+    def map_buffer(self, addr: int, length: int) -> memoryview:
+        """A memoryview of guest RAM [addr, addr+length) (GuestMemoryError if not RAM)."""
+        end = addr + length
+        if addr >= 0 and end <= self._lo_end:
+            return self._lo_view[addr:end]  # type: ignore[index]
+        hs = self._hi_start
+        if hs <= addr and end <= self._hi_end:
+            return self._hi_view[addr - hs : end - hs]  # type: ignore[index]
+        return self.mem.view(addr, length)
+
     def _walk(self, head: int) -> DescriptorChain:
+        """Validate one chain. A buffer in the RAM below or above the PCI hole is checked
+        inline; anything else (or a memory map that vets accesses) through ``mem.view``."""
         size = self.size
         if head >= size:
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
         view = self.mem.view
         table = self._desc
         assert table is not None
+        lo_end = self._lo_end
+        hi_start = self._hi_start
+        hi_end = self._hi_end
+        unpack = _DESC.unpack_from
         limit = size
         indirect_table = False
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
+        descs: list[tuple[int, int, int, int]] = []
+        append = descs.append
+        nreadable = 0
         rlen = wlen = 0
         i = head
         count = 0
@@ -226,7 +319,8 @@ class Virtqueue:
                     raise VirtqueueError(
                         f"queue {self.index}: chain at {head} loops or exceeds {limit} descriptors"
                     )
-                addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+                d = unpack(table, 16 * i)
+                addr, length, flags, nxt = d
                 if flags & VIRTQ_DESC_F_INDIRECT:
                     if indirect_table:
                         raise VirtqueueError(f"queue {self.index}: nested indirect table")
@@ -248,16 +342,20 @@ class Virtqueue:
                     count = 0
                     i = 0
                     continue
+                # addr and length are unsigned, so end <= lo_end means inside [0, lo_end)
+                end = addr + length
+                if end > lo_end and not (hi_start <= addr and end <= hi_end):
+                    view(addr, length)  # raises GuestMemoryError unless it is RAM
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(view(addr, length))
                     wlen += length
                 else:
-                    if writable:
+                    if len(descs) != nreadable:
                         raise VirtqueueError(
                             f"queue {self.index}: readable descriptor after a writable one"
                         )
-                    readable.append(view(addr, length))
+                    nreadable += 1
                     rlen += length
+                append(d)
                 if not flags & VIRTQ_DESC_F_NEXT:
                     break
                 if nxt >= size:
@@ -265,7 +363,7 @@ class Virtqueue:
                 i = nxt
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: buffer outside guest RAM ({e})") from None
-        return DescriptorChain(head, readable, writable, rlen, wlen)
+        return DescriptorChain(head, descs, nreadable, rlen, wlen, self)
 
     # -- device → driver ---------------------------------------------------------------
 
@@ -278,6 +376,20 @@ class Virtqueue:
                              written & 0xFFFF_FFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _U16.pack_into(used, 2, self.used_idx)
+
+    def add_used_batch(self, entries: list[tuple[int, int]]) -> None:
+        """:meth:`add_used` for every (head, written) pair, publishing used.idx once."""
+        used = self._used
+        if used is None or not entries:
+            return
+        pack = _USED_ELEM.pack_into
+        mask = self._mask
+        idx = self.used_idx
+        for head, written in entries:
+            pack(used, 4 + 8 * (idx & mask), head, written & 0xFFFF_FFFF)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _U16.pack_into(used, 2, idx)  # after the elements: x86 does not reorder stores
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added since last asked.

@@ -1,0 +1,242 @@
+"""vhost-user-blk: acrn-pydm's back end against qemu-storage-daemon's, in one Linux guest.
+
+    python bench/vhost_blk.py [--reps 5] [--seconds 2]
+
+Both back ends serve the same 512 MiB raw image (page-cached: qemu-storage-daemon with
+``cache.direct=off``, ours in writeback mode), as /dev/vda (ours) and /dev/vdb (qemu's)
+of one QEMU TCG guest (-smp 1, stock Debian cloud kernel). Inside the guest a small
+static C program, built here with gcc, runs every measurement with O_DIRECT: 1 MiB
+sequential reads and writes over the whole disk, 4 KiB random reads with 1 and with 8
+threads. Tests alternate between the two disks, repetition after repetition, so both
+see the same machine noise; we print medians, ratios (ours / qemu's) and each back
+end's CPU time per request, read from /proc/PID/stat around every test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests import guest_harness as g  # noqa: E402
+
+IMAGE_SIZE = 512 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TESTS = ("seqread", "seqwrite", "rand1", "rand8")
+
+VBENCH_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void) {
+    struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+static const char *dev; static uint64_t size; static double seconds;
+static volatile int stop;
+
+static void *randread(void *arg) {
+    long *count = arg; int fd = open(dev, O_RDONLY | O_DIRECT); void *buf;
+    if (fd < 0 || posix_memalign(&buf, 4096, 4096)) { perror("open"); exit(1); }
+    uint64_t x = 88172645463325252ULL ^ (uint64_t)(uintptr_t)arg;
+    uint64_t blocks = size / 4096;
+    while (!stop) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        if (pread(fd, buf, 4096, (off_t)(x % blocks) * 4096) != 4096) { perror("pread"); exit(1); }
+        (*count)++;
+    }
+    close(fd); return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: vbench seqread|seqwrite|randN DEV [S]\n"); return 2; }
+    dev = argv[2]; seconds = argc > 3 ? atof(argv[3]) : 2.0;
+    int fd = open(dev, O_RDWR | O_DIRECT);
+    if (fd < 0 || ioctl(fd, BLKGETSIZE64, &size)) { perror(dev); return 1; }
+    if (!strncmp(argv[1], "seq", 3)) {
+        int wr = !strcmp(argv[1], "seqwrite"); void *buf; long n = 0; double t0 = now();
+        if (posix_memalign(&buf, 4096, 1 << 20)) return 1;
+        memset(buf, 0x5a, 1 << 20);
+        do {  /* whole-disk passes until `seconds` have elapsed */
+            for (uint64_t off = 0; off + (1 << 20) <= size; off += 1 << 20, n++) {
+                ssize_t r = wr ? pwrite(fd, buf, 1 << 20, off) : pread(fd, buf, 1 << 20, off);
+                if (r != 1 << 20) { perror("io"); return 1; }
+            }
+        } while (now() - t0 < seconds);
+        double t = now() - t0;
+        printf("VBENCH %s %.1f MB/s %ld requests %.3f s\n", argv[1], n * 1.048576 / t, n, t);
+        return 0;
+    }
+    int threads = atoi(argv[1] + 4); if (threads < 1) threads = 1;
+    pthread_t th[64]; long counts[64] = {0};
+    double t0 = now();
+    for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, randread, &counts[i]);
+    while (now() - t0 < seconds) usleep(10000);
+    stop = 1;
+    long n = 0;
+    for (int i = 0; i < threads; i++) { pthread_join(th[i], NULL); n += counts[i]; }
+    double t = now() - t0;
+    printf("VBENCH %s %.0f IOPS %ld requests %.3f s\n", argv[1], n / t, n, t);
+    return 0;
+}
+"""
+
+
+def build_vbench(work: Path) -> Path:
+    src, exe = work / "vbench.c", work / "vbench"
+    src.write_text(VBENCH_C)
+    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def guest_script(reps: int, seconds: float) -> str:
+    lines = ["echo 1 > /proc/sys/vm/drop_caches"]
+    # warm-up: one pass of each test on each disk, not measured
+    for dev in ("vda", "vdb"):
+        lines.append(f"/vbench seqread /dev/{dev} 0.5 >/dev/null")
+    for r in range(reps):
+        for test in TESTS:
+            for dev in ("vda", "vdb") if r % 2 == 0 else ("vdb", "vda"):
+                tag = f"{dev} {test} {r}"
+                lines += [f"info begin {tag}", f"/vbench {test} /dev/{dev} {seconds}",
+                          f"info end {tag}"]
+    lines.append("pass bench")
+    return "\n".join(lines) + "\n"
+
+
+def start_qsd(image: Path, sock: Path) -> subprocess.Popen[bytes]:
+    cmd = ["qemu-storage-daemon",
+           "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
+           "--blockdev", "driver=raw,node-name=disk0,file=file0",
+           "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                       f"addr.path={sock},writable=on,num-queues=1"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("qemu-storage-daemon did not start")
+        time.sleep(0.02)
+    return proc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each test")
+    args = ap.parse_args()
+    for tool in ("gcc", "qemu-storage-daemon", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            print(f"vhost_blk: {tool} is not installed", file=sys.stderr)
+            return 2
+    kernel = g.fetch_kernel()
+    with tempfile.TemporaryDirectory(prefix="vhost-blk-bench-") as d:
+        work = Path(d)
+        exe = build_vbench(work)
+        initrd = g.build_initramfs(kernel, guest_script(args.reps, args.seconds),
+                                   work / "initrd.gz", files={"/vbench": exe})
+        image = work / "disk.img"
+        with open(image, "wb") as f:  # real data, so reads come from cached pages
+            block = os.urandom(1 << 20)
+            for _ in range(IMAGE_SIZE >> 20):
+                f.write(block)
+        ours = g.start_backend(f"virtio-blk,{image},writeback", work / "ours.sock")
+        qsd = start_qsd(image, work / "qsd.sock")
+        pids = {"vda": ours.proc.pid, "vdb": qsd.pid}
+        marks: dict[tuple[str, str, str, int], int] = {}
+        results: dict[tuple[str, str, int], tuple[float, int]] = {}
+        lock = threading.Lock()
+        try:
+            devices = (g.vhost_device_args("ours", "blk", ours.socket)
+                       + g.vhost_device_args("qsd", "blk", work / "qsd.sock"))
+            cmd = g.qemu_command(kernel, initrd, devices)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            log: list[str] = []
+            current: list[str] = []
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 60 + args.reps * len(TESTS) * 2 * (args.seconds + 3)
+            for raw in iter(proc.stdout.readline, b""):
+                line = raw.decode(errors="replace").strip()
+                log.append(line)
+                if f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
+                    _, _, rest = line.partition(" INFO ")
+                    edge, dev, test, rep = rest.split()
+                    with lock:
+                        marks[(edge, dev, test, int(rep))] = cpu_ticks(pids[dev])
+                    current = [dev, test, rep]
+                elif line.startswith("VBENCH ") and current:
+                    parts = line.split()
+                    results[(current[0], current[1], int(current[2]))] = (float(parts[2]),
+                                                                        int(parts[4]))
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    break
+            proc.wait()
+            if f"{g.MARK} PASS bench" not in "\n".join(log):
+                print("\n".join(log[-60:]), file=sys.stderr)
+                print("vhost_blk: the guest did not finish the benchmark", file=sys.stderr)
+                return 1
+        finally:
+            g.stop_backend(ours)
+            qsd.terminate()
+            qsd.wait(10)
+    report(results, marks, args.reps)
+    return 0
+
+
+def report(results: dict[tuple[str, str, int], tuple[float, int]],
+           marks: dict[tuple[str, str, str, int], int], reps: int) -> None:
+    names = {"seqread": ("1 MiB O_DIRECT sequential read", "MB/s", "MiB"),
+             "seqwrite": ("1 MiB O_DIRECT sequential write", "MB/s", "MiB"),
+             "rand1": ("4 KiB O_DIRECT random read, 1 thread", "IOPS", "4 KiB req"),
+             "rand8": ("4 KiB O_DIRECT random read, 8 threads", "IOPS", "4 KiB req")}
+    print(f"vhost-user-blk in one QEMU TCG guest (-smp 1), {reps} interleaved repetitions, "
+          "medians; ours = acrn-pydm, qsd = qemu-storage-daemon")
+    print(f"{'test':40} {'ours':>10} {'qsd':>10} {'ratio':>6}   {'CPU µs/req ours':>15} "
+          f"{'qsd':>8}")
+    for test in TESTS:
+        med: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        for dev in ("vda", "vdb"):
+            vals = [results[(dev, test, r)][0] for r in range(reps) if (dev, test, r) in results]
+            med[dev] = statistics.median(vals) if vals else float("nan")
+            per_req = []
+            for r in range(reps):
+                if (dev, test, r) in results and ("end", dev, test, r) in marks:
+                    ticks = marks[("end", dev, test, r)] - marks[("begin", dev, test, r)]
+                    per_req.append(ticks * 1e6 / CLK_TCK / max(1, results[(dev, test, r)][1]))
+            cpu[dev] = statistics.median(per_req) if per_req else float("nan")
+        title, unit, req = names[test]
+        ratio = med["vda"] / med["vdb"] if med["vdb"] else float("nan")
+        print(f"{title + ' (' + unit + ')':40} {med['vda']:10.0f} {med['vdb']:10.0f} "
+              f"{ratio:6.2f}   {cpu['vda']:15.1f} {cpu['vdb']:8.1f}  (per {req})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
