@@ -527,6 +527,9 @@ def _apply(cfg: VmConfig, opt: str, val: str) -> None:
         cfg.slots.append(slot)
     elif opt == "--lpc":
         cfg.lpc.append(parse_lpc(val))
+    elif opt in ("--kernel", "--ramdisk", "--elf_file") and not val:
+        # as the TOML front end: an empty path would silently boot nothing
+        raise ConfigError(f"{opt} needs a path, e.g. {opt} /var/lib/acrn/image")
     elif opt == "--kernel":
         cfg.kernel = val
     elif opt == "--bootargs":

@@ -853,7 +853,8 @@ def make_image(directory: str) -> str:
     return path
 
 
-async def run_suite(directory: str | None = None) -> list[Result]:
+async def run_suite(directory: str | None = None, cases: list[CaseSpec] | None = None
+                    ) -> list[Result]:
     directory = directory or tempfile.mkdtemp(prefix="acrn-adversarial-")
     image = make_image(directory)
     con = os.path.join(directory, "console.out")
@@ -873,7 +874,11 @@ async def run_suite(directory: str | None = None) -> list[Result]:
                                             (SLOT_CON, False), (SLOT_BLK_MODERN, True))):
             env.guests[slot] = VirtioGuest(vm, g0, slot, modern=modern,
                                            ram_base=0x0100_0000 + i * 0x0100_0000)
-        for spec in CASES:
+        for slot in ALL_SLOTS:  # everything works before the attacks start
+            if not await env.healthy(slot):
+                results.append(Result("health check before the cases", slot,
+                                      device_name(vm, slot), WEDGED, "does not work"))
+        for spec in CASES if cases is None else cases:
             for slot in spec.slots:
                 results.append(await run_case(env, spec, slot))
     return results
@@ -892,11 +897,13 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.adversarial [--quick]``: ``--quick`` runs three cases only."""
     import logging
 
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.ERROR)
-    results = trio.run(run_suite)
+    results = trio.run(run_suite, None, CASES[:3] if "--quick" in argv else None)
     print(table(results))
     return 1 if any(r.verdict in (WEDGED, FAIL) for r in results) else 0
 

@@ -49,6 +49,10 @@ HALT_CHECK_INTERVAL = 1.0
 PARK_TIMEOUT = 5.0
 #: ACRN's vIOAPIC pin count (acrn-facts §1.3): the GSIs SET_IRQLINE accepts
 VIOAPIC_PINS = 48
+#: GSIs 0-15 are the ISA IRQs (PIC and IOAPIC); PCI INTx lines start at 16
+LEGACY_GSIS = 16
+#: an IOAPIC RTE as reset leaves it (masked, everything else 0): never programmed
+_RTE_POWER_ON = 1 << 16
 #: first GSI given to irqfd MSI routes (0..23 are the PIC/IOAPIC pins)
 FIRST_MSI_GSI = k.KVM_IOAPIC_NUM_PINS
 
@@ -290,6 +294,7 @@ class KvmHypervisor(Hypervisor):
         ioctl(vfd, k.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(k.IDENTITY_MAP_ADDR),
               "KVM_SET_IDENTITY_MAP_ADDR")
         ioctl(vfd, k.KVM_CREATE_IRQCHIP, None, "KVM_CREATE_IRQCHIP")
+        self._set_routing()  # before the PIT: its GSI 0 must reach IOAPIC pin 2 (the MADT)
         pit = k.KvmPitConfig()
         pit.flags = k.KVM_PIT_SPEAKER_DUMMY
         ioctl(vfd, k.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
@@ -593,7 +598,13 @@ class KvmHypervisor(Hypervisor):
         chip = k.KvmIrqchip()
         chip.chip_id = k.KVM_IRQCHIP_IOAPIC
         ioctl(self._vm_fd, k.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
-        (rte,) = struct.unpack_from("<Q", chip.chip, k.IOAPIC_REDIRTBL_OFF + 8 * gsi)
+        pin = 2 if gsi == 0 else gsi  # see _set_routing
+        (rte,) = struct.unpack_from("<Q", chip.chip, k.IOAPIC_REDIRTBL_OFF + 8 * pin)
+        if rte == _RTE_POWER_ON:
+            # not programmed yet: take the polarity the ACPI tables declare (ISA lines high,
+            # _PRT's PCI GSIs low), or an idle PCI line would sit asserted in KVM's IRR
+            # and fire as soon as the guest unmasks the pin
+            return gsi >= LEGACY_GSIS
         return bool(rte & k.IOAPIC_RTE_POLARITY_LOW)
 
     # --- fast paths -------------------------------------------------------------------
@@ -680,14 +691,20 @@ class KvmHypervisor(Hypervisor):
             raise
 
     def _set_routing(self) -> None:
-        """KVM_SET_GSI_ROUTING replaces the whole table: KVM's default PIC/IOAPIC routes
-        (GSI 0-15 on both chips, 16-23 on the IOAPIC) plus one MSI route per irqfd."""
+        """KVM_SET_GSI_ROUTING replaces the whole table: the PIC/IOAPIC routes plus one MSI
+        route per irqfd.
+
+        KVM's default table would send GSI 0 (where the in-kernel PIT raises ISA IRQ0) to
+        IOAPIC pin 0, but the MADT, like acrn-dm's and QEMU's, overrides IRQ0 to GSI 2:
+        so GSI 0 goes to PIC pin 0 and IOAPIC pin 2, as QEMU routes it. GSI 2 stays IOAPIC
+        pin 2 (no PIC cascade pin), so SET_IRQLINE still drives pin n for every n but 0."""
         entries: list[tuple[int, int, int, int, int]] = []
         for gsi in range(k.KVM_IOAPIC_NUM_PINS):
-            if gsi < 16:
+            if gsi < 16 and gsi != 2:
                 chip = k.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else k.KVM_IRQCHIP_PIC_SLAVE
                 entries.append((gsi, k.KVM_IRQ_ROUTING_IRQCHIP, chip, gsi % 8, 0))
-            entries.append((gsi, k.KVM_IRQ_ROUTING_IRQCHIP, k.KVM_IRQCHIP_IOAPIC, gsi, 0))
+            pin = 2 if gsi == 0 else gsi
+            entries.append((gsi, k.KVM_IRQ_ROUTING_IRQCHIP, k.KVM_IRQCHIP_IOAPIC, pin, 0))
         for gsi, address, data in self._irqfd_gsi.values():
             entries.append((gsi, k.KVM_IRQ_ROUTING_MSI, address, data, 0))
         table = k.kvm_irq_routing(len(entries))

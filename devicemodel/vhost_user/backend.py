@@ -318,11 +318,11 @@ class VhostUserBackend:
     def _set_vring_fd(self, req: int, msg: Message) -> None:
         index, nofd = p.parse_vring_file(msg.payload)
         ring = self._ring(index)
+        if len(msg.fds) > (0 if nofd else 1):  # checked before taking one: msg closes all
+            raise ProtocolError(f"ring {index}: {Req(req).name} with extra file descriptors")
         fd = None if nofd else msg.take_fd()
         if not nofd and fd is None:
             raise ProtocolError(f"ring {index}: {Req(req).name} without a file descriptor")
-        if msg.fds:
-            raise ProtocolError(f"ring {index}: {Req(req).name} with extra file descriptors")
         if req == Req.SET_VRING_KICK:
             if ring.watcher is not None:
                 ring.watcher.cancel()

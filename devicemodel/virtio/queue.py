@@ -96,8 +96,12 @@ class DescriptorChain:
         """Every buffer as a memoryview, readable ones first."""
         v = self._views
         if v is None:
-            map_ = self._queue.map_buffer
-            v = self._views = [map_(d[0], d[1]) for d in self.descs]
+            q = self._queue
+            lo_end, lo = q._lo_end, q._lo_view
+            v = self._views = [
+                lo[a : a + n] if a + n <= lo_end else q.map_buffer(a, n)  # type: ignore[index]
+                for a, n, _, _ in self.descs
+            ]
         return v
 
     @property

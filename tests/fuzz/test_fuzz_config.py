@@ -57,7 +57,7 @@ argvs = st.lists(token, max_size=14)
 CLEAN = (ConfigError, HelpRequested, VersionRequested)
 
 
-@fuzz_settings(300)
+@fuzz_settings(150)
 @given(argv=argvs, check=st.booleans())
 def test_command_line(argv, check):
     count("config.cmdline")
@@ -94,7 +94,7 @@ opt_words = st.sampled_from([
 opt_text = st.one_of(text, st.lists(st.one_of(opt_words, text), max_size=6).map(",".join))
 
 
-@fuzz_settings(300)
+@fuzz_settings(150)
 @given(which=st.sampled_from(sorted(PARSERS)), options=opt_text)
 def test_device_option_strings(which, options):
     count("config.device_options")
@@ -119,7 +119,7 @@ KEYS = ["name", "memory", "memsize", "kernel", "bootargs", "ramdisk", "elf", "ov
 toml_docs = st.dictionaries(st.sampled_from(KEYS), toml_value, max_size=8)
 
 
-@fuzz_settings(300)
+@fuzz_settings(150)
 @given(doc=toml_docs)
 def test_toml_documents(doc):
     count("config.toml_dict")
@@ -129,7 +129,7 @@ def test_toml_documents(doc):
         assert str(e)
 
 
-@fuzz_settings(200)
+@fuzz_settings(100)
 @given(raw=st.one_of(text, st.lists(st.sampled_from(
     ['name = "vm1"', "[[devices]]", 'emul = "dummy"', "slot = 3", 'memory = "1G"', "[x]",
      "memory = 1", "= 1", '"', "[[lpc]]", "a.b.c = 1", "[devices]", "slot = '3'"]),

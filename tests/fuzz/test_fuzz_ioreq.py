@@ -29,7 +29,7 @@ from ._vm import build_vm, reset_vm
 _inner = base.test_random_slots_never_break_the_server.hypothesis.inner_test
 
 
-@fuzz_settings(100)
+@fuzz_settings(50)
 @given(vcpu_num=st.integers(1, 16), slots=st.lists(base.slot, min_size=16, max_size=16))
 def test_random_slot_bytes(vcpu_num, slots):
     count("ioreq.slot_bytes")
