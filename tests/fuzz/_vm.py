@@ -22,6 +22,8 @@ SLOTS = (
     "5,virtio-rnd,transitional",
     f"6,virtio-console,@file:con0={CONSOLE_OUT}",
     f"7,virtio-blk,{IMAGE},modern,pio_notify",
+    "8,passthru,sim:4,vmsix_on_msi",  # synthetic host device, config virtualized by us
+    "9,passthru,sim:2",
     "31,lpc",
 )
 

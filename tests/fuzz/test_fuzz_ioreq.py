@@ -59,7 +59,7 @@ op = st.tuples(
     st.booleans(),                               # write?
     st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 0xFF, 0xFFFF_FFFF])),
     st.tuples(st.sampled_from([0, 0, 0, 1, 255]),
-              st.one_of(st.sampled_from([0, 3, 4, 5, 6, 7, 31]), st.integers(0, 31)),
+              st.one_of(st.sampled_from([0, 3, 4, 5, 6, 7, 8, 9, 31]), st.integers(0, 31)),
               st.sampled_from([0, 0, 0, 1, 7]),
               st.one_of(st.integers(0, 0x100), st.integers(0, 0x1000))),
     st.booleans(),                               # PCICFG instead of the target
