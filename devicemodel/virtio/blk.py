@@ -3,9 +3,12 @@
 Data moves with ``os.preadv``/``os.pwritev`` straight between the image and guest RAM
 memoryviews. A request the page cache can serve at once (``RWF_NOWAIT``) is done on the
 event loop; every other one runs on the device's bounded thread pool, many in flight (one
-trio task each), since a thread hand-off costs far more than a cached 4 KiB copy. Host
-I/O errors become VIRTIO_BLK_S_IOERR for that request; only a driver that breaks the
-request format (no header, no status byte) stops the device.
+trio task each), since a thread hand-off costs far more than a cached 4 KiB copy. The
+worker takes the ring in batches: a plain read (header, one data buffer, status byte) skips
+the general parser, reads that continue one another share one ``preadv``, and a batch
+ends with one used-index store and at most one interrupt. Host I/O errors become
+VIRTIO_BLK_S_IOERR for that request; only a driver that breaks the request format (no
+header, no status byte) stops the device.
 
 Data is sacred: the default is writethrough (fdatasync after every write), a flush is an
 fsync, and writeback is used only if asked for (``writeback``) and the driver can flush.
@@ -451,50 +454,56 @@ class VirtioBlk(VirtioDevice):
         batch of a sequential stream.
         """
         lo_end, lo = q.low_ram
-        fd = self.fd
-        fast = fd >= 0 and self._nowait_read and lo is not None
-        size, sectsz = self.size, self.sectsz
+        fast = self.fd >= 0 and self._nowait_read and lo is not None
+        size, sectsz, inline_max = self.size, self.sectsz, INLINE_MAX
         unpack_hdr = _HDR.unpack_from
-        group: list[tuple[int, memoryview, int, int]] = []  # head, data, status gpa, length
+        read_group = self._read_group
+        # the reads being merged: their buffers, (head, status GPA, length), file range
+        g_views: list[memoryview] = []
+        g_reqs: list[tuple[int, int, int]] = []
         g_start = g_end = -1
         for chain in chains:
             descs = chain.descs
             if fast and len(descs) == 3 and chain.nreadable == 1:
                 (h_addr, h_len, _, _), (d_addr, length, _, _), (s_addr, s_len, _, _) = descs
-                if (h_len == _HDR.size and s_len == 1 and h_addr + 16 <= lo_end
+                if (h_len == 16 and s_len == 1 and h_addr + 16 <= lo_end
                         and d_addr + length <= lo_end and s_addr < lo_end):
-                    rtype, _, sector = unpack_hdr(lo, h_addr)
+                    rtype, _, sector = unpack_hdr(lo, h_addr)  # type: ignore[arg-type]
                     offset = sector * SECTOR
-                    if (rtype == VIRTIO_BLK_T_IN and length <= INLINE_MAX
+                    if (rtype == VIRTIO_BLK_T_IN and length <= inline_max
                             and not offset % sectsz and not length % sectsz
                             and offset + length <= size):
-                        if offset != g_end or g_end - g_start + length > COALESCE_MAX \
-                                or len(group) >= IOV_MAX:
-                            if group:
-                                self._read_group(q, group, g_start, g_end, used, nursery)
-                            group = []
-                            g_start = g_end = offset
-                        group.append((chain.head, lo[d_addr : d_addr + length], s_addr, length))
-                        g_end += length
+                        view = lo[d_addr : d_addr + length]  # type: ignore[index]
+                        if offset == g_end and g_end - g_start + length <= COALESCE_MAX \
+                                and len(g_views) < IOV_MAX:
+                            g_views.append(view)
+                            g_reqs.append((chain.head, s_addr, length))
+                            g_end += length
+                            continue
+                        if g_views:
+                            read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
+                        g_views = [view]
+                        g_reqs = [(chain.head, s_addr, length)]
+                        g_start, g_end = offset, offset + length
                         continue
-            if group:
-                self._read_group(q, group, g_start, g_end, used, nursery)
-                group = []
+            if g_views:
+                read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
+                g_views, g_reqs = [], []
                 g_start = g_end = -1
             req = self._parse(chain)
             if self._try_inline(req):
                 used.append((req.head, (req.length if req.rtype == VIRTIO_BLK_T_IN else 0) + 1))
             else:
                 nursery.start_soon(self._request, q, req)
-        if group:
-            self._read_group(q, group, g_start, g_end, used, nursery)
+        if g_views:
+            read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
 
-    def _read_group(self, q: Virtqueue, group: list[tuple[int, memoryview, int, int]],
+    def _read_group(self, q: Virtqueue, views: list[memoryview], reqs: list[tuple[int, int, int]],
                     start: int, end: int, used: list[tuple[int, int]],
                     nursery: trio.Nursery) -> None:
-        """One non-blocking preadv for reads that continue one another; whatever the page
-        cache cannot serve at once is retried request by request (inline, then threads)."""
-        views = [g[1] for g in group]
+        """One non-blocking preadv for reads that continue one another (``reqs``: head,
+        status GPA and length of each, ``views`` their buffers); whatever the page cache
+        cannot serve at once is retried request by request (inline, then threads)."""
         try:
             n = _preadv_nowait(self.fd, views, self.base + start)
         except BlockingIOError:
@@ -505,16 +514,17 @@ class VirtioBlk(VirtioDevice):
             n = -1
         lo = q.low_ram[1]
         if n == end - start and lo is not None:
-            for head, _, s_addr, length in group:
+            append = used.append
+            for head, s_addr, length in reqs:
                 lo[s_addr] = VIRTIO_BLK_S_OK
-                used.append((head, length + 1))
+                append((head, length + 1))
             return
         offset = start
-        for head, view, s_addr, length in group:
+        for (head, s_addr, length), view in zip(reqs, views, strict=True):
             req = _Request(head, VIRTIO_BLK_T_IN, offset // SECTOR, [], [view],
                            q.map_buffer(s_addr, 1), length)
             offset += length
-            if len(group) > 1 and self._try_inline(req):
+            if len(reqs) > 1 and self._try_inline(req):
                 used.append((head, length + 1))
             else:
                 nursery.start_soon(self._request, q, req)

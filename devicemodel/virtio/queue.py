@@ -1,7 +1,9 @@
 """The split virtqueue (virtio 1.2 §2.7): a small queue type and a descriptor-chain walker.
 
-The guest is untrusted. Every ring and buffer address goes through ``MemoryMap.view``
-(bounds and 2^64 wrap checks), chains are walked with hard limits (index < size, at most
+The guest is untrusted. Every ring and buffer address is checked against guest RAM
+(``MemoryMap.view``'s bounds and 2^64 wrap checks; for buffers in the RAM below or above
+the PCI hole the walker does the same comparison inline, from ``MemoryMap.spans``, and
+maps views only when asked), chains are walked with hard limits (index < size, at most
 ``size`` direct descriptors, one level of indirection, device-readable before
 device-writable), and anything malformed raises :class:`VirtqueueError`. The device turns
 that into DEVICE_NEEDS_RESET for itself only (``VirtioDevice.fail``).
@@ -301,17 +303,13 @@ class Virtqueue:
         size = self.size
         if head >= size:
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
-        view = self.mem.view
         table = self._desc
         assert table is not None
         lo_end = self._lo_end
-        hi_start = self._hi_start
-        hi_end = self._hi_end
         unpack = _DESC.unpack_from
         limit = size
         indirect_table = False
         descs: list[tuple[int, int, int, int]] = []
-        append = descs.append
         nreadable = 0
         rlen = wlen = 0
         i = head
@@ -339,7 +337,7 @@ class Virtqueue:
                         raise VirtqueueError(
                             f"queue {self.index}: indirect table length {length} is invalid"
                         )
-                    table = view(addr, length)
+                    table = self.mem.view(addr, length)
                     indirect_table = True
                     limit = n
                     size = n
@@ -348,8 +346,8 @@ class Virtqueue:
                     continue
                 # addr and length are unsigned, so end <= lo_end means inside [0, lo_end)
                 end = addr + length
-                if end > lo_end and not (hi_start <= addr and end <= hi_end):
-                    view(addr, length)  # raises GuestMemoryError unless it is RAM
+                if end > lo_end and not (self._hi_start <= addr and end <= self._hi_end):
+                    self.mem.view(addr, length)  # raises GuestMemoryError unless it is RAM
                 if flags & VIRTQ_DESC_F_WRITE:
                     wlen += length
                 else:
@@ -359,7 +357,7 @@ class Virtqueue:
                         )
                     nreadable += 1
                     rlen += length
-                append(d)
+                descs.append(d)
                 if not flags & VIRTQ_DESC_F_NEXT:
                     break
                 if nxt >= size:
