@@ -202,6 +202,12 @@ def main() -> int:
                 print("\n".join(log[-60:]), file=sys.stderr)
                 print("vhost_blk: the guest did not finish the benchmark", file=sys.stderr)
                 return 1
+            missing = [(d, t, r) for r in range(args.reps) for t in TESTS for d in ("vda", "vdb")
+                       if (d, t, r) not in results]
+            if missing:  # a failed test must not pass silently as a missing median
+                print("\n".join(ln for ln in log if "VBENCH" not in ln)[-4000:], file=sys.stderr)
+                print(f"vhost_blk: no result for {missing}; our back end's log:\n"
+                      f"{ours.log()[-4000:]}", file=sys.stderr)
         finally:
             g.stop_backend(ours)
             qsd.terminate()

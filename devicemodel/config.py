@@ -277,7 +277,7 @@ def parse_mem(text: str, opt: str = "-m") -> int:
 def _bdf_numbers(where: str) -> list[int] | None:
     """acrn-dm's parse_bdf: up to three decimal fields separated by ':', '/' or '.'."""
     parts = where.replace("/", ":").replace(".", ":").split(":")
-    if not all(p.isdigit() for p in parts):
+    if not all(p.isascii() and p.isdigit() for p in parts):
         return None
     return [int(p, 10) for p in parts]
 
@@ -376,7 +376,7 @@ def host_lapic_ids() -> list[int]:
 def parse_cpu_affinity(text: str) -> list[int]:
     """acrn-dm's ``--cpu_affinity``: the LAPIC ids of the VM's CPUs, e.g. ``0,2``."""
     fields = text.split(",")
-    if not all(f.isdigit() for f in fields):
+    if not all(f.isascii() and f.isdigit() for f in fields):
         raise ConfigError(
             f"--cpu_affinity {text}: expected comma-separated CPU (LAPIC) ids, e.g. 1,2"
         )
@@ -391,7 +391,7 @@ def parse_cpu_affinity(text: str) -> list[int]:
 
 
 def parse_virtio_poll(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ConfigError(f"--virtio_poll {text}: expected an interval in nanoseconds, "
                           "e.g. --virtio_poll 1000000")
     ns = int(text, 10)

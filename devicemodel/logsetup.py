@@ -45,7 +45,7 @@ def parse_logger_setting(text: str) -> dict[str, int]:
             raise ConfigError(f"--logger_setting {text}: unknown logger {name!r}; "
                               f"use {', '.join(LOGGERS)}")
         key, eq, value = rest.partition("=")
-        if key != "level" or not eq or not value.isdigit() or int(value) > 5:
+        if key != "level" or not eq or not (value.isascii() and value.isdigit()) or int(value) > 5:
             raise ConfigError(f"--logger_setting {text}: write {name},level=N with N in 0..5 "
                               "(1 error .. 5 debug)")
         levels[name] = int(value)

@@ -4,14 +4,16 @@ A child process runs a sim VM with virtio-blk (legacy virtio-pci, through the re
 slots) and a guest driver (tests/adversarial.py's) that writes numbered 4 KiB blocks, up
 to 8 in flight, and a FLUSH after every 16. Each completion the guest sees is reported
 over a pipe as it happens: ``W n`` (write of block n acknowledged), ``F n`` (a flush
-completed after the writes up to n were acknowledged). The child also reports each
-``fsync``/``fdatasync`` the device model issues (``S``), through a recording wrapper.
+completed after the writes up to n were acknowledged). The child also reports, through
+recording wrappers, each ``pwritev`` the device model issues (``P first last`` blocks,
+once it returned) and each ``fsync``/``fdatasync`` (``s`` when it starts, ``S`` when it
+returned).
 The parent SIGKILLs the child at a random point while it writes, then checks the image:
 
-* writeback: every block acknowledged before a completed flush holds its data, and every
-  flush was preceded by an fsync of the image;
-* writethrough (the default): every acknowledged block holds its data, and no write was
-  acknowledged before an fdatasync that followed it.
+* writeback: every block acknowledged before a completed flush holds its data, and the
+  data of every such block had been written and then synced before the flush completed;
+* writethrough (the default): every acknowledged block holds its data, and had been
+  written and then synced before it was acknowledged (one sync may cover a batch).
 
 A SIGKILL keeps the page cache, so the image shows what the device model handed to the
 kernel: the check proves no acknowledgment ran ahead of the pwritev (nothing buffered in
@@ -55,10 +57,20 @@ def child_main(argv: list[str]) -> None:
         real = getattr(os, name)
 
         def recording(fd: int, _real=real, _name=name) -> None:
+            report(f"s {_name}")  # what was written before this point is covered
             _real(fd)
             report(f"S {_name}")
 
         setattr(os, name, recording)
+    real_pwritev = os.pwritev
+
+    def recording_pwritev(fd: int, buffers, offset: int, *flags: int) -> int:
+        n = real_pwritev(fd, buffers, offset, *flags)
+        if n > 0:
+            report(f"P {offset // BLOCK} {(offset + n - 1) // BLOCK}")
+        return n
+
+    os.pwritev = recording_pwritev
 
     import trio
 
@@ -159,14 +171,31 @@ def test_writeback_flushed_writes_survive_sigkill(tmp_path: Path, seed: int) -> 
     assert flushed, f"no flush completed before the kill: {events[-5:]}"
     for n in range(flushed[-1] + 1):
         assert block_ok(image, n), f"block {n} was flushed but is not on the image"
-    # each flush acknowledgment came after an fsync issued since the previous flush
-    since_sync = False
+    durable = synced_blocks(events)
+    for e, done in zip(events, durable, strict=True):
+        if e.startswith("F"):
+            n = int(e.split()[1])
+            missing = [b for b in range(n + 1) if b not in done]
+            assert not missing, f"flush acknowledged before blocks {missing[:10]} were synced"
+
+
+def synced_blocks(events: list[str]) -> list[frozenset[int]]:
+    """For each event, the blocks that were written and then covered by a
+    completed sync that started after the write returned, at the time of that event."""
+    written: set[int] = set()
+    synced: set[int] = set()
+    started: list[frozenset[int]] = []  # snapshots at each sync start, FIFO
+    out: list[frozenset[int]] = []
     for e in events:
-        if e.startswith("S"):
-            since_sync = True
-        elif e.startswith("F"):
-            assert since_sync, "a flush was acknowledged without an fsync"
-            since_sync = False
+        kind, *rest = e.split()
+        if kind == "P":
+            written |= set(range(int(rest[0]), int(rest[1]) + 1))
+        elif kind == "s":
+            started.append(frozenset(written))
+        elif kind == "S" and started:
+            synced |= started.pop(0)
+        out.append(frozenset(synced))
+    return out
 
 
 @pytest.mark.parametrize("seed", [3, 4])
@@ -176,11 +205,9 @@ def test_writethrough_acknowledged_writes_survive_sigkill(tmp_path: Path, seed: 
     assert len(acked) >= 40
     missing = [n for n in acked if not block_ok(image, n)]
     assert not missing, f"acknowledged blocks missing from the image: {missing[:10]}"
-    # writethrough: by the time the guest saw k writes, k data syncs had been issued
-    syncs = writes = 0
-    for e in events:
-        if e.startswith("S"):
-            syncs += 1
-        elif e.startswith("W"):
-            writes += 1
-            assert syncs >= writes, "a write was acknowledged before its fdatasync"
+    # writethrough: each acknowledged block had been written, then synced, before its ack
+    durable = synced_blocks(events)
+    for e, done in zip(events, durable, strict=True):
+        if e.startswith("W"):
+            n = int(e.split()[1])
+            assert n in done, f"block {n} acknowledged before a sync covered it"

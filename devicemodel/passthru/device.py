@@ -74,12 +74,13 @@ class PassthruOptions:
             name = tok.split("=", 1)[0]
             if tok in FLAGS:
                 self.flags.add(tok)
-                if tok == "vmsix_on_msi" and i + 1 < len(tokens) and tokens[i + 1].isdigit():
+                nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+                if tok == "vmsix_on_msi" and nxt.isascii() and nxt.isdigit():
                     self.vmsix_bar = int(tokens[i + 1], 10)
                     i += 1
             elif name == "irq":
                 value = tok.partition("=")[2]
-                if not value.isdigit() or int(value) > 255:
+                if not (value.isascii() and value.isdigit()) or int(value) > 255:
                     raise ConfigError(f"-s {where},passthru: irq={value!r} is not an IRQ "
                                       "number 0..255")
                 self.irq = int(value)

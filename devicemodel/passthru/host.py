@@ -461,7 +461,7 @@ class SimHostDevice(HostPciDevice):
 def parse_sim_spec(spec: str, bdf: int) -> SimHostDevice:
     """``sim:<vectors>[:<feature>...]`` → a SimHostDevice."""
     parts = spec.split(":")
-    if len(parts) < 2 or not parts[1].isdigit():
+    if len(parts) < 2 or not (parts[1].isascii() and parts[1].isdigit()):
         raise PassthroughError(
             f"passthru {spec}: write sim:<vectors>, e.g. sim:4 (vectors a power of two 1..32)"
         )

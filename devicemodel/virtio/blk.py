@@ -32,6 +32,7 @@ import hashlib
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -79,9 +80,9 @@ SIZE_MAX = 1 << 20  # largest single segment we advertise
 CONFIG_SIZE = 60  # through write_zeroes_may_unmap and its padding
 CFG_WRITEBACK = 32
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-INLINE_MAX = 256 * 1024  # largest read tried on the event loop (a memcpy from page cache)
+INLINE_MAX = 2 << 20  # largest read tried on the event loop (a memcpy from page cache)
 INLINE_BATCH = 32  # requests popped and completed between interrupts/yields
-COALESCE_MAX = 1 << 20  # sequential inline reads merged into one preadv up to this size
+COALESCE_MAX = 2 << 20  # sequential inline reads merged into one preadv up to this size
 
 _HDR = struct.Struct("<IIQ")  # type, reserved/ioprio, sector
 _SEG = struct.Struct("<QII")  # sector, num_sectors, flags
@@ -237,6 +238,56 @@ def _pwritev_all(fd: int, views: list[memoryview], offset: int, sync: bool) -> N
         _advance(views, n)
     if sync:
         os.fdatasync(fd)
+
+
+def _iovecs(lo: memoryview, addrs: Sequence[int], lens: Sequence[int],
+            stop: int) -> list[memoryview]:
+    """Views of ``lo`` for buffers 1..stop-1 of a chain, one per guest-physically
+    contiguous run (Linux often hands out adjacent pages); the caller checked bounds."""
+    out: list[memoryview] = []
+    start = end = -1
+    for a, n in zip(addrs[1:stop], lens[1:stop], strict=True):
+        if a == end:
+            end += n
+            continue
+        if end > start:
+            out.append(lo[start:end])
+        start, end = a, a + n
+    if end > start:
+        out.append(lo[start:end])
+    return out
+
+
+def _pwrite_batch(fd: int, writes: list[tuple[int, memoryview, int, int, list[memoryview]]],
+                  sync: bool) -> tuple[list[int], OSError | None]:
+    """Write every request of a batch (writes that continue one another in one
+    ``pwritev``), then fdatasync once if ``sync``: the status of each and the last error.
+    A request is OK only once its data is on the image (and synced, if asked)."""
+    statuses = [VIRTIO_BLK_S_IOERR] * len(writes)
+    error: OSError | None = None
+    i = 0
+    while i < len(writes):
+        _, _, start, length, views = writes[i]
+        views = list(views)
+        j = i + 1
+        while (j < len(writes) and writes[j][2] == start + length
+               and len(views) + len(writes[j][4]) <= IOV_MAX):
+            views += writes[j][4]
+            length += writes[j][3]
+            j += 1
+        try:
+            _pwritev_all(fd, views, start, False)
+        except OSError as e:
+            error = e
+        else:
+            statuses[i:j] = [VIRTIO_BLK_S_OK] * (j - i)
+        i = j
+    if sync and VIRTIO_BLK_S_OK in statuses:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            return [VIRTIO_BLK_S_IOERR] * len(writes), e
+    return statuses, error
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -448,62 +499,83 @@ class VirtioBlk(VirtioDevice):
                    used: list[tuple[int, int]], nursery: trio.Nursery) -> None:
         """Serve popped chains in order; completions inline go to ``used``.
 
-        The common read (a 16-byte header, one data buffer, a status byte, all in the RAM
-        at GPA 0) skips the general parsing, and reads that continue one another are
-        merged into one ``preadv`` from the page cache: one system call for a whole
-        batch of a sequential stream.
+        A read or write whose header, data and status byte are separate buffers in the RAM
+        at GPA 0 (what Linux sends) skips the general parsing: its data buffers become one
+        iovec per guest-physically contiguous run. Reads that continue one another are
+        merged into one non-blocking ``preadv`` from the page cache (one system call for a
+        sequential stream); the batch's writes go to the thread pool in one hand-off.
         """
         lo_end, lo = q.low_ram
-        fast = self.fd >= 0 and self._nowait_read and lo is not None
+        fast = self.fd >= 0 and lo is not None
+        nowait_read = self._nowait_read
         size, sectsz, inline_max = self.size, self.sectsz, INLINE_MAX
         unpack_hdr = _HDR.unpack_from
         read_group = self._read_group
-        # the reads being merged: their buffers, (head, status GPA, length), file range
+        # the reads being merged: their buffers, (head, status GPA, length, buffers), range
         g_views: list[memoryview] = []
-        g_reqs: list[tuple[int, int, int]] = []
+        g_reqs: list[tuple[int, int, int, list[memoryview]]] = []
         g_start = g_end = -1
-        for chain in chains:
-            descs = chain.descs
-            if fast and len(descs) == 3 and chain.nreadable == 1:
-                (h_addr, h_len, _, _), (d_addr, length, _, _), (s_addr, s_len, _, _) = descs
-                if (h_len == 16 and s_len == 1 and h_addr + 16 <= lo_end
-                        and d_addr + length <= lo_end and s_addr < lo_end):
-                    rtype, _, sector = unpack_hdr(lo, h_addr)  # type: ignore[arg-type]
+        writes: list[tuple[int, memoryview, int, int, list[memoryview]]] = []
+        try:
+            for chain in chains:
+                lens = chain.lens
+                if fast and chain.low and len(lens) >= 3 and lens[0] == 16 and lens[-1] == 1:
+                    addrs = chain.addrs
+                    rtype, _, sector = unpack_hdr(lo, addrs[0])  # type: ignore[arg-type]
                     offset = sector * SECTOR
-                    if (rtype == VIRTIO_BLK_T_IN and length <= inline_max
-                            and not offset % sectsz and not length % sectsz
-                            and offset + length <= size):
-                        view = lo[d_addr : d_addr + length]  # type: ignore[index]
-                        if offset == g_end and g_end - g_start + length <= COALESCE_MAX \
-                                and len(g_views) < IOV_MAX:
-                            g_views.append(view)
-                            g_reqs.append((chain.head, s_addr, length))
-                            g_end += length
+                    nd = len(lens)
+                    if rtype == VIRTIO_BLK_T_IN and chain.nreadable == 1 and nowait_read:
+                        length = chain.writable_len - 1
+                        if (length <= inline_max and not offset % sectsz and not length % sectsz
+                                and offset + length <= size):
+                            if nd == 3:
+                                d_addr = addrs[1]
+                                views = [lo[d_addr : d_addr + length]]  # type: ignore[index]
+                            else:
+                                views = _iovecs(lo, addrs, lens, nd - 1)  # type: ignore[arg-type]
+                            if (offset == g_end and g_end - g_start + length <= COALESCE_MAX
+                                    and len(g_views) + len(views) <= IOV_MAX):
+                                g_views += views
+                                g_reqs.append((chain.head, addrs[-1], length, views))
+                                g_end += length
+                                continue
+                            if g_views:
+                                read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
+                            g_views = list(views)
+                            g_reqs = [(chain.head, addrs[-1], length, views)]
+                            g_start, g_end = offset, offset + length
                             continue
-                        if g_views:
-                            read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
-                        g_views = [view]
-                        g_reqs = [(chain.head, s_addr, length)]
-                        g_start, g_end = offset, offset + length
-                        continue
+                    elif (rtype == VIRTIO_BLK_T_OUT and chain.nreadable == nd - 1 and not self.ro
+                            and len(lens) - 2 <= IOV_MAX):
+                        length = chain.readable_len - 16
+                        if not offset % sectsz and not length % sectsz and offset + length <= size:
+                            s_addr = addrs[-1]
+                            writes.append((chain.head, lo[s_addr : s_addr + 1],  # type: ignore[index]
+                                           self.base + offset, length,
+                                           _iovecs(lo, addrs, lens, nd - 1)))  # type: ignore[arg-type]
+                            continue
+                if g_views:
+                    read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
+                    g_views, g_reqs = [], []
+                    g_start = g_end = -1
+                req = self._parse(chain)
+                if self._try_inline(req):
+                    used.append((req.head, (req.length if req.rtype == VIRTIO_BLK_T_IN else 0) + 1))
+                else:
+                    nursery.start_soon(self._request, q, req)
             if g_views:
                 read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
-                g_views, g_reqs = [], []
-                g_start = g_end = -1
-            req = self._parse(chain)
-            if self._try_inline(req):
-                used.append((req.head, (req.length if req.rtype == VIRTIO_BLK_T_IN else 0) + 1))
-            else:
-                nursery.start_soon(self._request, q, req)
-        if g_views:
-            read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
+        finally:  # the writes before a malformed request are still done
+            if writes:
+                nursery.start_soon(self._write_batch, q, writes)
 
-    def _read_group(self, q: Virtqueue, views: list[memoryview], reqs: list[tuple[int, int, int]],
-                    start: int, end: int, used: list[tuple[int, int]],
-                    nursery: trio.Nursery) -> None:
+    def _read_group(self, q: Virtqueue, views: list[memoryview],
+                    reqs: list[tuple[int, int, int, list[memoryview]]], start: int, end: int,
+                    used: list[tuple[int, int]], nursery: trio.Nursery) -> None:
         """One non-blocking preadv for reads that continue one another (``reqs``: head,
-        status GPA and length of each, ``views`` their buffers); whatever the page cache
-        cannot serve at once is retried request by request (inline, then threads)."""
+        status GPA, length and buffers of each, ``views`` all their buffers); whatever the
+        page cache cannot serve at once is retried request by request (inline, then
+        threads)."""
         try:
             n = _preadv_nowait(self.fd, views, self.base + start)
         except BlockingIOError:
@@ -515,19 +587,35 @@ class VirtioBlk(VirtioDevice):
         lo = q.low_ram[1]
         if n == end - start and lo is not None:
             append = used.append
-            for head, s_addr, length in reqs:
+            for head, s_addr, length, _ in reqs:
                 lo[s_addr] = VIRTIO_BLK_S_OK
                 append((head, length + 1))
             return
         offset = start
-        for (head, s_addr, length), view in zip(reqs, views, strict=True):
-            req = _Request(head, VIRTIO_BLK_T_IN, offset // SECTOR, [], [view],
+        for head, s_addr, length, req_views in reqs:
+            req = _Request(head, VIRTIO_BLK_T_IN, offset // SECTOR, [], req_views,
                            q.map_buffer(s_addr, 1), length)
             offset += length
             if len(reqs) > 1 and self._try_inline(req):
                 used.append((head, length + 1))
             else:
                 nursery.start_soon(self._request, q, req)
+
+    async def _write_batch(self, q: Virtqueue,
+                           writes: list[tuple[int, memoryview, int, int, list[memoryview]]]
+                           ) -> None:
+        """A batch's writes (head, status byte, file offset, length, buffers) in one thread
+        hand-off, completed together once on the image (and, writethrough, synced)."""
+        statuses, error = await self.blocking(_pwrite_batch, self.fd, writes,
+                                              not self.writeback)
+        if error is not None:
+            self.glog.warning("%s: I/O error on %s: %s", self.name, self.opts.path, error)
+        used = []
+        for (head, status_view, _, _, _), status in zip(writes, statuses, strict=True):
+            status_view[0] = status
+            used.append((head, 1))
+        q.add_used_batch(used)
+        self.signal(q)
 
     def _parse(self, chain: DescriptorChain) -> _Request:
         if chain.readable_len < _HDR.size:

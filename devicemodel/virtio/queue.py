@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Sequence
 
 from ..memory import GuestMemoryError, MemoryMap
 
@@ -44,6 +45,19 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 
 _barrier_lock = threading.Lock()
+
+#: ``struct.Struct`` for a whole indirect table of n descriptors, by n (at most MAX_INDIRECT).
+_TABLES: dict[int, struct.Struct] = {}
+#: (1, 2, ..., n-1) by n: the ``next`` fields of a table that is chained in order.
+_IN_ORDER: dict[int, tuple[int, ...]] = {}
+
+
+def _table_struct(n: int) -> struct.Struct:
+    s = _TABLES.get(n)
+    if s is None:
+        s = _TABLES[n] = struct.Struct("<" + "QIHH" * n)
+        _IN_ORDER[n] = tuple(range(1, n))
+    return s
 
 
 def _full_barrier() -> None:
@@ -75,22 +89,25 @@ def legacy_ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, in
 class DescriptorChain:
     """One request: its head index and its buffers, every one checked to be guest RAM.
 
-    ``descs`` are the chain's descriptors as (addr, len, flags, next) in chain order, the
-    first ``nreadable`` device-readable (driver → device), the rest device-writable. A
-    hot path may use the addresses directly; ``readable`` and ``writable`` map them as
+    ``addrs`` and ``lens`` are the chain's buffers (guest-physical address, length) in
+    chain order, the first ``nreadable`` device-readable (driver → device), the rest
+    device-writable; ``low`` says every one lies in the RAM at GPA 0 (``Virtqueue.low_ram``).
+    A hot path may use the addresses directly; ``readable`` and ``writable`` map them as
     memoryviews of guest RAM on first use (views stay valid while the RAM mapping exists).
     """
 
-    __slots__ = ("head", "descs", "nreadable", "readable_len", "writable_len", "_queue",
-                 "_views")
+    __slots__ = ("head", "addrs", "lens", "nreadable", "readable_len", "writable_len", "low",
+                 "_queue", "_views")
 
-    def __init__(self, head: int, descs: list[tuple[int, int, int, int]], nreadable: int,
-                 readable_len: int, writable_len: int, queue: Virtqueue) -> None:
+    def __init__(self, head: int, addrs: Sequence[int], lens: Sequence[int], nreadable: int,
+                 readable_len: int, writable_len: int, low: bool, queue: Virtqueue) -> None:
         self.head = head
-        self.descs = descs
+        self.addrs = addrs
+        self.lens = lens
         self.nreadable = nreadable
         self.readable_len = readable_len
         self.writable_len = writable_len
+        self.low = low
         self._queue = queue
         self._views: list[memoryview] | None = None
 
@@ -102,7 +119,7 @@ class DescriptorChain:
             lo_end, lo = q._lo_end, q._lo_view
             v = self._views = [
                 lo[a : a + n] if a + n <= lo_end else q.map_buffer(a, n)  # type: ignore[index]
-                for a, n, _, _ in self.descs
+                for a, n in zip(self.addrs, self.lens, strict=True)
             ]
         return v
 
@@ -299,7 +316,8 @@ class Virtqueue:
 
     def _walk(self, head: int) -> DescriptorChain:
         """Validate one chain. A buffer in the RAM below or above the PCI hole is checked
-        inline; anything else (or a memory map that vets accesses) through ``mem.view``."""
+        inline; anything else (or a memory map that vets accesses) through ``mem.view``.
+        An indirect table chained in order (as Linux builds them) is checked whole."""
         size = self.size
         if head >= size:
             raise VirtqueueError(f"queue {self.index}: head index {head} >= size {size}")
@@ -309,9 +327,11 @@ class Virtqueue:
         unpack = _DESC.unpack_from
         limit = size
         indirect_table = False
-        descs: list[tuple[int, int, int, int]] = []
+        addrs: list[int] = []
+        lens: list[int] = []
         nreadable = 0
         rlen = wlen = 0
+        low = True
         i = head
         count = 0
         try:
@@ -321,8 +341,7 @@ class Virtqueue:
                     raise VirtqueueError(
                         f"queue {self.index}: chain at {head} loops or exceeds {limit} descriptors"
                     )
-                d = unpack(table, 16 * i)
-                addr, length, flags, nxt = d
+                addr, length, flags, nxt = unpack(table, 16 * i)
                 if flags & VIRTQ_DESC_F_INDIRECT:
                     if indirect_table:
                         raise VirtqueueError(f"queue {self.index}: nested indirect table")
@@ -338,6 +357,10 @@ class Virtqueue:
                             f"queue {self.index}: indirect table length {length} is invalid"
                         )
                     table = self.mem.view(addr, length)
+                    if count == 1 and n > 1:
+                        chain = self._whole_table(head, table, n)
+                        if chain is not None:
+                            return chain
                     indirect_table = True
                     limit = n
                     size = n
@@ -346,18 +369,21 @@ class Virtqueue:
                     continue
                 # addr and length are unsigned, so end <= lo_end means inside [0, lo_end)
                 end = addr + length
-                if end > lo_end and not (self._hi_start <= addr and end <= self._hi_end):
-                    self.mem.view(addr, length)  # raises GuestMemoryError unless it is RAM
+                if end > lo_end:
+                    low = False
+                    if not (self._hi_start <= addr and end <= self._hi_end):
+                        self.mem.view(addr, length)  # raises GuestMemoryError unless it is RAM
                 if flags & VIRTQ_DESC_F_WRITE:
                     wlen += length
                 else:
-                    if len(descs) != nreadable:
+                    if len(addrs) != nreadable:
                         raise VirtqueueError(
                             f"queue {self.index}: readable descriptor after a writable one"
                         )
                     nreadable += 1
                     rlen += length
-                descs.append(d)
+                addrs.append(addr)
+                lens.append(length)
                 if not flags & VIRTQ_DESC_F_NEXT:
                     break
                 if nxt >= size:
@@ -365,7 +391,34 @@ class Virtqueue:
                 i = nxt
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: buffer outside guest RAM ({e})") from None
-        return DescriptorChain(head, descs, nreadable, rlen, wlen, self)
+        return DescriptorChain(head, addrs, lens, nreadable, rlen, wlen, low, self)
+
+    def _whole_table(self, head: int, table: memoryview, n: int) -> DescriptorChain | None:
+        """The chain of an indirect table whose entries are chained in order (0 → 1 → … →
+        n-1: NEXT on all but the last, readable ones first, no other flag) and all lie in
+        the RAM at GPA 0, checked with one unpack and C-level comparisons; None for any
+        other table, which the general walk then handles (and rejects if it must)."""
+        flat = _table_struct(n).unpack_from(table)
+        if flat[3::4][:-1] != _IN_ORDER[n]:
+            return None
+        flags = flat[2::4]
+        last = flags[-1]
+        nreadable = flags.count(VIRTQ_DESC_F_NEXT)  # readable ones; the last is counted below
+        if (flags.count(VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE) + nreadable != n - 1
+                or flags[:nreadable].count(VIRTQ_DESC_F_NEXT) != nreadable):
+            return None
+        if last == 0:
+            if nreadable != n - 1:
+                return None
+            nreadable = n
+        elif last != VIRTQ_DESC_F_WRITE:
+            return None
+        addrs = flat[0::4]
+        lens = flat[1::4]
+        if max(addrs) + max(lens) > self._lo_end:  # a bound on every addr + len
+            return None
+        rlen = sum(lens[:nreadable])
+        return DescriptorChain(head, addrs, lens, nreadable, rlen, sum(lens) - rlen, True, self)
 
     # -- device → driver ---------------------------------------------------------------
 

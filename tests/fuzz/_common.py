@@ -44,3 +44,14 @@ def fuzz_settings(short: int = 50) -> settings:
 
 def count(name: str) -> None:
     COUNTS[name] += 1
+    if COUNTS[name] % 1000 == 0:
+        _save()
+
+
+def _save() -> None:
+    """Long runs: keep the counts in ``$ACRN_PYDM_FUZZ_COUNTS`` too, so a run stopped
+    early still says how far it got."""
+    path = os.environ.get("ACRN_PYDM_FUZZ_COUNTS")
+    if path:
+        with open(path, "w") as f:
+            f.write(" ".join(f"{k}={v}" for k, v in sorted(COUNTS.items())) + "\n")

@@ -12,7 +12,7 @@ import os
 import tempfile
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from devicemodel import tomlconfig
@@ -24,6 +24,8 @@ from devicemodel.config import (
     VersionRequested,
     parse_args,
 )
+from devicemodel.passthru.device import PassthruOptions
+from devicemodel.passthru.host import parse_sim_spec
 from devicemodel.virtio.blk import parse_blk_options
 from devicemodel.virtio.console import parse_console_options
 from devicemodel.virtio.net import parse_net_options
@@ -45,6 +47,7 @@ VALUES = [
     "bootrom", "code=/x,vars=/y", "1,2,3", "0-3", "3-1", "10000", "ns", "1000ns", "sim",
     "kvm", "acrn", "nope", "console=ttyS0", "enable_bar,log_level=6", "1.5", "nan", "inf",
     KERNEL, "\x00", "é", "3,virtio-blk,,,", ",,,", "3,", ":,", "0x10,dummy",
+    "²", "٣", "1²", "3,virtio-blk,/x,range=٣/1", "console,level=²",  # non-ASCII digits
 ]
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 token = st.one_of(st.sampled_from(OPTIONS), st.sampled_from(VALUES), text,
@@ -58,6 +61,13 @@ CLEAN = (ConfigError, HelpRequested, VersionRequested)
 
 
 @fuzz_settings(150)
+# found by this target: -E '' was accepted (and a VM file could not say it); non-ASCII
+# digits passed str.isdigit() and crashed int() with ValueError
+@example(argv=["1G", "-E", ""], check=False)
+@example(argv=["--virtio_poll", "²"], check=False)
+@example(argv=["-s", "²,dummy", "v"], check=False)
+@example(argv=["--cpu_affinity", "²", "v"], check=False)
+@example(argv=["--logger_setting", "console,level=²", "v"], check=False)
 @given(argv=argvs, check=st.booleans())
 def test_command_line(argv, check):
     count("config.cmdline")
@@ -82,6 +92,8 @@ PARSERS = {
     "console": parse_console_options,
     "rnd": parse_rnd_options,
     "transport": lambda t: split_transport_options("virtio-x", t),
+    "passthru": lambda t: PassthruOptions(t, "3"),
+    "passthru-sim": lambda t: parse_sim_spec(t, 0xFE00),
 }
 opt_words = st.sampled_from([
     "/nonexistent", "ro", "writethru", "writeback", "discard", "nocache", "range=1/2/3",
@@ -89,12 +101,16 @@ opt_words = st.sampled_from([
     "mac=00:16:3e:00:00:01", "mac=zz", "mac_seed=x", "mtu=1500", "mtu=-1", "mq=2",
     "@stdio:p0", "@pty:p1", "file:p2=/tmp/x", "tty:p3=/dev/x", "socket:p4=/s:server", "@",
     "legacy", "modern", "transitional", "pio_notify", "no_ioeventfd", "no_irqfd", "kernel",
-    "=", ":", "@file:", "sectors=1", "readonly", "",
+    "=", ":", "@file:", "sectors=1", "readonly", "", "sim:4", "sim:²", "0/1f/6", "1:2:3",
+    "vmsix_on_msi", "²", "irq=²", "irq=5", "enable_ptm", "gpu", "sim",
 ])
 opt_text = st.one_of(text, st.lists(st.one_of(opt_words, text), max_size=6).map(",".join))
 
 
 @fuzz_settings(150)
+@example(which="passthru", options="sim:4,vmsix_on_msi,²")
+@example(which="passthru", options="sim:4,irq=²")
+@example(which="passthru-sim", options="sim:²")
 @given(which=st.sampled_from(sorted(PARSERS)), options=opt_text)
 def test_device_option_strings(which, options):
     count("config.device_options")
