@@ -11,6 +11,7 @@ chain for chain.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -260,6 +261,7 @@ def test_in_order_indirect_tables_agree_with_the_vetted_walker(table, lie, event
     rejection, must be the vetted walker's, descriptor for descriptor."""
     for mem in (PLAIN, h.MEM):
         mem.view(0, h.LOW)[:] = bytes(h.LOW)
+        mem.view(h.HIGH, h.HIGH_SIZE)[:] = bytes(h.HIGH_SIZE)
         for i, (a, n, f) in enumerate(table):
             last = i + 1 == len(table)
             if last:
@@ -323,12 +325,12 @@ def _data_buffers(rng: int, npages: int, layout: str, slot: int) -> list[tuple[i
     return [(base + 1 + 8192 * k, 512) for k in range(npages)]  # "odd": unaligned
 
 
-async def _serve_many(requests: list, image: str) -> None:
+async def _serve_many(requests: list, image: str, mode: str = "") -> None:
     mem = GuestMemory(128 * MiB)
     with open(image, "rb") as f:
         disk = bytearray(f.read())
     try:
-        async with rig(mem, image) as r:
+        async with rig(mem, image + mode) as r:
             drv = r.drv
             hostile = None
             heads, expect = [], []
@@ -454,3 +456,27 @@ def test_many_descriptor_requests(tmp_path_factory, requests):
     path = tmp_path_factory.mktemp("many") / "disk.img"
     path.write_bytes(os.urandom(1 * MiB))
     trio.run(_serve_many, requests, str(path))
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_writeback_writes_inline_or_on_the_pool(tmp_path, monkeypatch, nowait):
+    """Writeback writes go straight to the page cache where the file system allows
+    RWF_NOWAIT (simulated here: ext4 refuses it), else to the pool; the same bytes land."""
+    calls: list[int] = []
+
+    def fake_nowait(fd, views, offset):
+        calls.append(len(views))
+        if not nowait:
+            raise OSError(errno.EOPNOTSUPP, "not here")
+        return os.pwritev(fd, views, offset)
+
+    monkeypatch.setattr(blk, "_pwritev_nowait", fake_nowait)
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(1 * MiB))
+    requests = [(blk.VIRTIO_BLK_T_OUT, 0, 256, "scattered", True, "ok"),
+                (blk.VIRTIO_BLK_T_OUT, 0, 200, "mixed", True, "ok"),
+                (VIRTIO_BLK_T_IN, 512, 256, "adjacent", True, "ok"),
+                (blk.VIRTIO_BLK_T_OUT, 2000, 24, "odd", False, "ok")]
+    trio.run(_serve_many, requests, str(path), ",writeback")
+    # one iovec per page (scattered), per contiguous run (mixed), per 512-byte piece (odd)
+    assert (calls[::2] == [256, 24] and 1 < calls[1] < 200) if nowait else calls == [256]

@@ -550,9 +550,14 @@ class VirtioBlk(VirtioDevice):
                         length = chain.readable_len - 16
                         if not offset % sectsz and not length % sectsz and offset + length <= size:
                             s_addr = addrs[-1]
-                            writes.append((chain.head, lo[s_addr : s_addr + 1],  # type: ignore[index]
-                                           self.base + offset, length,
-                                           _iovecs(lo, addrs, lens, nd - 1)))  # type: ignore[arg-type]
+                            views = _iovecs(lo, addrs, lens, nd - 1)  # type: ignore[arg-type]
+                            if self._write_inline(views, self.base + offset, length):
+                                lo[s_addr] = VIRTIO_BLK_S_OK  # type: ignore[index]
+                                used.append((chain.head, 1))
+                            else:
+                                writes.append((chain.head,
+                                               lo[s_addr : s_addr + 1],  # type: ignore[index]
+                                               self.base + offset, length, views))
                             continue
                 if g_views:
                     read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
@@ -568,6 +573,20 @@ class VirtioBlk(VirtioDevice):
         finally:  # the writes before a malformed request are still done
             if writes:
                 nursery.start_soon(self._write_batch, q, writes)
+
+    def _write_inline(self, views: list[memoryview], offset: int, length: int) -> bool:
+        """A writeback-mode write straight into the page cache (``RWF_NOWAIT``), if the file
+        system can do that without waiting; False: the caller uses the thread pool."""
+        if not (self._nowait_write and length <= INLINE_MAX and self.writeback):
+            return False
+        try:
+            return _pwritev_nowait(self.fd, views, offset) == length
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # e.g. ext4: never inline
+                self._nowait_write = False
+            return False
 
     def _read_group(self, q: Virtqueue, views: list[memoryview],
                     reqs: list[tuple[int, int, int, list[memoryview]]], start: int, end: int,
