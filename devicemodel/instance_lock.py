@@ -91,4 +91,4 @@ def _read_pid(fd: int) -> int | None:
         text = os.pread(fd, 32, 0).decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None

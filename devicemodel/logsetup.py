@@ -58,7 +58,7 @@ def journal_stream_is(stream: TextIO) -> bool:
     """True when systemd connected ``stream`` to the journal (JOURNAL_STREAM=dev:inode)."""
     value = os.environ.get("JOURNAL_STREAM", "")
     dev, _, ino = value.partition(":")
-    if not dev.isdigit() or not ino.isdigit():
+    if not (value.isascii() and dev.isdigit() and ino.isdigit()):
         return False
     try:
         st = os.fstat(stream.fileno())

@@ -75,9 +75,9 @@ def watchdog_interval() -> float | None:
     """Seconds between pings (half of WATCHDOG_USEC), or None when no watchdog is asked for."""
     usec = os.environ.get("WATCHDOG_USEC", "")
     pid = os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
+    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0:
         return None
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+    if pid and (not (pid.isascii() and pid.isdigit()) or int(pid) != os.getpid()):
         return None  # the watchdog is meant for another process
     return int(usec) / 2_000_000
 
