@@ -39,6 +39,7 @@ usage: acrn-pydm [options] <vm name>
        acrn-pydm run [--hv acrn|kvm|sim] <vm.toml>
        acrn-pydm config --from-args [options] <vm name> | --to-args <vm.toml> | --check <vm.toml>
        acrn-pydm lspci [options] <vm name>
+       acrn-pydm vhost-user <device spec> --socket-path PATH | --fd N | --print-capabilities
 
 acrn-dm compatible options:
   -m, --memsize <size>{K|M|G}    guest memory (default 256M)
