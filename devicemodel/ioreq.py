@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import mmap
+import struct
 from collections import Counter
 from typing import Protocol
 
 import trio
 
-from .bus import MmioBus, PortBus
+from .bus import Bus, MmioBus, PortBus
 from .hsm import abi
 from .hsm.base import Hypervisor
 from .ratelimit import RateLimitedLog
@@ -146,44 +147,32 @@ class IoreqServer:
                     _U32.pack_into(page, off + _VALUE_OFF, 0xFFFF_FFFF)
 
     def _portio(self, page: memoryview, off: int) -> None:
-        direction, _, addr, size = _ADDR_REQ.unpack_from(page, off + _REQS_OFF)
-        if size not in _PIO_SIZES or addr > 0xFFFF:
-            self.stats["bad_request"] += 1
-            if direction != _WRITE:
-                _U32.pack_into(page, off + _VALUE_OFF, 0xFFFF_FFFF)
-            return
-        mask = _MASK[size]
-        if direction == _WRITE:
-            value = _U32.unpack_from(page, off + _VALUE_OFF)[0] & mask
-            if not self.ports.write(addr, size, value):
-                self.stats["unhandled_pio"] += 1
-        else:
-            value = self.ports.read(addr, size)
-            if value is None:
-                self.stats["unhandled_pio"] += 1
-                value = mask
-            _U32.pack_into(page, off + _VALUE_OFF, value & mask)
-        self.stats["pio"] += 1
+        self._bus_access(page, off, self.ports, _PIO_SIZES, 0xFFFF, _U32, "pio")
 
     def _mmio(self, page: memoryview, off: int) -> None:
+        self._bus_access(page, off, self.mmio, _MMIO_SIZES, 0xFFFF_FFFF_FFFF_FFFF, _U64, "mmio")
+
+    def _bus_access(self, page: memoryview, off: int, bus: Bus, sizes: tuple[int, ...],
+                    limit: int, value_view: struct.Struct, kind: str) -> None:
+        """A PIO or MMIO request: the two differ only in bus, sizes and the value's width."""
         direction, _, addr, size = _ADDR_REQ.unpack_from(page, off + _REQS_OFF)
-        if size not in _MMIO_SIZES:
+        if size not in sizes or addr > limit:
             self.stats["bad_request"] += 1
             if direction != _WRITE:
-                _U64.pack_into(page, off + _VALUE_OFF, 0xFFFF_FFFF_FFFF_FFFF)
+                value_view.pack_into(page, off + _VALUE_OFF, _MASK[value_view.size])
             return
         mask = _MASK[size]
         if direction == _WRITE:
-            value = _U64.unpack_from(page, off + _VALUE_OFF)[0] & mask
-            if not self.mmio.write(addr, size, value):
-                self.stats["unhandled_mmio"] += 1
+            value = value_view.unpack_from(page, off + _VALUE_OFF)[0] & mask
+            if not bus.write(addr, size, value):
+                self.stats["unhandled_" + kind] += 1
         else:
-            value = self.mmio.read(addr, size)
+            value = bus.read(addr, size)
             if value is None:
-                self.stats["unhandled_mmio"] += 1
+                self.stats["unhandled_" + kind] += 1
                 value = mask
-            _U64.pack_into(page, off + _VALUE_OFF, value & mask)
-        self.stats["mmio"] += 1
+            value_view.pack_into(page, off + _VALUE_OFF, value & mask)
+        self.stats[kind] += 1
 
     def _pcicfg(self, page: memoryview, off: int) -> None:
         direction, size, value, bus, dev, func, reg = _PCI_REQ.unpack_from(page, off + _REQS_OFF)
