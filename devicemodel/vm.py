@@ -91,10 +91,8 @@ class Vm:
             self._cleanups.append(dev.close)
             self.devices[(slot.bus, slot.dev, slot.func)] = dev
             self.pci.add(slot, dev)
-        finish = getattr(self.pci, "finish", None)
-        if finish is not None:
-            finish()
-        # platform issue: RTC, PM/reset, debugexit, ACPI tables, then the guest image
+        self.pci.finish()  # BAR allocation and INTx routing, in acrn-dm's order
+        # RTC, PM/reset, debugexit, ACPI tables, then the guest image
         self.platform = install_platform(self)
         self._cleanups.append(self.platform.close)
         regs = load_guest(self)
@@ -128,12 +126,12 @@ class Vm:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.hv.serve_backend)
-                nursery.start_soon(self._serve_requests, nursery.cancel_scope)
+                nursery.start_soon(self._serve_requests)
                 for dev in self.devices.values():
                     nursery.start_soon(self._run_device, dev)
-                if self.platform is not None:  # platform issue: guest power-off/reset
+                if self.platform is not None:  # guest power-off and reset requests
                     nursery.start_soon(self._run_device, self.platform)
-                if self.config.cmd_monitor:  # launch issue: the command monitor socket
+                if self.config.cmd_monitor:
                     from .monitor import serve_monitor
 
                     await nursery.start(serve_monitor, self)
@@ -154,7 +152,7 @@ class Vm:
             self._stopped.set()
             log.info("VM %s stopped", self.config.name)
 
-    async def _serve_requests(self, scope: trio.CancelScope) -> None:
+    async def _serve_requests(self) -> None:
         assert self.server is not None
         await self.server.serve()
         # the client is gone: the VM cannot run on
