@@ -112,7 +112,7 @@ class IoreqServer:
             if state != _PROCESSING or kernel_handled:
                 continue
             if self.held and vcpu in self.held:
-                continue  # answered already; it waits for the reset (platform issue)
+                continue  # answered already; its completion waits for the reset
             self.handle_slot(off)
             served += 1
             if self.hold_completion:
