@@ -115,13 +115,13 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def guest_script(reps: int, seconds: float) -> str:
+def guest_script(reps: int, seconds: float, tests: tuple[str, ...] = TESTS) -> str:
     lines = ["echo 1 > /proc/sys/vm/drop_caches"]
     # warm-up: one pass of each test on each disk, not measured
     for dev in ("vda", "vdb"):
         lines.append(f"/vbench seqread /dev/{dev} 0.5 >/dev/null")
     for r in range(reps):
-        for test in TESTS:
+        for test in tests:
             for dev in ("vda", "vdb") if r % 2 == 0 else ("vdb", "vda"):
                 tag = f"{dev} {test} {r}"
                 lines += [f"info begin {tag}", f"/vbench {test} /dev/{dev} {seconds}",
@@ -149,7 +149,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each test")
+    ap.add_argument("--tests", default=",".join(TESTS),
+                    help=f"comma-separated subset of {','.join(TESTS)}")
     args = ap.parse_args()
+    tests = tuple(t for t in args.tests.split(",") if t)
+    if not tests or set(tests) - set(TESTS):
+        print(f"vhost_blk: --tests takes a comma-separated subset of {','.join(TESTS)}",
+              file=sys.stderr)
+        return 2
     for tool in ("gcc", "qemu-storage-daemon", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             print(f"vhost_blk: {tool} is not installed", file=sys.stderr)
@@ -158,7 +165,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vhost-blk-bench-") as d:
         work = Path(d)
         exe = build_vbench(work)
-        initrd = g.build_initramfs(kernel, guest_script(args.reps, args.seconds),
+        initrd = g.build_initramfs(kernel, guest_script(args.reps, args.seconds, tests),
                                    work / "initrd.gz", files={"/vbench": exe})
         image = work / "disk.img"
         with open(image, "wb") as f:  # real data, so reads come from cached pages
@@ -180,7 +187,7 @@ def main() -> int:
             log: list[str] = []
             current: list[str] = []
             assert proc.stdout is not None
-            deadline = time.monotonic() + 60 + args.reps * len(TESTS) * 2 * (args.seconds + 3)
+            deadline = time.monotonic() + 60 + args.reps * len(tests) * 2 * (args.seconds + 3)
             for raw in iter(proc.stdout.readline, b""):
                 line = raw.decode(errors="replace").strip()
                 log.append(line)
@@ -202,7 +209,7 @@ def main() -> int:
                 print("\n".join(log[-60:]), file=sys.stderr)
                 print("vhost_blk: the guest did not finish the benchmark", file=sys.stderr)
                 return 1
-            missing = [(d, t, r) for r in range(args.reps) for t in TESTS for d in ("vda", "vdb")
+            missing = [(d, t, r) for r in range(args.reps) for t in tests for d in ("vda", "vdb")
                        if (d, t, r) not in results]
             if missing:  # a failed test must not pass silently as a missing median
                 print("\n".join(ln for ln in log if "VBENCH" not in ln)[-4000:], file=sys.stderr)
@@ -212,12 +219,13 @@ def main() -> int:
             g.stop_backend(ours)
             qsd.terminate()
             qsd.wait(10)
-    report(results, marks, args.reps)
+    report(results, marks, args.reps, tests)
     return 0
 
 
 def report(results: dict[tuple[str, str, int], tuple[float, int]],
-           marks: dict[tuple[str, str, str, int], int], reps: int) -> None:
+           marks: dict[tuple[str, str, str, int], int], reps: int,
+           tests: tuple[str, ...] = TESTS) -> None:
     names = {"seqread": ("1 MiB O_DIRECT sequential read", "MB/s", "MiB"),
              "seqwrite": ("1 MiB O_DIRECT sequential write", "MB/s", "MiB"),
              "rand1": ("4 KiB O_DIRECT random read, 1 thread", "IOPS", "4 KiB req"),
@@ -226,7 +234,7 @@ def report(results: dict[tuple[str, str, int], tuple[float, int]],
           "medians; ours = acrn-pydm, qsd = qemu-storage-daemon")
     print(f"{'test':40} {'ours':>10} {'qsd':>10} {'ratio':>6}   {'CPU µs/req ours':>15} "
           f"{'qsd':>8}")
-    for test in TESTS:
+    for test in tests:
         med: dict[str, float] = {}
         cpu: dict[str, float] = {}
         for dev in ("vda", "vdb"):

@@ -96,16 +96,24 @@ def baseline(path: str, offs: list[int], bs: int, nbufs: int) -> float:
 
 @dataclass
 class Ring:
-    """Driver-side split ring with QD fixed 3-descriptor chains (header, data, status)."""
+    """Driver-side split ring with QD fixed requests (header, data, status).
+
+    As Linux does once VIRTIO_F_INDIRECT_DESC is negotiated, each request is one ring
+    descriptor pointing at a 3-entry indirect table; ``direct`` chains the three in the
+    ring instead (what Linux does without the feature).
+    """
 
     mem: memoryview  # guest RAM from 0
     size: int = QSIZE
+    direct: bool = False
 
     def __post_init__(self) -> None:
         self.desc = RING_BASE
         self.avail = self.desc + 16 * self.size
         self.used = (self.avail + 6 + 2 * self.size + 4095) & ~4095
         self.hdrs = (self.used + 6 + 8 * self.size + 4095) & ~4095
+        self.tables = self.hdrs + 4096
+        self.stride = 3 if self.direct else 1  # ring descriptors per request
         self.avail_idx = 0
         self.last_used = 0
         self.bs = 0
@@ -113,19 +121,24 @@ class Ring:
     def layout(self, bs: int) -> None:
         self.bs = bs
         m = self.mem
-        m[self.desc : self.hdrs + 4096] = bytes(self.hdrs + 4096 - self.desc)
+        m[self.desc : self.tables + 48 * QD] = bytes(self.tables + 48 * QD - self.desc)
         for s in range(QD):
-            d = SLOT * s
             hdr = self.hdrs + 32 * s
-            _DESC.pack_into(m, self.desc + 16 * d, hdr, 16, 1, d + 1)
-            _DESC.pack_into(m, self.desc + 16 * (d + 1), DATA_BASE + s * bs, bs, 3, d + 2)
-            _DESC.pack_into(m, self.desc + 16 * (d + 2), hdr + 16, 1, 2, 0)
+            if self.direct:
+                table, d = self.desc, 3 * s
+            else:  # ring descriptor s → table s, whose entries chain 0 → 1 → 2
+                table, d = self.tables + 48 * s, 0
+                _DESC.pack_into(m, self.desc + 16 * s, table, 48, 4, 0)
+            _DESC.pack_into(m, table + 16 * d, hdr, 16, 1, d + 1)
+            _DESC.pack_into(m, table + 16 * (d + 1), DATA_BASE + s * bs, bs, 3, d + 2)
+            _DESC.pack_into(m, table + 16 * (d + 2), hdr + 16, 1, 2, 0)
 
     def post(self, slot: int, sector: int) -> None:
         m = self.mem
         _HDR.pack_into(m, self.hdrs + 32 * slot, 0, 0, sector)
         m[self.hdrs + 32 * slot + 16] = 0xFF
-        _U16.pack_into(m, self.avail + 4 + 2 * (self.avail_idx % self.size), SLOT * slot)
+        _U16.pack_into(m, self.avail + 4 + 2 * (self.avail_idx % self.size),
+                       self.stride * slot)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
 
     def publish(self) -> None:
@@ -149,13 +162,14 @@ def need_event(event: int, new: int, old: int) -> bool:
 class Guest:
     """A modern virtio-blk driver reduced to what the benchmark needs."""
 
-    def __init__(self, sim: SimHypervisor, vm, slot: int) -> None:  # noqa: ANN001
+    def __init__(self, sim: SimHypervisor, vm, slot: int,  # noqa: ANN001
+                 direct: bool = False) -> None:
         self.sim = sim
         self.g = sim.guest(0)
         self.t = vm.device(slot)
         self.slot = slot
         self.bar4 = self.t.bar(4).addr
-        self.ring = Ring(sim.memory.view(0, 256 << 20))
+        self.ring = Ring(sim.memory.view(0, 256 << 20), direct=direct)
 
     async def common(self, off: int, size: int, value: int | None = None) -> int:
         if value is None:
@@ -209,7 +223,8 @@ class Guest:
         r.layout(bs)
         notify = self.bar4 + 0x3000
         sectors = iter([o // 512 for o in offs])
-        head_slot = {SLOT * s: s for s in range(QD)}
+        stride = r.stride
+        head_slot = {stride * s: s for s in range(QD)}
         total = len(offs)
         done = 0
         sim.msis.clear()
@@ -252,7 +267,7 @@ class Guest:
                     if nxt is not None:  # Ring.post
                         hdr_pack(mem, hdr, 0, 0, nxt)
                         mem[hdr + 16] = 0xFF
-                        u16_pack(mem, avail_ring + 2 * (avail_idx & mask), SLOT * s)
+                        u16_pack(mem, avail_ring + 2 * (avail_idx & mask), stride * s)
                         avail_idx = (avail_idx + 1) & 0xFFFF
                 u16_pack(mem, used_event_at, last_used)
                 if avail_idx != old:
@@ -264,7 +279,8 @@ class Guest:
 
 
 async def measure(image: str, runs: list[tuple[list[int], int]], trapped: bool,
-                  profile: str | None, rounds: int) -> list[tuple[float, float, float]]:
+                  profile: str | None, rounds: int, direct: bool = False
+                  ) -> list[tuple[float, float, float]]:
     """(device model, preadv into QD buffers, preadv into 1 buffer) seconds per run, each
     the best of ``rounds``; the three alternate so a busy machine slows them alike."""
     sim = SimHypervisor()
@@ -272,7 +288,7 @@ async def measure(image: str, runs: list[tuple[list[int], int]], trapped: bool,
     args = ["-m", "512M", "-s", f"3,virtio-blk,{image},modern{extra}", "bench"]
     out = []
     async with running(args, hypervisor=sim) as vm:
-        guest = Guest(sim, vm, 3)
+        guest = Guest(sim, vm, 3, direct)
         await guest.setup()
         prof = cProfile.Profile() if profile else None
         for offs, bs in runs:
@@ -300,6 +316,9 @@ def main() -> None:
     ap.add_argument("--rand-requests", type=int, default=50000, help="4 KiB reads")
     ap.add_argument("--trapped", action="store_true",
                     help="kick through the trapped notify register and inject MSIs directly")
+    ap.add_argument("--direct", action="store_true",
+                    help="chain each request's 3 descriptors in the ring (Linux without "
+                    "INDIRECT_DESC) instead of one indirect table per request")
     ap.add_argument("--profile", help="write a cProfile of the device-model runs here")
     ap.add_argument("--rounds", type=int, default=3,
                     help="repeat every measurement, keep the fastest (a shared machine is noisy)")
@@ -308,10 +327,12 @@ def main() -> None:
     seq = offsets("seq", a.size, SEQ_BS, a.seq_requests)
     rnd = offsets("rand", a.size, RAND_BS, a.rand_requests)
     (dm_seq, b32_seq, b1_seq), (dm_rnd, b32_rnd, b1_rnd) = trio.run(
-        measure, a.image, [(seq, SEQ_BS), (rnd, RAND_BS)], a.trapped, a.profile, a.rounds)
+        measure, a.image, [(seq, SEQ_BS), (rnd, RAND_BS)], a.trapped, a.profile, a.rounds,
+        a.direct)
     path = "trapped notify + direct MSI" if a.trapped else "ioeventfd + irqfd"
-    print(f"virtio-blk on the sim, modern, queue depth {QD}, {path}; image {a.image}; "
-          f"best of {a.rounds}")
+    chains = "direct 3-descriptor chains" if a.direct else "indirect tables"
+    print(f"virtio-blk on the sim, modern, queue depth {QD}, {path}, {chains}; "
+          f"image {a.image}; best of {a.rounds}")
     print(f"baseline: os.preadv one at a time into {QD} buffers in turn (the guest's "
           "footprint); [1 buffer, cache-hot]")
     mb = len(seq) * SEQ_BS / 1e6

@@ -210,6 +210,8 @@ def _advance(views: list[memoryview], n: int) -> None:
 
 
 def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    if len(views) <= IOV_MAX and os.preadv(fd, views, offset) == sum(map(len, views)):
+        return  # the usual case: one call did it all
     views = [v for v in views if len(v)]
     while views:
         n = os.preadv(fd, views[:IOV_MAX], offset)
@@ -229,7 +231,10 @@ def _pwritev_nowait(fd: int, views: list[memoryview], offset: int) -> int:
 
 
 def _pwritev_all(fd: int, views: list[memoryview], offset: int, sync: bool) -> None:
-    views = [v for v in views if len(v)]
+    if len(views) <= IOV_MAX and os.pwritev(fd, views, offset) == sum(map(len, views)):
+        views = []  # the usual case: one call did it all
+    else:
+        views = [v for v in views if len(v)]
     while views:
         n = os.pwritev(fd, views[:IOV_MAX], offset)
         if n <= 0:
@@ -456,6 +461,7 @@ class VirtioBlk(VirtioDevice):
         self.config[CFG_WRITEBACK] = 1 if self.opts.writeback else 0
 
     def close(self) -> None:
+        self.stop_io_thread()  # writes still queued land before the image closes
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -625,7 +631,7 @@ class VirtioBlk(VirtioDevice):
                            ) -> None:
         """A batch's writes (head, status byte, file offset, length, buffers) in one thread
         hand-off, completed together once on the image (and, writethrough, synced)."""
-        statuses, error = await self.blocking(_pwrite_batch, self.fd, writes,
+        statuses, error = await self.in_order(_pwrite_batch, self.fd, writes,
                                               not self.writeback)
         if error is not None:
             self.glog.warning("%s: I/O error on %s: %s", self.name, self.opts.path, error)

@@ -107,6 +107,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import trio
 
 from ..ratelimit import RateLimitedLog
+from .iothread import IoThread
 from .queue import Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ class VirtioDevice(ABC):
         self.features = 0
         self.failure: str | None = None
         self.limiter = trio.CapacityLimiter(threads)
+        self._io_thread: IoThread | None = None
         self.glog = RateLimitedLog(log)
         self._nursery: trio.Nursery | None = None
         self._session: _Session | None = None
@@ -382,6 +384,22 @@ class VirtioDevice(ABC):
         result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         await trio.lowlevel.checkpoint_if_cancelled()
         return result
+
+    async def in_order(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call on the device's own I/O thread, after every call handed to
+        it before (cheaper than :meth:`blocking`, and ordered); same reset rule."""
+        if self._io_thread is None:
+            self._io_thread = IoThread(f"{self.name}-io")
+        result = await self._io_thread.run(fn, *args)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return result
+
+    def stop_io_thread(self) -> None:
+        """Let the I/O thread finish what it was given, then end it (before closing files)."""
+        io = getattr(self, "_io_thread", None)  # close() may run before __init__ finished
+        if io is not None:
+            io.close()
+            self._io_thread = None
 
     def fail(self, reason: str) -> None:
         """Stop the current activation because the driver broke the protocol."""
