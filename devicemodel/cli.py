@@ -66,9 +66,15 @@ environment: ACRN_PYDM_RUNTIME_DIR (instance locks; default /run/acrn-pydm),
 """
 
 
-def _error(msg: str) -> int:
+def _error(msg: str, status: int = 2) -> int:
+    """One line naming the problem; exit 2 for what the user must fix (the unit does
+    not restart on it), 1 for a VM that failed while running (the unit restarts it)."""
     print(f"acrn-pydm: error: {msg}", file=sys.stderr)
-    return 2
+    return status
+
+
+class VmFailed(Exception):
+    """The VM stopped because it could not go on (e.g. a vCPU triple-faulted)."""
 
 
 async def run_vm(cfg: VmConfig) -> None:
@@ -105,9 +111,13 @@ async def run_vm(cfg: VmConfig) -> None:
                 notifier.ready(f"VM {cfg.name} running: {vm.vcpu_num} vCPU(s), "
                                f"{format_memsize(cfg.memsize)} RAM, hypervisor {hv.name}")
                 await vm.wait_stopped()
-                if lifecycle.shutdown_requested is None:
+                fault = getattr(hv, "exit_reason", None)
+                if lifecycle.shutdown_requested is None and fault is None:
                     notifier.stopping(f"VM {cfg.name} powered off by the guest")
                 nursery.cancel_scope.cancel()
+            if fault is not None:  # the VM could not go on: a failure, not a power-off
+                notifier.status(f"VM {cfg.name} failed: {fault}")
+                raise VmFailed(f"VM {cfg.name} stopped: {fault}")
             notifier.status(f"VM {cfg.name} stopped")
     finally:
         notifier.close()
@@ -132,6 +142,8 @@ def _launch(cfg: VmConfig) -> int:
         return _error(str(e))
     try:
         trio.run(run_vm, cfg)
+    except VmFailed as e:
+        return _error(str(e), 1)
     except (ConfigError, HypervisorError, OSError, BaseExceptionGroup) as e:
         leaf = _user_error(e)
         if leaf is None:

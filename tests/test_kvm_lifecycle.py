@@ -302,3 +302,21 @@ def test_eventfd_and_irqline_calls_follow_the_hsm_errors(caplog):
         page.close()
     with pytest.raises(HypervisorError):
         hv.inject_msi(0xFEE0_0000, 0x40)  # no VM any more
+
+
+@needs_kvm
+def test_a_vm_that_faults_makes_the_process_fail(tmp_path):
+    """A guest that triple-faults is a failure the caller (systemd, a script) must see:
+    one error line naming the reason and a non-zero exit, not a clean power-off."""
+    import subprocess
+    import sys
+
+    elf = build("crash", tmp_path)[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "devicemodel", "--hv", "kvm", "-m", "128M", "-E", str(elf),
+         "-s", "1:0,lpc", "-l", "com1,stdio", "crashvm"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr  # restartable, unlike a config error (2)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("acrn-pydm: error:")]
+    assert len(errors) == 1 and "triple fault" in errors[0], proc.stderr
+    assert "crashing" in proc.stdout

@@ -90,7 +90,7 @@ def test_unit_contents():
     allowed = [ln.split("=", 1)[1].split()[0] for ln in text.splitlines()
                if ln.startswith("DeviceAllow=")]
     for dev in ("/dev/acrn_hsm", "/dev/acrn_vhm", "/dev/kvm", "/dev/net/tun",
-                "/dev/vfio/vfio", "char-vfio"):
+                "/dev/vfio/vfio", "char-vfio", "/dev/kmsg"):
         assert dev in allowed
     assert svc["DevicePolicy"] == "closed"
     assert set(svc["CapabilityBoundingSet"].split()) == {
