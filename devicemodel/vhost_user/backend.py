@@ -25,7 +25,7 @@ import trio
 
 from ..memory import GuestMemoryError
 from ..ratelimit import RateLimitedLog
-from ..virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
+from ..virtio.device import VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VirtioDevice
 from ..virtio.queue import MAX_QUEUE_SIZE, Virtqueue
 from . import protocol as p
 from .connection import Connection, Disconnected, Message
@@ -212,9 +212,11 @@ class VhostUserBackend:
 
     @property
     def offered_protocol_features(self) -> int:
-        # Only a block front end reads config space from us: QEMU's virtio-net keeps its
+        # Only block and console front ends read config space from us (a console through
+        # QEMU's generic vhost-user-test-device-pci, e.g. 11.1): QEMU's virtio-net keeps its
         # own (MAC, status) and its rng has none, and both warn about an unused CONFIG.
-        config = 1 << p.PROTOCOL_F_CONFIG if self.device.device_type == VIRTIO_ID_BLOCK else 0
+        uses_config = self.device.device_type in (VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE)
+        config = 1 << p.PROTOCOL_F_CONFIG if uses_config else 0
         return PROTOCOL_FEATURES | config
 
     @property

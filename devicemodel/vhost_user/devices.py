@@ -28,7 +28,8 @@ KINDS: dict[str, Kind] = {
     "virtio-net": Kind("devicemodel.virtio.net", "net",
                        "-netdev vhost-user + -device virtio-net-pci"),
     "virtio-console": Kind("devicemodel.virtio.console", "console",
-                           "(QEMU 7.2 has no vhost-user console device)"),
+                           "-device vhost-user-test-device-pci,virtio-id=3,"
+                           "num_vqs=<2*ports+2>,config_size=12 (QEMU 11.1; not 7.2)"),
     "virtio-rnd": Kind("devicemodel.virtio.rnd", "rng", "-device vhost-user-rng-pci"),
 }
 
