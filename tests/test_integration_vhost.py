@@ -6,9 +6,8 @@ and the host checks what the guest left behind (the disk image, the bytes that c
 the tap). A failing step fails its test with the guest's whole serial log.
 
 virtio-console: QEMU 7.2 has no vhost-user console device (its vhost-user devices are blk,
-scsi, fs, gpu, input, rng, gpio, i2c, vsock and -netdev vhost-user), so
-tests/test_vhost_console.py drives our console over the same back end with our own front
-end instead of a Linux driver.
+scsi, fs, gpu, input, rng, gpio, i2c, vsock and -netdev vhost-user); a Linux guest drives
+our console over vhost-user under QEMU 11.1 in tests/test_integration_vhost_qemu11.py.
 """
 
 from __future__ import annotations

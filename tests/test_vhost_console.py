@@ -1,9 +1,10 @@
 """virtio-console over vhost-user: a line each way.
 
-QEMU 7.2 has no vhost-user console device, so no Linux driver can reach our console over
-vhost-user on these machines; our own front end plays the driver instead, through the real
-back-end process (``acrn-pydm vhost-user virtio-console,...``) and its socket protocol.
-The port's host side is a UNIX socket the test talks to.
+Our own front end plays the driver, through the real back-end process (``acrn-pydm
+vhost-user virtio-console,...``) and its socket protocol, so these run without any QEMU; a
+Linux driver reaches the same back end under QEMU 11.1 (QEMU 7.2 has no vhost-user console
+device) in tests/test_integration_vhost_qemu11.py. The port's host side is a UNIX socket
+the test talks to.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.guest_harness import cache_dir
+from tests.guest_harness import Kernel, cache_dir
 
 DEVICE = "vhost-user-test-device-pci"
 SUITE = "trixie"
@@ -35,6 +35,7 @@ MIRROR = os.environ.get("ACRN_PYDM_DEBIAN_MIRROR", "http://deb.debian.org/debian
 ROOT_NAME = "debian13-qemu"
 READY = ".acrn-pydm-ready"  # written last: a root without it is an interrupted build
 BUILD_TIMEOUT_S = 900
+CONSOLE_CONFIG_SIZE = 12  # cols, rows, max_nr_ports, emerg_wr (virtio 1.2 §5.3.4)
 CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
               "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
 
@@ -58,6 +59,13 @@ class Qemu:
         """The path QEMU sees for a host path inside ``self.root``."""
         return Path("/") / path.relative_to(self.root)
 
+    def stage_kernel(self, kernel: Kernel, work: Path) -> Kernel:
+        """``kernel`` as QEMU sees it: a chrooted QEMU gets a copy of the bzImage in ``work``."""
+        if not self.chrooted:
+            return kernel
+        shutil.copy2(kernel.vmlinuz, work / "vmlinuz")
+        return Kernel(kernel.release, self.inner(work / "vmlinuz"), kernel.modules)
+
     @contextmanager
     def workdir(self) -> Iterator[Path]:
         """A fresh host directory QEMU can reach too (inside the root's /tmp); removed after."""
@@ -68,6 +76,18 @@ class Qemu:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def console_device_args(name: str, sock: Path, ports: int = 1) -> list[str]:
+    """QEMU options that present a vhost-user virtio-console (virtio ID 3) through DEVICE.
+
+    The generic device knows nothing about consoles: it needs the queue count (two per port
+    plus the two control queues) and the config size; the config itself (max_nr_ports)
+    comes from the back end through GET_CONFIG. ``sock`` is the path as QEMU sees it.
+    """
+    return ["-chardev", f"socket,id={name},path={sock}",
+            "-device", f"{DEVICE},chardev={name},virtio-id=3,num_vqs={2 * ports + 2},"
+                       f"config_size={CONSOLE_CONFIG_SIZE}"]
 
 
 def _has_device(cmd: list[str]) -> str | None:
@@ -133,6 +153,13 @@ def _build(root: Path, log: Path) -> None:
           "-t", BACKPORTS, "qemu-system-x86"], log, BUILD_TIMEOUT_S)
     _run([*chroot, "apt-get", "clean"], log, 60)
     shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)  # ~100 MB, not needed
+
+
+def needs_build(cache: Path | None = None) -> bool:
+    """Whether ensure_qemu would have to build the root first (to tell a user it takes a while)."""
+    if shutil.which("qemu-system-x86_64") and _has_device(["qemu-system-x86_64"]):
+        return False
+    return not ((cache or cache_dir()) / ROOT_NAME / READY).exists()
 
 
 def ensure_qemu(cache: Path | None = None) -> Qemu:
