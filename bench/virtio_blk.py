@@ -19,8 +19,12 @@ import cProfile
 import mmap
 import os
 import random
+import select
 import struct
+import threading
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -154,6 +158,17 @@ class Ring:
         _U16.pack_into(self.mem, self.avail + 4 + 2 * self.size, v)
 
 
+_BARRIER = threading.Lock()
+
+
+def barrier() -> None:
+    """A full memory barrier for the driver (a locked instruction on x86): with the driver
+    in its own process, a store to used_event or avail.idx followed by a load of the
+    device's index can otherwise pass each other and lose a wake-up."""
+    _BARRIER.acquire()
+    _BARRIER.release()
+
+
 def need_event(event: int, new: int, old: int) -> bool:
     """vring_need_event."""
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
@@ -170,6 +185,7 @@ class Guest:
         self.slot = slot
         self.bar4 = self.t.bar(4).addr
         self.ring = Ring(sim.memory.view(0, 256 << 20), direct=direct)
+        self.kick_fd = self.call_fd = -1  # the data path's eventfds, once taken
 
     async def common(self, off: int, size: int, value: int | None = None) -> int:
         if value is None:
@@ -213,74 +229,133 @@ class Guest:
         await self.common(20, 1, 0xF)
 
     async def run(self, offs: list[int], bs: int) -> float:
-        """Seconds to read every offset with QD requests in flight.
-
-        The driver's ring work is ``Ring.post``/``publish``/``set_used_event`` inlined on
-        local names: this loop runs on the device model's thread (a real guest's runs on
-        its own vCPU), so it should cost no more Python than it must.
-        """
-        r, sim, g = self.ring, self.sim, self.g
-        r.layout(bs)
+        """Seconds to read every offset with QD requests in flight, the driver on the
+        device model's own thread (kicks through the sim vCPU, MSIs from the sim)."""
+        g, sim = self.g, self.sim
         notify = self.bar4 + 0x3000
-        sectors = iter([o // 512 for o in offs])
-        stride = r.stride
-        head_slot = {stride * s: s for s in range(QD)}
-        total = len(offs)
-        done = 0
         sim.msis.clear()
         sim._msi_cursor = 0
-        mem = r.mem
-        mask = r.size - 1
-        hdrs = r.hdrs
-        avail_ring = r.avail + 4
-        avail_idx_at = r.avail + 2
-        used_event_at = r.avail + 4 + 2 * r.size
-        used_ring = r.used + 4
-        used_idx_at = r.used + 2
-        avail_event_at = r.used + 4 + 8 * r.size
-        hdr_pack, u16_pack, u16_unpack, used_unpack = (
-            _HDR.pack_into, _U16.pack_into, _U16.unpack_from, _USED.unpack_from)
         t0 = time.perf_counter()
-        last_used = r.last_used
-        for s in range(min(QD, total)):
-            r.post(s, next(sectors))
-        r.publish()
-        r.set_used_event(r.last_used)
-        avail_idx = r.avail_idx
-        await g.mmio_write(notify, 2, 0)
-        while done < total:
-            await sim.next_msi()
-            while True:
-                idx = u16_unpack(mem, used_idx_at)[0]
-                if idx == last_used:
-                    break
-                old = avail_idx
-                while last_used != idx:
-                    head, _ = used_unpack(mem, used_ring + 8 * (last_used & mask))
-                    last_used = (last_used + 1) & 0xFFFF
-                    done += 1
-                    s = head_slot[head]
-                    hdr = hdrs + 32 * s
-                    if mem[hdr + 16] != 0:
-                        raise RuntimeError("I/O error")
-                    nxt = next(sectors, None)
-                    if nxt is not None:  # Ring.post
-                        hdr_pack(mem, hdr, 0, 0, nxt)
-                        mem[hdr + 16] = 0xFF
-                        u16_pack(mem, avail_ring + 2 * (avail_idx & mask), stride * s)
-                        avail_idx = (avail_idx + 1) & 0xFFFF
-                u16_pack(mem, used_event_at, last_used)
-                if avail_idx != old:
-                    u16_pack(mem, avail_idx_at, avail_idx)
-                    if need_event(u16_unpack(mem, avail_event_at)[0], avail_idx, old):
-                        await g.mmio_write(notify, 2, 0)
-        r.avail_idx, r.last_used = avail_idx, last_used
+        for step in driver_steps(self.ring, offs, bs):
+            if step is KICK:
+                await g.mmio_write(notify, 2, 0)
+            else:
+                await sim.next_msi()
         return time.perf_counter() - t0
+
+    async def run_in_process(self, offs: list[int], bs: int) -> float:
+        """The same driver in a child process, as a guest vCPU runs on another CPU: it
+        kicks the queue's ioeventfd and waits on its irqfd itself, so only the device
+        model's work is on this process's CPU. Seconds, as measured by the child."""
+        sim = self.sim
+        if self.kick_fd < 0:
+            notify = self.bar4 + 0x3000
+            self.kick_fd = next(r.fd for r in sim.ioeventfds if r.address == notify)
+            self.call_fd = sim.take_irqfd(MSI_ADDR, 0x31)  # the queue's vector
+        r_fd, w_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the guest driver: no trio here, only the shared RAM and two eventfds
+            try:
+                os.close(r_fd)
+                one = (1).to_bytes(8, "little")
+                kick, call = self.kick_fd, self.call_fd
+                poller = select.poll()  # the eventfd is non-blocking (shared with the parent)
+                poller.register(call, select.POLLIN)
+                t0 = time.perf_counter()
+                for step in driver_steps(self.ring, offs, bs):
+                    if step is KICK:
+                        os.write(kick, one)
+                    else:
+                        poller.poll()
+                        os.read(call, 8)
+                os.write(w_fd, struct.pack("<d", time.perf_counter() - t0))
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(0)
+        os.close(w_fd)
+        try:
+            await trio.lowlevel.wait_readable(r_fd)
+            data = os.read(r_fd, 8)
+        finally:
+            os.close(r_fd)
+            os.waitpid(pid, 0)
+        if len(data) != 8:
+            raise RuntimeError("the driver process failed")
+        # the parent's copy of the ring state did not move: take the child's from RAM
+        self.ring.avail_idx = _U16.unpack_from(self.ring.mem, self.ring.avail + 2)[0]
+        self.ring.last_used = self.ring.used_idx()
+        return struct.unpack("<d", data)[0]
+
+
+KICK, WAIT = "kick", "wait"
+
+
+def driver_steps(r: Ring, offs: list[int], bs: int) -> Iterator[str]:
+    """The driver's ring work for reading every offset with QD requests in flight;
+    yields KICK where it notifies the device and WAIT where it sleeps for an interrupt.
+
+    ``Ring.post``/``publish``/``set_used_event`` are inlined on local names: with the
+    driver on the device model's thread this loop is charged to the device model.
+    """
+    r.layout(bs)
+    sectors = iter([o // 512 for o in offs])
+    stride = r.stride
+    head_slot = {stride * s: s for s in range(QD)}
+    total = len(offs)
+    done = 0
+    mem = r.mem
+    mask = r.size - 1
+    hdrs = r.hdrs
+    avail_ring = r.avail + 4
+    avail_idx_at = r.avail + 2
+    used_event_at = r.avail + 4 + 2 * r.size
+    used_ring = r.used + 4
+    used_idx_at = r.used + 2
+    avail_event_at = r.used + 4 + 8 * r.size
+    hdr_pack, u16_pack, u16_unpack, used_unpack = (
+        _HDR.pack_into, _U16.pack_into, _U16.unpack_from, _USED.unpack_from)
+    last_used = r.last_used
+    for s in range(min(QD, total)):
+        r.post(s, next(sectors))
+    r.publish()
+    r.set_used_event(r.last_used)
+    avail_idx = r.avail_idx
+    yield KICK
+    while done < total:
+        yield WAIT
+        while True:
+            idx = u16_unpack(mem, used_idx_at)[0]
+            if idx == last_used:
+                break
+            old = avail_idx
+            while last_used != idx:
+                head, _ = used_unpack(mem, used_ring + 8 * (last_used & mask))
+                last_used = (last_used + 1) & 0xFFFF
+                done += 1
+                s = head_slot[head]
+                hdr = hdrs + 32 * s
+                if mem[hdr + 16] != 0:
+                    raise RuntimeError("I/O error")
+                nxt = next(sectors, None)
+                if nxt is not None:  # Ring.post
+                    hdr_pack(mem, hdr, 0, 0, nxt)
+                    mem[hdr + 16] = 0xFF
+                    u16_pack(mem, avail_ring + 2 * (avail_idx & mask), stride * s)
+                    avail_idx = (avail_idx + 1) & 0xFFFF
+            u16_pack(mem, used_event_at, last_used)
+            barrier()  # used_event out before used.idx is read again (Linux: virtio_mb)
+            if avail_idx != old:
+                u16_pack(mem, avail_idx_at, avail_idx)
+                barrier()  # avail.idx out before avail_event is read
+                if need_event(u16_unpack(mem, avail_event_at)[0], avail_idx, old):
+                    yield KICK
+    r.avail_idx, r.last_used = avail_idx, last_used
 
 
 async def measure(image: str, runs: list[tuple[list[int], int]], trapped: bool,
-                  profile: str | None, rounds: int, direct: bool = False
-                  ) -> list[tuple[float, float, float]]:
+                  profile: str | None, rounds: int, direct: bool = False,
+                  same_thread: bool = False) -> list[tuple[float, float, float]]:
     """(device model, preadv into QD buffers, preadv into 1 buffer) seconds per run, each
     the best of ``rounds``; the three alternate so a busy machine slows them alike."""
     sim = SimHypervisor()
@@ -292,12 +367,14 @@ async def measure(image: str, runs: list[tuple[list[int], int]], trapped: bool,
         await guest.setup()
         prof = cProfile.Profile() if profile else None
         for offs, bs in runs:
-            await guest.run(offs[: QD * 4], bs)  # warm-up
+            run = guest.run if same_thread else guest.run_in_process
+            # warm-up; the first runs on this thread (the irqfd is registered on first use)
+            await (guest.run if guest.kick_fd < 0 else run)(offs[: QD * 4], bs)
             best = [float("inf")] * 3
             for _ in range(rounds):
                 if prof:
                     prof.enable()
-                dm = await guest.run(offs, bs)
+                dm = await run(offs, bs)
                 if prof:
                     prof.disable()
                 times = (dm, baseline(image, offs, bs, QD), baseline(image, offs, bs, 1))
@@ -315,7 +392,11 @@ def main() -> None:
     ap.add_argument("--seq-requests", type=int, default=8192, help="128 KiB reads (1 GiB)")
     ap.add_argument("--rand-requests", type=int, default=50000, help="4 KiB reads")
     ap.add_argument("--trapped", action="store_true",
-                    help="kick through the trapped notify register and inject MSIs directly")
+                    help="kick through the trapped notify register and inject MSIs directly "
+                    "(implies --same-thread)")
+    ap.add_argument("--same-thread", action="store_true",
+                    help="run the guest driver on the device model's thread instead of in "
+                    "its own process")
     ap.add_argument("--direct", action="store_true",
                     help="chain each request's 3 descriptors in the ring (Linux without "
                     "INDIRECT_DESC) instead of one indirect table per request")
@@ -328,11 +409,14 @@ def main() -> None:
     rnd = offsets("rand", a.size, RAND_BS, a.rand_requests)
     (dm_seq, b32_seq, b1_seq), (dm_rnd, b32_rnd, b1_rnd) = trio.run(
         measure, a.image, [(seq, SEQ_BS), (rnd, RAND_BS)], a.trapped, a.profile, a.rounds,
-        a.direct)
+        a.direct, a.same_thread or a.trapped)
     path = "trapped notify + direct MSI" if a.trapped else "ioeventfd + irqfd"
     chains = "direct 3-descriptor chains" if a.direct else "indirect tables"
+    where = ("on the device model's thread" if a.same_thread or a.trapped
+             else "in its own process (a vCPU on another CPU)")
     print(f"virtio-blk on the sim, modern, queue depth {QD}, {path}, {chains}; "
           f"image {a.image}; best of {a.rounds}")
+    print(f"the guest driver runs {where}")
     print(f"baseline: os.preadv one at a time into {QD} buffers in turn (the guest's "
           "footprint); [1 buffer, cache-hot]")
     mb = len(seq) * SEQ_BS / 1e6

@@ -77,6 +77,27 @@ async def test_irqfd_signal_becomes_an_msi():
             os.close(efd)
 
 
+async def test_a_taken_irqfd_is_left_to_whoever_took_it():
+    """take_irqfd: the sim stops turning the eventfd into MSIs (a guest driver in another
+    process reads it, as a vCPU on another CPU would get the interrupt)."""
+    sim = SimHypervisor()
+    async with running(["-m", "128M", "vm1"], hypervisor=sim):
+        efd = os.eventfd(0, os.EFD_NONBLOCK)
+        try:
+            sim.irqfd(efd, 0xFEE0_0000, 0x4041)
+            await trio.sleep(0.05)  # the watcher is waiting on it
+            assert sim.take_irqfd(0xFEE0_0000, 0x4041) == efd
+            with pytest.raises(HypervisorError):  # taken once
+                sim.take_irqfd(0xFEE0_0000, 0x4041)
+            os.eventfd_write(efd, 1)
+            await trio.sleep(0.1)
+            assert sim.msis == []
+            assert os.eventfd_read(efd) == 1  # still there for the taker
+            sim.irqfd(efd, 0, 0, deassign=True)  # the registration stayed
+        finally:
+            os.close(efd)
+
+
 async def test_msis_and_irq_lines_are_recorded():
     async with served() as s:
         sim = s.sim

@@ -42,6 +42,7 @@ class _IrqFd:
     address: int
     data: int
     cancel: trio.CancelScope | None = None
+    taken: bool = False  # read by someone else now (take_irqfd), not injected by us
 
 
 @dataclass
@@ -303,6 +304,22 @@ class SimHypervisor(Hypervisor):
         else:
             self._irqfd_queue.append(reg)
 
+    def take_irqfd(self, address: int, data: int) -> int:
+        """Stop turning the irqfd of MSI (address, data) into ``msis`` and return its fd.
+
+        Whoever takes it reads the eventfd itself, as a guest vCPU on another CPU receives
+        the interrupt without the sim's scripted guest: e.g. a benchmark's guest driver in
+        another process. The registration stays (the device model still owns it).
+        """
+        for reg in self._irqfds.values():
+            if reg.address == address and reg.data == data and not reg.taken:
+                reg.taken = True
+                if reg.cancel is not None:
+                    reg.cancel.cancel()
+                return reg.fd
+        raise HypervisorError(f"IRQFD: none registered for MSI {address:#x}/{data:#x}",
+                              errno.ENOENT)
+
     async def serve_backend(self) -> None:
         """Background work of the backend: the irqfd watchers."""
         async with trio.open_nursery() as nursery:
@@ -318,7 +335,7 @@ class SimHypervisor(Hypervisor):
     async def _watch_irqfd(self, reg: _IrqFd) -> None:
         with trio.CancelScope() as scope:
             reg.cancel = scope
-            while self._irqfds.get(reg.fd) is reg:
+            while self._irqfds.get(reg.fd) is reg and not reg.taken:
                 await trio.lowlevel.wait_readable(reg.fd)
                 try:
                     os.eventfd_read(reg.fd)

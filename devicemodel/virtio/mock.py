@@ -36,11 +36,14 @@ class GuardedMemory(MemoryMap):
     """Guest RAM whose regions sit between PROT_NONE pages; ``accesses`` logs every view.
 
     A stray access past a region would fault the process instead of silently reading
-    host memory, and ``accesses`` lets a test check what was asked for.
+    host memory, and ``accesses`` lets a test check what was asked for. With
+    ``spans=True`` it also offers :meth:`spans`, so the devices' hot paths (which slice
+    the region views directly, unlogged) run against the guarded regions too.
     """
 
-    def __init__(self, layout: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, layout: Sequence[tuple[int, int]], *, spans: bool = False) -> None:
         super().__init__()
+        self._offer_spans = spans
         self._maps: list[mmap.mmap] = []
         self._gstarts: list[int] = []
         self._gregions: list[tuple[int, int, memoryview]] = []
@@ -71,6 +74,11 @@ class GuardedMemory(MemoryMap):
         if off + length > size:
             raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
         return mv[off : off + length]
+
+    def spans(self) -> tuple[tuple[int, int, memoryview], ...] | None:
+        if not self._offer_spans:
+            return None
+        return tuple((g, g + s, mv) for g, s, mv in self._gregions)
 
     def in_ram(self, gpa: int, length: int) -> bool:
         return any(g <= gpa and gpa + length <= g + s for g, s, _ in self._gregions)

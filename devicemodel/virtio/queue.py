@@ -284,9 +284,21 @@ class Virtqueue:
         walk = self._walk
         unpack = _U16.unpack_from
         chains: list[DescriptorChain] = []
+        # Linux's usual request: one ring descriptor pointing at an indirect table in the
+        # RAM at GPA 0; checked here without the general walk's set-up (same rules).
+        lo = self._lo_view if self.indirect else None
+        lo_end, size, desc = self._lo_end, self.size, self._desc
+        unpack_desc, whole = _DESC.unpack_from, self._whole_table
         try:
             for _ in range(min(pending, limit)):
-                chains.append(walk(unpack(avail, 4 + 2 * (last & mask))[0]))
+                head = unpack(avail, 4 + 2 * (last & mask))[0]
+                chain = None
+                if lo is not None and head < size:
+                    addr, length, flags, _ = unpack_desc(desc, 16 * head)  # type: ignore[arg-type]
+                    if (flags == VIRTQ_DESC_F_INDIRECT and not length & 15
+                            and 32 <= length <= 16 * MAX_INDIRECT and addr + length <= lo_end):
+                        chain = whole(head, lo[addr : addr + length], length >> 4)
+                chains.append(chain or walk(head))
                 last = (last + 1) & 0xFFFF
         except VirtqueueError:
             if not chains:
