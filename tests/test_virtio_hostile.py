@@ -67,13 +67,16 @@ rings = st.fixed_dictionaries({
 })
 
 
+_ZERO_LOW, _ZERO_HIGH = bytes(LOW), bytes(HIGH_SIZE)
+
+
 def lay_out(r: dict) -> list[tuple[int, int]]:
     """Write the rings; return the ranges a correct device may write."""
-    MEM.view(0, LOW)[:] = bytes(LOW)
-    MEM.view(HIGH, HIGH_SIZE)[:] = bytes(HIGH_SIZE)
+    MEM.view(0, LOW)[:] = _ZERO_LOW
+    MEM.view(HIGH, HIGH_SIZE)[:] = _ZERO_HIGH
     # plausible request headers in the data area so blk gets past its header check
-    for off in range(0, 0x10000, 64):
-        MEM.write(DATA + off, r["payload"][:16])
+    header = r["payload"][:16]
+    MEM.write(DATA, (header + bytes(64 - len(header))) * (0x10000 // 64))
     allowed = [(USED, 6 + 8 * SIZE)]
     for base, table in ((DESC, r["desc"]), (TABLES[0], r["ind0"]), (TABLES[1], r["ind1"])):
         for i, (a, n, f, nx) in enumerate(table):
