@@ -4,6 +4,7 @@ Short mode (CI): each test runs ``short`` examples, a few seconds at most. Long 
 ``ACRN_PYDM_FUZZ_LONG=1`` runs 1,000,000 per test, ``ACRN_PYDM_FUZZ_EXAMPLES=N`` runs N.
 Each target bumps ``COUNTS[name]`` once per input, so the runner can report how many
 inputs really ran (hypothesis stops early when it has exhausted a small input space).
+The fast long mode (``_engine.py``) feeds the same tests raw bytes instead.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from collections import Counter
 
 from hypothesis import HealthCheck, settings
+
+from . import _engine
 
 LONG_EXAMPLES = 1_000_000
 COUNTS: Counter[str] = Counter()
@@ -55,3 +58,14 @@ def _save() -> None:
     if path:
         with open(path, "w") as f:
             f.write(" ".join(f"{k}={v}" for k, v in sorted(COUNTS.items())) + "\n")
+            f.writelines(line + "\n" for line in _engine.counts_lines())
+
+
+def drive(one) -> None:  # noqa: ANN001 - a hypothesis test
+    """Run ``one``, a @given test defined inside a test that built a running VM: by
+    hypothesis (short mode, hypothesis long mode), or fed by the fast engine."""
+    if _engine.active():
+        _engine.run(_engine.current_nodeid(),
+                    _engine.fuzz_target(one, {}, show=_engine.repro_file() is not None))
+    else:
+        one()
