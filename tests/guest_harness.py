@@ -361,17 +361,29 @@ def start_backend(spec: str, sock: Path, netns: str | None = None,
     raise RuntimeError(f"back end {spec} did not listen on {sock}:\n{backend.log()}")
 
 
+def reap(proc: subprocess.Popen, timeout: float = 5.0) -> bool:  # type: ignore[type-arg]
+    """Wait for ``proc`` to end; kill it if it has not within ``timeout`` (False then)."""
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+
+
 def stop_backend(backend: Backend, timeout: float = 5.0) -> int | None:
     """SIGTERM (the back-end convention), then SIGKILL if it does not end in time."""
     if backend.proc.poll() is None:
         backend.proc.send_signal(signal.SIGTERM)
-        try:
-            backend.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            backend.proc.kill()
-            backend.proc.wait()
+        if not reap(backend.proc, timeout):
             return None
     return backend.proc.returncode
+
+
+def backend_logs(backends: dict[str, Backend]) -> str:
+    """Every back end's log under a header, for a failing test's report."""
+    return "\n".join(f"--- {n} back end ---\n{b.log()}" for n, b in backends.items())
 
 
 @contextmanager

@@ -132,12 +132,8 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
         try:
             run = g.run_qemu(g.qemu_command(kernel, initrd, args), timeout=150)
         finally:
-            try:
-                peer.wait(5)
-            except subprocess.TimeoutExpired:
-                peer.kill()
-                peer.wait()
-        logs = "\n".join(f"--- {n} back end ---\n{b.log()}" for n, b in be.items())
+            g.reap(peer)
+        logs = g.backend_logs(be)
     yield Boot(run, image, received.read_bytes() if received.exists() else None, logs)
 
 

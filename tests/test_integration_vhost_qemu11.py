@@ -188,12 +188,8 @@ def boot() -> Iterator[Boot]:
             finally:
                 boot_s = time.monotonic() - t1
                 host_got = peer.close()
-                try:
-                    tcp.wait(5)
-                except subprocess.TimeoutExpired:
-                    tcp.kill()
-                    tcp.wait()
-            logs = "\n".join(f"--- {n} back end ---\n{b.log()}" for n, b in be.items())
+                g.reap(tcp)
+            logs = g.backend_logs(be)
         tcp_received = received.read_bytes() if received.exists() else None
         yield Boot(run, qemu, host_got, tcp_received, logs, t1 - t0, boot_s)
 

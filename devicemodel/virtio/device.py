@@ -225,6 +225,7 @@ class VirtioDevice(ABC):
     device_type: ClassVar[int]
     pci_ids: ClassVar[PciIds]
     name: ClassVar[str] = "virtio"
+    _io_thread: IoThread | None = None  # started by the first in_order() call
 
     def __init__(self, num_queues: int, queue_sizes: int | Sequence[int], features: int,
                  config_size: int, *, threads: int = 4) -> None:
@@ -237,7 +238,6 @@ class VirtioDevice(ABC):
         self.features = 0
         self.failure: str | None = None
         self.limiter = trio.CapacityLimiter(threads)
-        self._io_thread: IoThread | None = None
         self.glog = RateLimitedLog(log)
         self._nursery: trio.Nursery | None = None
         self._session: _Session | None = None
@@ -396,9 +396,8 @@ class VirtioDevice(ABC):
 
     def stop_io_thread(self) -> None:
         """Let the I/O thread finish what it was given, then end it (before closing files)."""
-        io = getattr(self, "_io_thread", None)  # close() may run before __init__ finished
-        if io is not None:
-            io.close()
+        if self._io_thread is not None:
+            self._io_thread.close()
             self._io_thread = None
 
     def fail(self, reason: str) -> None:
