@@ -16,6 +16,7 @@ from devicemodel.hsm import default_backend, open_hypervisor
 from devicemodel.hsm import kvm as kvm_mod
 from devicemodel.hsm.base import HypervisorError
 from devicemodel.hsm.kvm import KvmHypervisor, kvm_usable
+from tests.fds import open_fds
 from tests.guests.harness import (
     LOAD_ADDR,
     VERDICT_PASS,
@@ -40,10 +41,6 @@ def images(tmp_path_factory):
 
 def vcpu_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if "-vcpu" in t.name]
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 class Values:

@@ -18,11 +18,8 @@ from devicemodel import cli
 from devicemodel.config import ConfigError, parse_args
 from devicemodel.hsm.sim import SimHypervisor
 from devicemodel.instance_lock import InstanceLock
+from tests.fds import open_fds
 from tests.test_launch_cli import ROOT
-
-
-def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def lock_is_free(path: str) -> bool:
@@ -193,7 +190,7 @@ async def test_sigterm_releases_every_host_resource(monkeypatch, tmp_path):
     sock = tmp_path / "m.sock"
     cfg = parse_args(["-m", "256M", "-s", "0:0,hostbridge", "--cmd_monitor", str(sock),
                       "--shutdown_timeout", "0", "vm1"])
-    before = _open_fds()
+    before = open_fds()
 
     async def kill_when_up() -> None:
         while not sock.exists():
@@ -213,12 +210,7 @@ async def test_sigterm_releases_every_host_resource(monkeypatch, tmp_path):
     # the sim hypervisor's own record of guest RAM holds views on it, as the kernel would;
     # once it is gone, nothing of the VM may remain open
     del sim, sims[:]
-    import gc
-
-    gc.collect()
-    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _open_fds() - before
-              if os.path.exists(f"/proc/self/fd/{fd}")}
-    assert leaked == {}
+    assert open_fds() - before == set()
 
 
 async def test_sigterm_lets_an_acpi_guest_power_off_by_itself(monkeypatch, caplog):

@@ -22,6 +22,7 @@ from devicemodel.vhost_user.connection import Connection
 from devicemodel.vhost_user.frontend import Frontend, RingSetup
 from devicemodel.vhost_user.protocol import ProtocolError, Req
 from devicemodel.virtio.rnd import VirtioRnd
+from tests.fds import open_fds
 
 PARSERS = [
     p.parse_header,
@@ -81,10 +82,6 @@ def test_vring_file_payload() -> None:
     raise AssertionError("unknown bits accepted")
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 _requests = st.sampled_from([int(r) for r in Req] + [0, 99, 2**31])
 _message = st.tuples(
     _requests,
@@ -105,7 +102,7 @@ def _encode(req: int, flags: int, payload: bytes, lie: bool) -> bytes:
 async def test_backend_survives_any_message_stream(msgs: list, tail: bytes) -> None:
     dev = VirtioRnd()
     backend = VhostUserBackend(dev)
-    before = _open_fds()
+    before = open_fds()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -139,14 +136,14 @@ async def test_backend_survives_any_message_stream(msgs: list, tail: bytes) -> N
             await done.wait()  # the session ends by itself once we hang up
             nursery.cancel_scope.cancel()
     assert backend.mem is None and backend.queues is None
-    assert _open_fds() == before
+    assert open_fds() - before == set()
 
 
 async def test_malformed_mem_table_fds_do_not_leak_and_next_session_works() -> None:
     dev = VirtioRnd()
     backend = VhostUserBackend(dev)
     mem = GuestMemory(128 * MiB)
-    before = _open_fds()
+    before = open_fds()
     async with trio.open_nursery() as nursery:
         await nursery.start(dev.run)
         for attempt in range(2):
@@ -173,7 +170,7 @@ async def test_malformed_mem_table_fds_do_not_leak_and_next_session_works() -> N
             with trio.fail_after(5):
                 await done.wait()
         nursery.cancel_scope.cancel()
-    assert _open_fds() == before
+    assert open_fds() - before == set()
 
 
 async def test_ring_outside_the_memory_table_drops_the_front_end() -> None:

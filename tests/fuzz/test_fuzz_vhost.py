@@ -22,6 +22,7 @@ from devicemodel.vhost_user.backend import SETTLE_S, VhostUserBackend
 from devicemodel.vhost_user.connection import Connection
 from devicemodel.vhost_user.protocol import Req
 from devicemodel.virtio.rnd import VirtioRnd
+from tests.fds import open_fds
 
 from ._common import count, fuzz_settings
 
@@ -88,10 +89,6 @@ START = [
 ]
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @fuzz_settings(60)
 # found by this target: a kick with two fds leaked the one the back end had taken
 @example(msgs=[(Req.SET_VRING_KICK, p.VERSION, (p.U64.pack(0), ["event", "event"]))],
@@ -103,7 +100,8 @@ def test_messages(msgs, shm, prefix, lie_size, settle):
     before = open_fds()
     seq = (START if prefix else []) + msgs
     trio.run(_session, seq, shm, lie_size, settle)
-    assert open_fds() == before, "the back end leaked file descriptors"
+    leaked = open_fds() - before
+    assert not leaked, f"the back end leaked file descriptors: {sorted(leaked)}"
 
 
 async def _session(seq, shm: bytes, lie_size: int, settle: bool) -> None:
