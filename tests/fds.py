@@ -14,6 +14,14 @@ def open_fds() -> set[tuple[str, str]]:
     that reuses a number freed in between. Use as ``open_fds() - before`` (new ones only).
     """
     gc.collect()
+    return fd_targets()
+
+
+def fd_targets() -> set[tuple[str, str]]:
+    """Open descriptors with what each points at, as they are (no collection: cheap).
+
+    Garbage not yet collected may still hold some; a hot loop lists with this and calls
+    ``open_fds`` only when the difference is not empty."""
     fds = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
