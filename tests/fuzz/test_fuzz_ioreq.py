@@ -7,11 +7,19 @@
    devices' BARs, platform ports, CF8/CFC-converted PCICFG, the ECAM window): no device
    handler may raise (the server would hide it, answering all-ones: ``handler_error``
    must stay 0), every read answers within its size, and a completed slot keeps state.
+3. Guest port/MMIO accesses through the sim vCPU and the HSM half into a running VM.
+
+Each test draws one 64-bit seed and expands it with ``random.Random`` into the slots,
+requests or accesses its hypothesis strategies used to draw (the same special values,
+sampled lists and ranges; ``_int`` gives plain integers hypothesis' lean to small and
+boundary values): decoding nested strategies cost hypothesis more per input than the
+server spent answering, so a million-input long run took hours.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import struct
 import traceback
 
@@ -19,28 +27,130 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devicemodel.bus import MmioBus, PortBus
 from devicemodel.hsm import abi
 from devicemodel.ioreq import IoreqServer, new_ioreq_page
 from tests import test_ioreq_fuzz as base
+from tests.conftest import Recorder
 
 from ._common import count, drive, fuzz_settings
 from ._vm import build_vm, reset_vm
 
-_inner = base.test_random_slots_never_break_the_server.hypothesis.inner_test
+SEED = st.integers(0, 2**64 - 1)
+
+
+def _int(rnd: random.Random, lo: int, hi: int) -> int:
+    """An integer in [lo, hi] leaning, as hypothesis' st.integers does, to the ends of
+    the range and to small offsets from its start."""
+    k = rnd.getrandbits(3)
+    if k == 0:
+        return hi if rnd.getrandbits(1) else lo
+    if k < 3:
+        return min(lo + rnd.getrandbits((1, 4, 8, 8)[rnd.getrandbits(2)]), hi)
+    span = hi - lo + 1
+    return lo + rnd.getrandbits(span.bit_length() + 8) % span  # randint, without its cost
+
+
+def _pick(rnd: random.Random, seq: tuple):  # noqa: ANN202 - any element type
+    """``rnd.choice`` at a third of its cost (these run a few hundred times per input)."""
+    return seq[int(rnd.random() * len(seq))]
+
+
+def _either(rnd: random.Random, special: tuple[int, ...], lo: int, hi: int) -> int:
+    """``st.one_of(st.sampled_from(special), st.integers(lo, hi))``."""
+    return _pick(rnd, special) if rnd.getrandbits(1) else _int(rnd, lo, hi)
+
+
+U32, U64 = 2**32 - 1, 2**64 - 1
+
+
+def _word(bits, mode: int, width: int) -> int:  # noqa: ANN001 - rnd.getrandbits
+    """``_int(rnd, 0, 2**width - 1)`` with its choice made by the 4-bit ``mode`` drawn
+    beforehand (the slot test draws over a hundred of these per input)."""
+    if mode >= 6:
+        return bits(width)
+    if mode >= 2:
+        return bits((1, 4, 8, 8)[mode - 2])
+    return mode and (1 << width) - 1
+
+
+def _slot(rnd: random.Random) -> dict:
+    """One slot as ``test_ioreq_fuzz.slot`` draws it: each field one of its special
+    values or (half the time) any integer of its width, leaning to 0, ones and small."""
+    bits = rnd.getrandbits
+    m = bits(48)  # 5 bits per field: one for special-or-integer, four for _word's mode
+    return {
+        "type": (0, 1, 2, 3)[m >> 1 & 3] if m & 1 else _word(bits, m >> 1 & 15, 32),
+        "direction": m >> 6 & 1 if m & 32 else _word(bits, m >> 6 & 15, 32),
+        "address": ((0x3F8, 0xCFC, 0xC000_0000, 0xFFFF)[m >> 11 & 3] if m >> 10 & 1
+                    else _word(bits, m >> 11 & 15, 64)),
+        "size": (_pick(rnd, (0, 1, 2, 3, 4, 8, 16)) if m >> 15 & 1
+                 else _word(bits, m >> 16 & 15, 64)),
+        "value": _word(bits, m >> 20 & 15, 64),
+        "bdfr": (_word(bits, m >> 24 & 15, 32), _word(bits, m >> 28 & 15, 32),
+                 _word(bits, m >> 32 & 15, 32), _word(bits, m >> 36 & 15, 32)),
+        "kernel_handled": (0, 1, U32, 0)[m >> 40 & 3] if m >> 40 & 3 != 3 else _pick(
+            rnd, (0, 1, U32)),
+        "state": (0, 1, 2, 3)[m >> 43 & 3] if m >> 42 & 1 else _word(bits, m >> 43 & 15, 32),
+        "noise": rnd.randbytes(_int(rnd, 0, 56)),
+    }
+
+
+def _slots(seed: int) -> tuple[int, list[dict]]:
+    rnd = random.Random(seed)
+    return _int(rnd, 1, 16), [_slot(rnd) for _ in range(16)]
+
+
+class _SyncHv(base.FakeHv):
+    """``base.FakeHv`` whose attach never suspends, so ``serve()`` runs to its end in a
+    single ``send`` without a trio.run per input (a serve() that waited on anything
+    else would be caught: the coroutine would not finish)."""
+
+    async def attach_ioreq_client(self) -> bool:
+        self.attached += 1
+        return self.attached == 1
 
 
 @fuzz_settings(50)
-@given(vcpu_num=st.integers(1, 16), slots=st.lists(base.slot, min_size=16, max_size=16))
-def test_random_slot_bytes(vcpu_num, slots):
+@given(seed=SEED)
+def test_random_slot_bytes(seed):
+    """``test_ioreq_fuzz``'s property on slots drawn from ``seed``."""
     count("ioreq.slot_bytes")
-    _inner(vcpu_num, slots)
-
-
-@pytest.fixture(scope="module")
-def vm():
-    vm, _ = build_vm()
-    yield vm
-    vm._release()
+    vcpu_num, slots = _slots(seed)
+    page_mm = new_ioreq_page()
+    page = memoryview(page_mm)
+    for v, s in enumerate(slots):
+        base._write_slot(page, v, s)
+    states_before = [
+        abi.SLOT_U32.unpack_from(page, abi.slot_offset(v) + abi.SLOT_PROCESSED_OFF)[0]
+        for v in range(16)
+    ]
+    ports, mmio = PortBus(), MmioBus()
+    ports.register(0x3F8, 8, Recorder(answer=0x41))
+    mmio.register(0xC000_0000, 0x1000, Recorder(answer=0x1234))
+    hv = _SyncHv()
+    server = IoreqServer(hv, page_mm, vcpu_num, ports, mmio, base.AnyPci())
+    coro = server.serve()
+    try:
+        coro.send(None)
+    except StopIteration:
+        pass
+    else:
+        coro.close()
+        raise AssertionError("serve() waited on something other than the hypervisor")
+    owned = [v for v in range(vcpu_num)
+             if slots[v]["state"] == abi.IOREQ_STATE_PROCESSING
+             and slots[v]["kernel_handled"] == 0]
+    assert hv.attached == 2
+    assert hv.finished == owned
+    states_after = [
+        abi.SLOT_U32.unpack_from(page, abi.slot_offset(v) + abi.SLOT_PROCESSED_OFF)[0]
+        for v in range(16)
+    ]
+    assert states_after == states_before  # the DM never writes `processed`
+    page.release()
+    server.page.release()
+    page_mm.close()
 
 
 def _targets(vm) -> list[tuple[int, int, int]]:
@@ -52,18 +162,36 @@ def _targets(vm) -> list[tuple[int, int, int]]:
     return out
 
 
-op = st.tuples(
-    st.integers(0, 10_000),                      # which target (mod number of targets)
-    st.integers(0, 0xFFFF_FFFF),                 # offset inside it (mod length)
-    st.sampled_from([1, 2, 4, 8, 3, 0]),         # size
-    st.booleans(),                               # write?
-    st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 0xFF, 0xFFFF_FFFF])),
-    st.tuples(st.sampled_from([0, 0, 0, 1, 255]),
-              st.one_of(st.sampled_from([0, 3, 4, 5, 6, 7, 8, 9, 31]), st.integers(0, 31)),
-              st.sampled_from([0, 0, 0, 1, 7]),
-              st.one_of(st.integers(0, 0x100), st.integers(0, 0x1000))),
-    st.booleans(),                               # PCICFG instead of the target
-)
+def _requests(seed: int) -> list[tuple]:
+    """1..40 requests (which target, offset in it, size, write?, value, PCI b/d/f/reg,
+    PCICFG instead of the target?), as the old ``st.lists(op, max_size=40)`` drew."""
+    rnd = random.Random(seed)
+    bits = rnd.getrandbits
+    out = []
+    for _ in range(_list_len(rnd, 40)):
+        m = bits(32)  # the coin flips and _word modes of one request
+        out.append((
+            _int(rnd, 0, 10_000),                                   # which target
+            _word(bits, m & 15, 32),                                # offset (mod length)
+            _pick(rnd, (1, 2, 4, 8, 3, 0)),                         # size
+            bool(m >> 8 & 1),                                       # write?
+            (0, 1, 0xFF, U32)[m >> 9 & 3] if m >> 11 & 1 else _word(bits, m >> 12 & 15, 64),
+            (_pick(rnd, (0, 0, 0, 1, 255)),                         # PCI bus
+             _either(rnd, (0, 3, 4, 5, 6, 7, 8, 9, 31), 0, 31),     # device
+             _pick(rnd, (0, 0, 0, 1, 7)),                           # function
+             _int(rnd, 0, 0x1000 if m >> 22 & 1 else 0x100)),       # register
+            bool(m >> 23 & 1)))                                     # PCICFG instead?
+    return out
+
+
+def _list_len(rnd: random.Random, most: int) -> int:
+    """Mostly hypothesis' geometric list lengths (about 6), one in eight up to ``most``."""
+    if not rnd.getrandbits(3):
+        return most if rnd.getrandbits(1) else _int(rnd, 1, most)
+    n = 1
+    while n < most and rnd.random() < 5 / 6:
+        n += 1
+    return n
 
 
 class _Tracebacks(logging.Handler):
@@ -86,62 +214,86 @@ class _Hv:
         self.finished.append(vcpu)
 
 
+class _Rig:
+    """One VM, request page, server and traceback catcher per process: only the devices
+    need to go back to power-on between inputs (the server's counters are cleared)."""
+
+    def __init__(self) -> None:
+        self.vm, _ = build_vm()
+        self.targets = _targets(self.vm)
+        self.page_mm = new_ioreq_page()
+        self.page = memoryview(self.page_mm)
+        self.hv = _Hv()
+        self.server = IoreqServer(self.hv, self.page_mm, 1, self.vm.ports,  # type: ignore[arg-type]
+                                  self.vm.mmio, self.vm.pci)
+        self.tb = _Tracebacks()
+        self.log = logging.getLogger("devicemodel.ioreq")
+        self.old_level = self.log.level
+        self.log.addHandler(self.tb)
+        self.log.setLevel(logging.DEBUG)
+
+    def close(self) -> None:
+        self.log.removeHandler(self.tb)
+        self.log.setLevel(self.old_level)
+        self.server.page.release()
+        self.page.release()
+        self.page_mm.close()
+        self.vm._release()
+
+
+@pytest.fixture(scope="module")
+def rig():
+    r = _Rig()
+    yield r
+    r.close()
+
+
 @fuzz_settings(60)
-@given(ops=st.lists(op, min_size=1, max_size=40))
-def test_requests_into_every_device(vm, ops):
+@given(seed=SEED)
+def test_requests_into_every_device(rig, seed):
     count("ioreq.devices")
-    reset_vm(vm)
-    targets = _targets(vm)
-    page_mm = new_ioreq_page()
-    page = memoryview(page_mm)
-    hv = _Hv()
-    tb = _Tracebacks()
-    ioreq_log = logging.getLogger("devicemodel.ioreq")
-    ioreq_log.addHandler(tb)
-    old_level = ioreq_log.level
-    ioreq_log.setLevel(logging.DEBUG)
-    server = IoreqServer(hv, page_mm, 1, vm.ports, vm.mmio, vm.pci)  # type: ignore[arg-type]
-    try:
-        for which, offset, size, write, value, bdfr, pcicfg in ops:
-            rtype, base_addr, length = targets[which % len(targets)]
-            addr = base_addr + offset % length
-            direction = abi.IOREQ_DIR_WRITE if write else abi.IOREQ_DIR_READ
-            if pcicfg:
-                rtype = abi.IOREQ_TYPE_PCICFG
-            page[0:256] = bytes(256)
-            struct.pack_into("<I", page, 0, rtype)
-            struct.pack_into("<IIQQQ", page, 64, direction, 0, addr, size, value)
-            if pcicfg:
-                struct.pack_into("<IIII", page, abi.SLOT_PCI_BDFR_OFF, *bdfr)
-            struct.pack_into("<II", page, abi.SLOT_KERNEL_HANDLED_OFF, 0,
-                             abi.IOREQ_STATE_PROCESSING)
-            assert server.scan() == 1
-            assert hv.finished[-1] == 0
-            (state,) = struct.unpack_from("<I", page, abi.SLOT_PROCESSED_OFF)
-            assert state == abi.IOREQ_STATE_PROCESSING  # the DM never writes it
-            if not write:
-                wide = rtype == abi.IOREQ_TYPE_MMIO
-                (result,) = struct.unpack_from("<Q" if wide else "<I", page,
-                                               abi.SLOT_VALUE_OFF)
-                # a request the server rejects as malformed may answer 4 bytes of ones
-                # (the hypervisor masks by size); a handled one answers within its size
-                if size in (1, 2, 4, 8) and not pcicfg and (wide or addr <= 0xFFFF):
-                    assert result < 1 << (8 * size)
-        assert server.stats["handler_error"] == 0, \
-            "a device handler raised:\n" + "".join(tb.seen)
-    finally:
-        ioreq_log.removeHandler(tb)
-        ioreq_log.setLevel(old_level)
-        server.page.release()
-        page.release()
-        page_mm.close()
+    reset_vm(rig.vm)
+    rig.vm.platform.reset()  # RTC index, PM registers: so that an input replays alike
+    assert _targets(rig.vm) == rig.targets  # a reset puts every BAR back
+    targets, page, hv, server = rig.targets, rig.page, rig.hv, rig.server
+    server.stats.clear()
+    rig.tb.seen.clear()
+    for which, offset, size, write, value, bdfr, pcicfg in _requests(seed):
+        rtype, base_addr, length = targets[which % len(targets)]
+        addr = base_addr + offset % length
+        direction = abi.IOREQ_DIR_WRITE if write else abi.IOREQ_DIR_READ
+        if pcicfg:
+            rtype = abi.IOREQ_TYPE_PCICFG
+        page[0:256] = bytes(256)
+        struct.pack_into("<I", page, 0, rtype)
+        struct.pack_into("<IIQQQ", page, 64, direction, 0, addr, size, value)
+        if pcicfg:
+            struct.pack_into("<IIII", page, abi.SLOT_PCI_BDFR_OFF, *bdfr)
+        struct.pack_into("<II", page, abi.SLOT_KERNEL_HANDLED_OFF, 0,
+                         abi.IOREQ_STATE_PROCESSING)
+        hv.finished.clear()
+        assert server.scan() == 1
+        assert hv.finished == [0]
+        (state,) = struct.unpack_from("<I", page, abi.SLOT_PROCESSED_OFF)
+        assert state == abi.IOREQ_STATE_PROCESSING  # the DM never writes it
+        if not write:
+            wide = rtype == abi.IOREQ_TYPE_MMIO
+            (result,) = struct.unpack_from("<Q" if wide else "<I", page, abi.SLOT_VALUE_OFF)
+            # a request the server rejects as malformed may answer 4 bytes of ones
+            # (the hypervisor masks by size); a handled one answers within its size
+            if size in (1, 2, 4, 8) and not pcicfg and (wide or addr <= 0xFFFF):
+                assert result < 1 << (8 * size)
+    assert server.stats["handler_error"] == 0, \
+        "a device handler raised:\n" + "".join(rig.tb.seen)
 
 
 def test_guest_accesses_through_the_hsm_path(tmp_path):
     """Guest port/MMIO accesses posted by the sim vCPU into a running VM: the HSM half
     (hsm/hsm_dispatch.py, shared with the KVM backend: cached CF8, CFC..CFF turned into
     PCICFG in place, ioeventfd matching) and the IoreqServer answer each one; the vCPU
-    always gets a value within its access size, no handler raises, nothing hangs."""
+    always gets a value within its access size, no handler raises, nothing hangs. The
+    accesses come from ``_accesses(seed)``; what bounds the rate is the sim's trio
+    round trip per access (about 0.1 ms) and one thread hop per input, not generation."""
     import trio
 
     from devicemodel.hsm.sim import SimHypervisor
@@ -151,20 +303,6 @@ def test_guest_accesses_through_the_hsm_path(tmp_path):
 
     with open(IMAGE, "wb") as f:
         f.truncate(1 << 20)
-    accesses = st.lists(st.tuples(
-        st.sampled_from(["pio", "pio", "mmio"]),
-        st.one_of(st.sampled_from([0xCF8, 0xCFC, 0xCFD, 0xCFE, 0xCFF, 0x70, 0x71, 0x3F8,
-                                   0x3FD, 0x400, 0x404, 0xCF9, 0x2000, 0x3000, 0x3010,
-                                   0x4000, 0x6000]),
-                  st.integers(0, 0xFFFF),
-                  st.integers(0x8000_0000, 0x8002_0000), st.integers(0xE000_0000, 0xE010_0000)),
-        st.sampled_from([1, 2, 4, 8]),
-        st.booleans(),
-        st.one_of(st.integers(0, 2**64 - 1),
-                  st.builds(lambda b, d, f, r: 0x8000_0000 | b << 16 | d << 11 | f << 8 | r,
-                            st.sampled_from([0, 0, 1]), st.sampled_from([0, 3, 4, 5, 6, 7, 8]),
-                            st.sampled_from([0, 0, 1]), st.integers(0, 0xFF)))),
-        min_size=1, max_size=30)
 
     async def main() -> None:
         args = ["-m", "128M"]
@@ -177,10 +315,10 @@ def test_guest_accesses_through_the_hsm_path(tmp_path):
 
     def run_examples(vm, sim) -> None:
         @fuzz_settings(40)
-        @given(ops=accesses)
-        def one(ops):
+        @given(seed=SEED)
+        def one(seed):
             count("ioreq.hsm_path")
-            trio.from_thread.run(play, vm, sim, ops)
+            trio.from_thread.run(play, vm, sim, _accesses(seed))
 
         drive(one)
 
@@ -205,6 +343,37 @@ def test_guest_accesses_through_the_hsm_path(tmp_path):
         assert vm.server.stats["handler_error"] == errors, "a device handler raised"
 
     trio.run(main)
+
+
+GUEST_PORTS = (0xCF8, 0xCFC, 0xCFD, 0xCFE, 0xCFF, 0x70, 0x71, 0x3F8, 0x3FD, 0x400, 0x404,
+               0xCF9, 0x2000, 0x3000, 0x3010, 0x4000, 0x6000)
+
+
+def _accesses(seed: int) -> list[tuple[str, int, int, bool, int]]:
+    """1..30 guest accesses (pio twice as often as mmio, address, size, write?, value):
+    addresses from the ports the VM decodes, any port, the BAR window and ECAM; values
+    any u64 or a CF8-style config address (enable bit, bus 0/1, the slots, any reg)."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(_list_len(rnd, 30)):
+        k = rnd.getrandbits(2)
+        if k == 0:
+            addr = _pick(rnd, GUEST_PORTS)
+        elif k == 1:
+            addr = _int(rnd, 0, 0xFFFF)
+        elif k == 2:
+            addr = _int(rnd, 0x8000_0000, 0x8002_0000)
+        else:
+            addr = _int(rnd, 0xE000_0000, 0xE010_0000)
+        if rnd.getrandbits(1):
+            value = _int(rnd, 0, U64)
+        else:
+            value = (0x8000_0000 | _pick(rnd, (0, 0, 1)) << 16
+                     | _pick(rnd, (0, 3, 4, 5, 6, 7, 8)) << 11
+                     | _pick(rnd, (0, 0, 1)) << 8 | _int(rnd, 0, 0xFF))
+        out.append((_pick(rnd, ("pio", "pio", "mmio")), addr, _pick(rnd, (1, 2, 4, 8)),
+                    bool(rnd.getrandbits(1)), value))
+    return out
 
 
 def _no_poweroff(addr: int, size: int, value: int) -> int:
