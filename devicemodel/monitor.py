@@ -263,7 +263,10 @@ class Monitor:
                 return ok
             log.warning("blkrescan %s: %s", args, reply.get("error"))
             return {"ack": -1}
-        log.warning("acrn-dm monitor command %r is not supported", str(command)[:40])
+        if command == "blkrescan":
+            log.warning('blkrescan: "arguments" must be a string "<slot>,<path>"')
+        else:
+            log.warning("acrn-dm monitor command %r is not supported", str(command)[:40])
         return {"ack": -1}
 
     def _slot_arg(self, req: dict[str, Any]) -> tuple[str, Any]:

@@ -313,7 +313,7 @@ def test_any_line_gets_one_reply(line):
     json.dumps({k: v for k, v in reply.items() if not k.startswith("_")})
 
 
-async def test_acrn_dm_dialect(tmp_path):
+async def test_acrn_dm_dialect(tmp_path, caplog):
     """acrn-dm's own monitor protocol: one object per write, no newline, {"ack": 0|-1}."""
     new = tmp_path / "new.img"
     new.write_bytes(b"\0" * 512)
@@ -325,8 +325,12 @@ async def test_acrn_dm_dialect(tmp_path):
         assert blk.paths == [str(new)]
         await c.send_raw(b'{"command": "blkrescan", "arguments": "9,/none"}')
         assert await c.reply() == {"ack": -1}
+        await c.send_raw(b'{"command": "blkrescan", "arguments": [5]}')
+        assert await c.reply() == {"ack": -1}
+        assert '"arguments" must be a string' in caplog.text  # not "not supported"
         await c.send_raw(b'{"command": "register_vm_event_client"}')
         assert await c.reply() == {"ack": -1}
+        assert "'register_vm_event_client' is not supported" in caplog.text
         # a partial object waits for the rest, as a stream should
         await c.send_raw(b'{"command": ')
         await trio.sleep(0.05)

@@ -9,8 +9,11 @@ The fast long mode (``_engine.py``) feeds the same tests raw bytes instead.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 
 from hypothesis import HealthCheck, settings
 
@@ -69,3 +72,32 @@ def drive(one) -> None:  # noqa: ANN001 - a hypothesis test
                     _engine.fuzz_target(one, {}, show=_engine.repro_file() is not None))
     else:
         one()
+
+
+class _FormatOnly(logging.Handler):
+    """Formats each record (a broken log call still fails the input) and keeps nothing."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.format(record)
+
+
+@contextlib.contextmanager
+def logs_formatted_and_dropped() -> Iterator[None]:
+    """Long runs: pytest's log capture would keep every warning of a million inputs
+    (about 300 MB per million for the monitor targets, and a tenth of the CPU); the
+    device model's records stop at a handler of our own instead. Handlers a test puts on
+    a child logger (to collect tracebacks) still see them."""
+    logger = logging.getLogger("devicemodel")
+    handler = _FormatOnly()
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(handler)
+
+
+def long_run() -> bool:
+    """A campaign (fast engine or hypothesis long mode), not CI's short mode or a repro."""
+    return _engine.engine() is not None or (is_long() and _engine.repro_file() is None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from . import _engine
-from ._common import COUNTS
+from ._common import COUNTS, logs_formatted_and_dropped, long_run
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook
@@ -15,6 +15,15 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest 
             f"{k}={v}" for k, v in sorted(COUNTS.items())))
     for line in _engine.counts_lines():
         terminalreporter.write_line("fuzz engine: " + line)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _long_runs_keep_no_log_records():  # noqa: ANN202 - a fixture
+    if long_run():
+        with logs_formatted_and_dropped():
+            yield
+    else:
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -20,8 +20,6 @@ caught about once in 500 inputs; not closing the old kick fd on a new kick, once
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 import random
@@ -45,8 +43,7 @@ from devicemodel.vhost_user.protocol import Req
 from devicemodel.virtio.rnd import VirtioRnd
 from tests.fds import fd_targets, open_fds
 
-from . import _engine
-from ._common import count, fuzz_settings, is_long
+from ._common import count, fuzz_settings
 
 SHM = 64 * 1024
 UVA = 0x7F00_0000_0000
@@ -175,35 +172,9 @@ _checked = 0  # inputs checked in this process
 def loop() -> Iterator[_Loop]:
     lp = _Loop()
     try:
-        if _engine.engine() is not None or (is_long() and _engine.repro_file() is None):
-            with _logs_formatted_and_dropped():
-                yield lp
-        else:
-            yield lp
+        yield lp
     finally:
         lp.close()
-
-
-class _FormatOnly(logging.Handler):
-    """Formats each record (a broken log call still fails the input) and keeps nothing."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.format(record)
-
-
-@contextlib.contextmanager
-def _logs_formatted_and_dropped() -> Iterator[None]:
-    """Long runs: pytest's log capture would keep every warning of a million sessions
-    (and costs a tenth of the time); the records stop at a handler of our own instead."""
-    logger = logging.getLogger("devicemodel")
-    handler = _FormatOnly()
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        yield
-    finally:
-        logger.propagate = propagate
-        logger.removeHandler(handler)
 
 
 @fuzz_settings(300)
