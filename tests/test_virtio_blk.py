@@ -87,9 +87,9 @@ class Rig:
 
 @asynccontextmanager
 async def rig(mem: GuestMemory, options: str, features: int | None = None,
-              base: int = 0x100000) -> AsyncIterator[Rig]:
+              base: int = 0x100000, data_size: int = 4 << 20) -> AsyncIterator[Rig]:
     dev = VirtioBlk(parse_blk_options(options))
-    drv = MockDriver(mem, base, 256)
+    drv = MockDriver(mem, base, 256, data_size=data_size)
     irq = RecordingInterrupt()
     try:
         async with trio.open_nursery() as nursery:

@@ -18,7 +18,7 @@ import struct
 
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devicemodel.memory import GuestMemory, MemoryMap, MiB, RamRegion
@@ -482,3 +482,120 @@ def test_writeback_writes_inline_or_on_the_pool(tmp_path, monkeypatch, nowait):
     trio.run(_serve_many, requests, str(path), ",writeback")
     # one iovec per page (scattered), per contiguous run (mixed), per 512-byte piece (odd)
     assert (calls[::2] == [256, 24] and 1 < calls[1] < 200) if nowait else calls == [256]
+
+
+# -- big sequential reads, copied on two CPUs (virtio/copier.py) -------------------------
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("big") / "disk.img"
+    path.write_bytes(os.urandom(16 * MiB))
+    return str(path)
+
+
+async def _read_all(image: str, reqs: list[tuple[int, int]]) -> None:
+    """Post every (sector, length) read at once and check each buffer against the image."""
+    mem = GuestMemory(128 * MiB)
+    try:
+        async with rig(mem, image, data_size=64 * MiB) as r:  # no buffer reused
+            heads = [r.drv.add_chain([_HDR.pack(VIRTIO_BLK_T_IN, 0, s)], [n, 1], publish=False)
+                     for s, n in reqs]
+            r.drv.add_many(heads)
+            r.dev.queue_notify(0)
+            used = dict(await wait_used(r.drv, len(heads)))
+            with open(image, "rb") as f:
+                for head, (sector, n) in zip(heads, reqs, strict=True):
+                    f.seek(sector * 512)
+                    out = r.drv.written(head)
+                    assert used[head] == n + 1 and out[-1] == VIRTIO_BLK_S_OK
+                    assert out[:-1] == f.read(n), f"read at sector {sector} has wrong data"
+    finally:
+        mem.close()
+
+
+def _copier_calls(monkeypatch, result=None) -> list[tuple[str, int]]:
+    """Record (thread name, bytes asked) of every copy the copier thread makes; with
+    ``result`` set, each returns that instead of reading (a page-cache miss: -1)."""
+    from devicemodel.virtio import copier
+
+    calls: list[tuple[str, int]] = []
+    real = copier.preadv_nowait
+
+    def spy(fd, views, offset):
+        import threading
+
+        calls.append((threading.current_thread().name, sum(len(v) for v in views)))
+        return real(fd, views, offset) if result is None else result
+
+    monkeypatch.setattr(copier, "preadv_nowait", spy)
+    return calls
+
+
+async def test_big_sequential_reads_are_copied_on_two_cpus(big_image, monkeypatch):
+    calls = _copier_calls(monkeypatch)
+    # 24 sequential 128 KiB reads: groups of 2 MiB and 1 MiB, read as a pair
+    await _read_all(big_image, [(256 * k, 128 * 1024) for k in range(24)])
+    assert calls == [("virtio-blk-copy", 2 * MiB)], calls
+    calls.clear()
+    # one 1 MiB group alone is split in two halves
+    await _read_all(big_image, [(2048 + 256 * k, 128 * 1024) for k in range(8)])
+    assert calls == [("virtio-blk-copy", 512 * 1024)], calls
+
+
+async def test_one_big_scattered_read_is_split_in_halves(big_image, monkeypatch):
+    """Linux's 1 MiB read: one request whose data is 64 pages apart in guest RAM."""
+    from devicemodel.virtio.mock import Buffer
+
+    calls = _copier_calls(monkeypatch)
+    mem = GuestMemory(128 * MiB)
+    try:
+        async with rig(mem, big_image, data_size=8 * MiB) as r:
+            hdr = r.drv.alloc(16)
+            mem.write(hdr, _HDR.pack(VIRTIO_BLK_T_IN, 0, 4096))
+            pages = []
+            for _ in range(64):
+                pages.append(r.drv.alloc(16384))
+                r.drv.alloc(4096)  # a gap: nothing merges
+            status = r.drv.alloc(1)
+            head = r.drv.add_buffers([Buffer(hdr, 16, False)]
+                                     + [Buffer(p, 16384, True) for p in pages]
+                                     + [Buffer(status, 1, True)], indirect=True)
+            r.dev.queue_notify(0)
+            assert await wait_used(r.drv, 1) == [(head, MiB + 1)]
+            with open(big_image, "rb") as f:
+                f.seek(4096 * 512)
+                assert r.drv.written(head) == f.read(MiB) + bytes([VIRTIO_BLK_S_OK])
+    finally:
+        mem.close()
+    assert calls == [("virtio-blk-copy", 512 * 1024)], calls
+
+
+async def test_a_copy_the_page_cache_cannot_serve_falls_back(big_image, monkeypatch):
+    calls = _copier_calls(monkeypatch, result=-1)
+    await _read_all(big_image, [(256 * k, 128 * 1024) for k in range(24)])
+    assert len(calls) == 1  # and its requests were served by the slow path, correctly
+
+
+_big_reads = st.lists(
+    st.tuples(st.sampled_from([512, 4096, 65536, 128 * 1024, 256 * 1024 + 512, 1 * MiB]),
+              st.sampled_from([0, 0, 0, 1, 8, -1])),  # sectors skipped before (-1: restart)
+    min_size=1, max_size=24,
+)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # a context per example
+@given(reads=_big_reads, result=st.sampled_from([None, None, -1, 0, 4096]))
+def test_mixed_big_and_small_reads_land_right(big_image, monkeypatch, reads, result):
+    """Sequential runs of any sizes, broken anywhere; the copier's read whole, failed or
+    short: every buffer gets the image's bytes."""
+    with monkeypatch.context() as m:
+        _copier_calls(m, result)
+        sector, reqs = 0, []
+        for n, skip in reads:
+            sector = 0 if skip < 0 else sector + skip
+            if (sector * 512 + n) > 16 * MiB:
+                sector = 0
+            reqs.append((sector, n))
+            sector += n // 512
+        trio.run(_read_all, big_image, reqs)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import trio
 
 from ..config import ConfigError
+from .copier import CopyThread
 from .device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -83,6 +84,7 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 INLINE_MAX = 2 << 20  # largest read tried on the event loop (a memcpy from page cache)
 INLINE_BATCH = 32  # requests popped and completed between interrupts/yields
 COALESCE_MAX = 2 << 20  # sequential inline reads merged into one preadv up to this size
+PARALLEL_MIN = 512 << 10  # reads this big are copied on two CPUs (copier.py)
 
 _HDR = struct.Struct("<IIQ")  # type, reserved/ioprio, sector
 _SEG = struct.Struct("<QII")  # sector, num_sectors, flags
@@ -361,6 +363,11 @@ def _take_back(views: list[memoryview]) -> tuple[list[memoryview], memoryview]:
     return rest, last[-1:]
 
 
+# Reads that continue one another, read with one preadv: every buffer, then per request
+# (head, status byte GPA, length, its buffers), and the image range [start, end).
+_ReadGroup = tuple[list[memoryview], list[tuple[int, int, int, list[memoryview]]], int, int]
+
+
 @dataclass(slots=True)
 class _Request:
     head: int
@@ -386,6 +393,7 @@ class VirtioBlk(VirtioDevice):
         self.size = 0
         self.sectsz = opts.sectorsize
         self._nowait_read = self._nowait_write = hasattr(os, "RWF_NOWAIT")
+        self._copier: CopyThread | None = None
         if opts.path is not None:
             self._open(opts)
         self.capacity = self.size // SECTOR
@@ -462,6 +470,9 @@ class VirtioBlk(VirtioDevice):
 
     def close(self) -> None:
         self.stop_io_thread()  # writes still queued land before the image closes
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -516,12 +527,12 @@ class VirtioBlk(VirtioDevice):
         nowait_read = self._nowait_read
         size, sectsz, inline_max = self.size, self.sectsz, INLINE_MAX
         unpack_hdr = _HDR.unpack_from
-        read_group = self._read_group
         # the reads being merged: their buffers, (head, status GPA, length, buffers), range
         g_views: list[memoryview] = []
         g_reqs: list[tuple[int, int, int, list[memoryview]]] = []
         g_start = g_end = -1
         writes: list[tuple[int, memoryview, int, int, list[memoryview]]] = []
+        groups: list[_ReadGroup] = []  # read at the end, two at once where they are big
         try:
             for chain in chains:
                 lens = chain.lens
@@ -546,7 +557,7 @@ class VirtioBlk(VirtioDevice):
                                 g_end += length
                                 continue
                             if g_views:
-                                read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
+                                groups.append((g_views, g_reqs, g_start, g_end))
                             g_views = list(views)
                             g_reqs = [(chain.head, addrs[-1], length, views)]
                             g_start, g_end = offset, offset + length
@@ -566,7 +577,7 @@ class VirtioBlk(VirtioDevice):
                                                self.base + offset, length, views))
                             continue
                 if g_views:
-                    read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
+                    groups.append((g_views, g_reqs, g_start, g_end))
                     g_views, g_reqs = [], []
                     g_start = g_end = -1
                 req = self._parse(chain)
@@ -574,9 +585,11 @@ class VirtioBlk(VirtioDevice):
                     used.append((req.head, (req.length if req.rtype == VIRTIO_BLK_T_IN else 0) + 1))
                 else:
                     nursery.start_soon(self._request, q, req)
+        finally:  # the reads and writes before a malformed request are still done
             if g_views:
-                read_group(q, g_views, g_reqs, g_start, g_end, used, nursery)
-        finally:  # the writes before a malformed request are still done
+                groups.append((g_views, g_reqs, g_start, g_end))
+            if groups:
+                self._read_groups(q, groups, used, nursery)
             if writes:
                 nursery.start_soon(self._write_batch, q, writes)
 
@@ -594,21 +607,81 @@ class VirtioBlk(VirtioDevice):
                 self._nowait_write = False
             return False
 
-    def _read_group(self, q: Virtqueue, views: list[memoryview],
-                    reqs: list[tuple[int, int, int, list[memoryview]]], start: int, end: int,
-                    used: list[tuple[int, int]], nursery: trio.Nursery) -> None:
-        """One non-blocking preadv for reads that continue one another (``reqs``: head,
-        status GPA, length and buffers of each, ``views`` all their buffers); whatever the
-        page cache cannot serve at once is retried request by request (inline, then
-        threads)."""
+    def _read_groups(self, q: Virtqueue, groups: list[_ReadGroup], used: list[tuple[int, int]],
+                     nursery: trio.Nursery) -> None:
+        """Each group's read; big ones on two CPUs (two groups at once, or one in two
+        halves), since the loop's memcpy is what limits a sequential stream."""
+        i = 0
+        while i < len(groups):
+            a = groups[i]
+            big = a[3] - a[2] >= PARALLEL_MIN
+            b = groups[i + 1] if i + 1 < len(groups) else None
+            if big and b is not None and b[3] - b[2] >= PARALLEL_MIN:
+                self._read_pair(q, a, b, used, nursery)
+                i += 2
+                continue
+            if big and len(a[0]) > 1:
+                self._read_split(q, a, used, nursery)
+            else:
+                self._read_group(q, a, used, nursery)
+            i += 1
+
+    def _copy_thread(self) -> CopyThread:
+        if self._copier is None:
+            self._copier = CopyThread(f"{self.name}-copy")
+        return self._copier
+
+    def _read_pair(self, q: Virtqueue, a: _ReadGroup, b: _ReadGroup,
+                   used: list[tuple[int, int]], nursery: trio.Nursery) -> None:
+        copier = self._copy_thread()
+        copier.submit(self.fd, a[0], self.base + a[2])
         try:
-            n = _preadv_nowait(self.fd, views, self.base + start)
+            self._read_group(q, b, used, nursery)
+        finally:  # the thread's read lands before anything else happens
+            n = copier.wait()
+        self._finish_group(q, a, n, used, nursery)
+
+    def _read_split(self, q: Virtqueue, group: _ReadGroup, used: list[tuple[int, int]],
+                    nursery: trio.Nursery) -> None:
+        """One group's read as two halves (at a buffer boundary), one on each CPU."""
+        views, _, start, end = group
+        half = (end - start) // 2
+        k, first = 1, len(views[0])
+        while k < len(views) - 1 and first + len(views[k]) <= half:
+            first += len(views[k])
+            k += 1
+        copier = self._copy_thread()
+        copier.submit(self.fd, views[:k], self.base + start)
+        try:
+            second = self._nowait(views[k:], self.base + start + first)
+        finally:
+            got_first = copier.wait()
+        whole = got_first == first and second == end - start - first
+        self._finish_group(q, group, end - start if whole else -1, used, nursery)
+
+    def _read_group(self, q: Virtqueue, group: _ReadGroup, used: list[tuple[int, int]],
+                    nursery: trio.Nursery) -> None:
+        """One non-blocking preadv for reads that continue one another (see ``_ReadGroup``);
+        whatever the page cache cannot serve at once is retried request by request (inline,
+        then threads)."""
+        self._finish_group(q, group, self._nowait(group[0], self.base + group[2]), used,
+                           nursery)
+
+    def _nowait(self, views: list[memoryview], offset: int) -> int:
+        """``preadv`` from the page cache without waiting for the disk: bytes, or -1."""
+        try:
+            return _preadv_nowait(self.fd, views, offset)
         except BlockingIOError:
-            n = -1
+            return -1
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the file system cannot
                 self._nowait_read = False
-            n = -1
+            return -1
+
+    def _finish_group(self, q: Virtqueue, group: _ReadGroup, n: int,
+                      used: list[tuple[int, int]], nursery: trio.Nursery) -> None:
+        """Complete a group ``n`` bytes of whose read are in guest RAM (-1: failed)."""
+        _, reqs, start, end = group
         lo = q.low_ram[1]
         if n == end - start and lo is not None:
             append = used.append
