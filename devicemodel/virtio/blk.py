@@ -5,7 +5,8 @@ memoryviews. A request the page cache can serve at once (``RWF_NOWAIT``) is done
 event loop; every other one runs on the device's bounded thread pool, many in flight (one
 trio task each), since a thread hand-off costs far more than a cached 4 KiB copy. The
 worker takes the ring in batches: a plain read (header, one data buffer, status byte) skips
-the general parser, reads that continue one another share one ``preadv``, and a batch
+the general parser, reads that continue one another share one ``preadv`` (big ones are
+copied on two CPUs, ``copier.py``: the loop's memcpy is a sequential stream's limit), and a batch
 ends with one used-index store and at most one interrupt. Host I/O errors become
 VIRTIO_BLK_S_IOERR for that request; only a driver that breaks the request format (no
 header, no status byte) stops the device.
