@@ -4,6 +4,7 @@ and completes exactly the slots it owns (PROCESSING with kernel_handled == 0).""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import trio
 from hypothesis import given, settings
@@ -71,9 +72,11 @@ class AnyPci:
         pass
 
 
-@settings(max_examples=300, deadline=None)
-@given(vcpu_num=st.integers(1, 16), slots=st.lists(slot, min_size=16, max_size=16))
-def test_random_slots_never_break_the_server(vcpu_num, slots):
+def check_random_slots(vcpu_num: int, slots: list[dict], hv: FakeHv,
+                       run: Callable[[IoreqServer], None]) -> None:
+    """The property: whatever the slots hold, ``run(server)`` (serving the page until
+    ``serve()`` returns) completes exactly the slots the device model owns and never
+    writes ``processed``."""
     page_mm = new_ioreq_page()
     page = memoryview(page_mm)
     for v, s in enumerate(slots):
@@ -85,15 +88,8 @@ def test_random_slots_never_break_the_server(vcpu_num, slots):
     ports, mmio = PortBus(), MmioBus()
     ports.register(0x3F8, 8, Recorder(answer=0x41))
     mmio.register(0xC000_0000, 0x1000, Recorder(answer=0x1234))
-    hv = FakeHv()
     server = IoreqServer(hv, page_mm, vcpu_num, ports, mmio, AnyPci())
-
-    async def main():
-        with trio.fail_after(5):
-            await server.serve()
-
-    trio.run(main)
-
+    run(server)
     owned = [
         v
         for v in range(vcpu_num)
@@ -108,3 +104,17 @@ def test_random_slots_never_break_the_server(vcpu_num, slots):
     page.release()
     server.page.release()
     page_mm.close()
+
+
+def _serve_in_trio(server: IoreqServer) -> None:
+    async def main():
+        with trio.fail_after(5):
+            await server.serve()
+
+    trio.run(main)
+
+
+@settings(max_examples=300, deadline=None)
+@given(vcpu_num=st.integers(1, 16), slots=st.lists(slot, min_size=16, max_size=16))
+def test_random_slots_never_break_the_server(vcpu_num, slots):
+    check_random_slots(vcpu_num, slots, FakeHv(), _serve_in_trio)
