@@ -9,9 +9,10 @@ a time, and activating per message would restart the device's workers again and 
 Ring states (vhost-user.rst "Ring states"): a ring is *started* by SET_VRING_KICK and
 stopped by GET_VRING_BASE; *enabled* by SET_VRING_ENABLE (or from the start when protocol
 features were not negotiated). The device sees a ring as ``ready`` when it is started and
-enabled. Kick eventfds wake ``queue_notify``; the device's interrupts write the ring's call
-eventfd (looked up at each interrupt, since QEMU swaps call fds when the guest masks a
-vector).
+enabled. Kick eventfds wake ``queue_notify``, unless the device serves the ring on a
+data-plane thread (virtio/dataplane.py), which then waits on a duplicate of the kick fd
+itself; the device's interrupts write the ring's call eventfd (looked up at each interrupt,
+under the ring's fd lock, since QEMU swaps call fds when the guest masks a vector).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import trio
 
@@ -63,6 +65,9 @@ class Vring:
     started: bool = False
     polling: bool = False
     watcher: trio.CancelScope | None = None
+    #: held while the call/err fds change or are written: a data-plane thread signals
+    #: them while the loop may be replacing them (a closed fd's number can be reused)
+    fd_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def close_fds(self) -> None:
         if self.watcher is not None:
@@ -70,11 +75,18 @@ class Vring:
             self.watcher = None
         if self.kick_fd is not None:
             trio.lowlevel.notify_closing(self.kick_fd)  # its watcher may be waiting on it
-        for name in ("kick_fd", "call_fd", "err_fd"):
+        with self.fd_lock:
+            for name in ("kick_fd", "call_fd", "err_fd"):
+                fd = getattr(self, name)
+                if fd is not None:
+                    os.close(fd)
+                    setattr(self, name, None)
+
+    def signal(self, name: str) -> None:
+        with self.fd_lock:
             fd = getattr(self, name)
             if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
+                signal_eventfd(fd)  # a failure means the front end went away: it reconnects
 
 
 # write(2) through ctypes.PyDLL keeps the GIL: an eventfd write never blocks and takes a
@@ -99,9 +111,18 @@ class VhostInterrupt:
         self._backend = backend
 
     def notify_queue(self, index: int) -> None:
-        fd = self._backend.rings[index].call_fd
-        if fd is not None:
-            signal_eventfd(fd)  # a failure means the front end went away: it reconnects
+        self._backend.rings[index].signal("call_fd")
+
+    def take_kick_fd(self, index: int) -> int | None:
+        """Hand the device a duplicate of ring ``index``'s kick eventfd for a data-plane
+        thread, and stop watching it here (``None``: the ring is polled, no fd)."""
+        ring = self._backend.rings[index]
+        if ring.kick_fd is None:
+            return None
+        if ring.watcher is not None:
+            ring.watcher.cancel()
+            ring.watcher = None
+        return os.dup(ring.kick_fd)
 
     def notify_config(self) -> None:
         # A config interrupt needs the back-end request channel, which we do not offer;
@@ -111,8 +132,7 @@ class VhostInterrupt:
 
     def needs_reset(self) -> None:
         for ring in self._backend.rings:
-            if ring.err_fd is not None:
-                signal_eventfd(ring.err_fd)
+            ring.signal("err_fd")
 
 
 class VhostUserBackend:
@@ -335,17 +355,14 @@ class VhostUserBackend:
             ring.polling = nofd
             ring.started = True
             self._dirty = True
-            ring.watcher = trio.CancelScope()
-            assert self._nursery is not None
-            self._nursery.start_soon(self._watch_kick, ring.index, fd, ring.watcher)
-        elif req == Req.SET_VRING_CALL:
-            old, ring.call_fd = ring.call_fd, fd
-            if old is not None:
-                os.close(old)
+            self._start_watcher(ring)
         else:
-            old, ring.err_fd = ring.err_fd, fd
-            if old is not None:
-                os.close(old)
+            name = "call_fd" if req == Req.SET_VRING_CALL else "err_fd"
+            with ring.fd_lock:
+                old = getattr(ring, name)
+                setattr(ring, name, fd)
+                if old is not None:
+                    os.close(old)
         return None
 
     def _read_config(self, offset: int, size: int) -> bytes:
@@ -354,6 +371,11 @@ class VhostUserBackend:
         return data[:valid] + bytes(size - valid)  # beyond our config: zeros, not 0xff
 
     # -- kicks -------------------------------------------------------------------------
+
+    def _start_watcher(self, ring: Vring) -> None:
+        ring.watcher = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_kick, ring.index, ring.kick_fd, ring.watcher)
 
     async def _watch_kick(self, index: int, fd: int | None, scope: trio.CancelScope) -> None:
         """Turn kicks on ``fd`` (or a poll timer) into ``queue_notify``; ends with ``scope``."""
@@ -423,6 +445,8 @@ class VhostUserBackend:
         for q, ring in zip(queues, self.rings, strict=True):
             if q.ready:
                 ring.base = q.last_avail_idx
+            if ring.started and ring.watcher is None and self._nursery is not None:
+                self._start_watcher(ring)  # a data-plane thread had its kicks
 
     async def _stop_all_rings(self) -> None:
         await self._deactivate()

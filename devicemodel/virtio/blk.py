@@ -33,8 +33,9 @@ import hashlib
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import trio
 
@@ -364,6 +365,25 @@ def _take_back(views: list[memoryview]) -> tuple[list[memoryview], memoryview]:
     return rest, last[-1:]
 
 
+T = TypeVar("T")
+_Io = Callable[..., Awaitable[Any]]
+
+
+async def _call_now(fn: Callable[..., Any], *args: Any) -> Any:
+    """``_execute``'s ``io`` on a data-plane thread: the blocking call, right here."""
+    return fn(*args)
+
+
+def _run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (its ``io`` is :func:`_call_now`) to its end."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a blocking request suspended on a data-plane thread")
+
+
 # Reads that continue one another, read with one preadv: every buffer, then per request
 # (head, status byte GPA, length, its buffers), and the image range [start, end).
 _ReadGroup = tuple[list[memoryview], list[tuple[int, int, int, list[memoryview]]], int, int]
@@ -394,7 +414,8 @@ class VirtioBlk(VirtioDevice):
         self.size = 0
         self.sectsz = opts.sectorsize
         self._nowait_read = self._nowait_write = hasattr(os, "RWF_NOWAIT")
-        self._copier: CopyThread | None = None
+        self._copier: CopyThread | None = None  # the loop's
+        self._dp_copiers: dict[int, CopyThread] = {}  # each data-plane thread's, by queue
         if opts.path is not None:
             self._open(opts)
         self.capacity = self.size // SECTOR
@@ -470,7 +491,11 @@ class VirtioBlk(VirtioDevice):
         self.config[CFG_WRITEBACK] = 1 if self.opts.writeback else 0
 
     def close(self) -> None:
+        self.stop_dataplanes()  # a data-plane thread ends with the request it is serving
         self.stop_io_thread()  # writes still queued land before the image closes
+        for copier in self._dp_copiers.values():
+            copier.close()
+        self._dp_copiers.clear()
         if self._copier is not None:
             self._copier.close()
             self._copier = None
@@ -489,8 +514,81 @@ class VirtioBlk(VirtioDevice):
 
     def start_workers(self, nursery: trio.Nursery) -> None:
         for q in self.queues:
-            if q.ready:
+            if q.ready and not self.start_dataplane(q, nursery, self._serve_blocking):
                 nursery.start_soon(self._serve, q, nursery)
+
+    def _serve_blocking(self, q: Virtqueue) -> bool:
+        """A data-plane thread's work (``dataplane.py``): a batch of requests in ring
+        order, with blocking I/O; False when the ring was empty."""
+        chains = q.pop_batch(INLINE_BATCH)
+        if not chains:
+            return False
+        used: list[tuple[int, int]] = []
+        try:
+            for chain in chains:
+                used.append((chain.head, self._request_blocking(q, chain)))
+        finally:  # a malformed request fails the device, but the ones before it are done
+            if used:
+                q.add_used_batch(used)
+                self.signal(q)
+        return True
+
+    def _request_blocking(self, q: Virtqueue, chain: DescriptorChain) -> int:
+        """Serve one request on a data-plane thread; the bytes written to the driver."""
+        lens = chain.lens
+        lo = q.low_ram[1]
+        if (self.fd >= 0 and lo is not None and chain.low and len(lens) >= 3 and lens[0] == 16
+                and lens[-1] == 1):  # header, data, status: no general parsing
+            addrs = chain.addrs
+            rtype, _, sector = _HDR.unpack_from(lo, addrs[0])
+            nd = len(lens)
+            if rtype == VIRTIO_BLK_T_IN and chain.nreadable == 1:
+                length = chain.writable_len - 1
+                op = self._read_blocking
+            elif rtype == VIRTIO_BLK_T_OUT and chain.nreadable == nd - 1 and not self.ro:
+                length = chain.readable_len - 16
+                op = self._write_blocking
+            else:
+                op = None
+            if op is not None and self._range_ok(sector, length):
+                views = _iovecs(lo, addrs, lens, nd - 1)
+                try:
+                    op(q.index, views, self.base + sector * SECTOR, length)
+                except OSError as e:
+                    self.glog.warning("%s: I/O error on %s: %s", self.name, self.opts.path, e)
+                    lo[addrs[-1]] = VIRTIO_BLK_S_IOERR
+                    return 1
+                lo[addrs[-1]] = VIRTIO_BLK_S_OK
+                return (length if rtype == VIRTIO_BLK_T_IN else 0) + 1
+        req = self._parse(chain)
+        status, written = _run_now(self._execute(req.rtype, req.sector, req.out_views,
+                                                 req.in_views, io=_call_now))
+        req.status_view[0] = status
+        return written + 1
+
+    def _read_blocking(self, index: int, views: list[memoryview], offset: int,
+                       length: int) -> None:
+        if length >= PARALLEL_MIN and len(views) > 1:  # half on the copy thread
+            half, k = len(views[0]), 1
+            while k < len(views) - 1 and half + len(views[k]) <= length // 2:
+                half += len(views[k])
+                k += 1
+            copier = self._dp_copiers.get(index)
+            if copier is None:
+                copier = self._dp_copiers[index] = CopyThread(f"{self.name}-q{index}-copy")
+            copier.submit(self.fd, views[:k], offset)
+            try:
+                _preadv_all(self.fd, views[k:], offset + half)
+            finally:
+                got = copier.wait()
+            if got != half:  # not all in the page cache: this thread reads it, waiting
+                _preadv_all(self.fd, views[:k], offset)
+            return
+        _preadv_all(self.fd, views, offset)
+
+    def _write_blocking(self, index: int, views: list[memoryview], offset: int,
+                        length: int) -> None:
+        _pwritev_all(self.fd, views, offset, not self.writeback)
 
     async def _serve(self, q: Virtqueue, nursery: trio.Nursery) -> None:
         # A trio scheduling pass costs about as much as serving a cached 4 KiB read, so the
@@ -776,29 +874,32 @@ class VirtioBlk(VirtioDevice):
                 and offset + length <= self.size)
 
     async def _execute(self, rtype: int, sector: int, out_views: list[memoryview],
-                       in_views: list[memoryview]) -> tuple[int, int]:
+                       in_views: list[memoryview], io: _Io | None = None) -> tuple[int, int]:
+        """A request's status and the bytes written to the driver; blocking calls go
+        through ``io`` (default: the device's thread pool)."""
+        io = io or self.blocking
         try:
             if rtype == VIRTIO_BLK_T_IN:
                 length = sum(len(v) for v in in_views)
                 if self.fd < 0 or not self._range_ok(sector, length):
                     return VIRTIO_BLK_S_IOERR, 0
-                await self.blocking(_preadv_all, self.fd, in_views, self.base + sector * SECTOR)
+                await io(_preadv_all, self.fd, in_views, self.base + sector * SECTOR)
                 return VIRTIO_BLK_S_OK, length
             if rtype == VIRTIO_BLK_T_OUT:
                 length = sum(len(v) for v in out_views)
                 if self.fd < 0 or self.ro or not self._range_ok(sector, length):
                     return VIRTIO_BLK_S_IOERR, 0
-                await self.blocking(_pwritev_all, self.fd, out_views,
-                                    self.base + sector * SECTOR, not self.writeback)
+                await io(_pwritev_all, self.fd, out_views, self.base + sector * SECTOR,
+                         not self.writeback)
                 return VIRTIO_BLK_S_OK, 0
             if rtype == VIRTIO_BLK_T_FLUSH:
                 if self.fd >= 0 and not self.ro:
-                    await self.blocking(os.fsync, self.fd)
+                    await io(os.fsync, self.fd)
                 return VIRTIO_BLK_S_OK, 0
             if rtype == VIRTIO_BLK_T_GET_ID:
                 return VIRTIO_BLK_S_OK, self._write_ident(in_views)
             if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-                return await self._discard_or_zero(rtype, out_views), 0
+                return await self._discard_or_zero(rtype, out_views, io), 0
             return VIRTIO_BLK_S_UNSUPP, 0
         except OSError as e:
             self.glog.warning("%s: I/O error on %s: %s", self.name, self.opts.path, e)
@@ -815,7 +916,7 @@ class VirtioBlk(VirtioDevice):
                 break
         return done
 
-    async def _discard_or_zero(self, rtype: int, out_views: list[memoryview]) -> int:
+    async def _discard_or_zero(self, rtype: int, out_views: list[memoryview], io: _Io) -> int:
         zeroes = rtype == VIRTIO_BLK_T_WRITE_ZEROES
         feature = VIRTIO_BLK_F_WRITE_ZEROES if zeroes else VIRTIO_BLK_F_DISCARD
         if not self.features & feature:
@@ -842,9 +943,9 @@ class VirtioBlk(VirtioDevice):
         sync = not self.writeback
         for offset, length, unmap in segs:
             if zeroes:
-                await self.blocking(_zero_range, self.fd, offset, length, unmap, sync)
+                await io(_zero_range, self.fd, offset, length, unmap, sync)
             else:
-                await self.blocking(_discard, self.fd, offset, length, sync)
+                await io(_discard, self.fd, offset, length, sync)
         return VIRTIO_BLK_S_OK
 
 

@@ -107,6 +107,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import trio
 
 from ..ratelimit import RateLimitedLog
+from .dataplane import Dataplane
 from .iothread import IoThread
 from .queue import Virtqueue, VirtqueueError
 
@@ -204,6 +205,12 @@ class Kick:
         self._pending = False
 
 
+def _stop_dataplanes(s: _Session) -> None:
+    for dp in s.dataplanes.values():
+        dp.stop()
+    s.dataplanes.clear()
+
+
 class _Session:
     """One activation: its cancel scope, kicks and the event set when it has drained."""
 
@@ -214,6 +221,7 @@ class _Session:
         self.interrupt = interrupt
         self.kicks = [Kick() for _ in queues]
         self.failed = False
+        self.dataplanes: dict[int, Dataplane] = {}  # queues served on their own thread
 
 
 T = TypeVar("T")
@@ -226,6 +234,8 @@ class VirtioDevice(ABC):
     pci_ids: ClassVar[PciIds]
     name: ClassVar[str] = "virtio"
     _io_thread: IoThread | None = None  # started by the first in_order() call
+    _session: _Session | None = None  # the activation (a class default: close() may run
+    # on a device whose __init__ failed half-way)
 
     def __init__(self, num_queues: int, queue_sizes: int | Sequence[int], features: int,
                  config_size: int, *, threads: int = 4) -> None:
@@ -305,12 +315,17 @@ class VirtioDevice(ABC):
     def queue_notify(self, index: int) -> None:
         s = self._session
         if s is not None and 0 <= index < len(s.kicks):
-            s.kicks[index].set()
+            dp = s.dataplanes.get(index)
+            if dp is not None:
+                dp.poke()
+            else:
+                s.kicks[index].set()
 
     def reset(self) -> None:
         s = self._session
         self._session = None
         if s is not None:
+            _stop_dataplanes(s)  # they use the queues: before anything changes under them
             s.scope.cancel()
             for q in s.queues:
                 q.stop()
@@ -394,6 +409,32 @@ class VirtioDevice(ABC):
         await trio.lowlevel.checkpoint_if_cancelled()
         return result
 
+    def start_dataplane(self, q: Virtqueue, nursery: trio.Nursery,
+                        serve: Callable[[Virtqueue], bool]) -> bool:
+        """Serve ``q`` on its own thread (``dataplane.py``) if the transport hands over the
+        queue's kick eventfd; False: serve it from the loop as usual."""
+        s = self._session
+        take = getattr(s.interrupt, "take_kick_fd", None) if s is not None else None
+        kick = take(q.index) if take is not None else None
+        if kick is None or s is None:
+            return False
+        token = trio.lowlevel.current_trio_token()
+
+        def fail(reason: str) -> None:  # on the thread: the failure is handled by the loop
+            try:
+                token.run_sync_soon(self._fail, s, reason)
+            except trio.RunFinishedError:
+                pass
+
+        s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail)
+        nursery.start_soon(trio.sleep_forever)  # the activation lasts until reset
+        return True
+
+    def stop_dataplanes(self) -> None:
+        """End the current activation's data-plane threads (before closing files)."""
+        if self._session is not None:
+            _stop_dataplanes(self._session)
+
     def stop_io_thread(self) -> None:
         """Let the I/O thread finish what it was given, then end it (before closing files)."""
         if self._io_thread is not None:
@@ -414,6 +455,7 @@ class VirtioDevice(ABC):
         s.failed = True
         self.failure = reason
         self.glog.warning("%s: %s; device needs reset", self.name, reason)
+        _stop_dataplanes(s)
         s.scope.cancel()
         for q in s.queues:
             q.stop()
