@@ -16,6 +16,11 @@ message instead of for a reply timeout; descriptor leaks are listed without a ga
 collection per input (tens of ms in a test process), collecting only when a listing
 looks suspect. Taking the kick fd before refusing extra ones (the regression below) is
 caught about once in 500 inputs; not closing the old kick fd on a new kick, once in 1000.
+
+The device is virtio-rnd (served from the loop) for half the seeds and virtio-blk for the
+other half: blk serves each ring on a data-plane thread that waits on the kick fd and
+signals the call fd itself, so the control messages race a thread doing real I/O on
+hostile rings (the session's end stops it wherever it is).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import random
 import socket
 import struct
+import tempfile
 import threading
 import time
 import warnings
@@ -40,6 +46,8 @@ from devicemodel.vhost_user import protocol as p
 from devicemodel.vhost_user.backend import SETTLE_S, VhostUserBackend
 from devicemodel.vhost_user.connection import Connection
 from devicemodel.vhost_user.protocol import Req
+from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
+from devicemodel.virtio.device import VirtioDevice
 from devicemodel.virtio.rnd import VirtioRnd
 from tests.fds import fd_targets, open_fds
 
@@ -182,7 +190,8 @@ def loop() -> Iterator[_Loop]:
 def test_messages(loop, seed):
     count("vhost.messages")
     seq, shm, lie_size, settle = _expand(seed)
-    _check_no_leak(lambda: loop.run(seq, shm, lie_size, settle))
+    blk = bool(seed >> 63)
+    _check_no_leak(lambda: loop.run(seq, shm, lie_size, settle, blk))
 
 
 def test_kick_with_two_fds_leaks_nothing():
@@ -284,15 +293,16 @@ class _Loop:
         await self._stop.wait()
 
     def run(self, seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int,
-            settle: bool) -> None:
-        trio.from_thread.run(self._one, seq, shm, lie_size, settle, trio_token=self._token)
+            settle: bool, blk: bool = False) -> None:
+        trio.from_thread.run(self._one, seq, shm, lie_size, settle, blk,
+                             trio_token=self._token)
         assert not self.limit.expired, f"the session ran for more than {LIMIT_S} s"
 
     async def _one(self, seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int,
-                   settle: bool) -> None:
+                   settle: bool, blk: bool) -> None:
         self.clock.autojump_threshold = 0
         try:
-            await _session(seq, shm, lie_size, settle, self.limit)
+            await _session(seq, shm, lie_size, settle, self.limit, blk)
         finally:
             self.clock.autojump_threshold = math.inf
             self.limit.scope = None
@@ -303,9 +313,9 @@ class _Loop:
 
 
 async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settle: bool,
-                   limit: _RealTimeLimit) -> None:
+                   limit: _RealTimeLimit, blk: bool = False) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    dev = VirtioRnd()
+    dev: VirtioDevice = VirtioBlk(parse_blk_options(_image())) if blk else VirtioRnd()
     backend = VhostUserBackend(dev)
     activate = dev.activate
 
@@ -314,6 +324,15 @@ async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settl
         return activate(*a, **kw)
 
     dev.activate = counted_activate  # type: ignore[method-assign]
+    start_dataplane = dev.start_dataplane
+
+    def counted_dataplane(*a, **kw):
+        started = start_dataplane(*a, **kw)
+        if started:
+            count("vhost.dataplanes")  # a blk ring served by a thread, racing the messages
+        return started
+
+    dev.start_dataplane = counted_dataplane  # type: ignore[method-assign]
     mem = os.memfd_create("fuzz-shm", os.MFD_CLOEXEC)
     os.ftruncate(mem, SHM)
     os.pwrite(mem, shm * (SHM // len(shm)), 0)
@@ -360,11 +379,25 @@ async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settl
                     await trio.sleep(0.01)
                 front.close()
     finally:
+        dev.close()  # blk: its data-plane threads are stopped by then; the image closes
         ours.close()
         theirs.close()
         os.close(mem)
         for fd in kicks:
             os.close(fd)
+
+
+_IMAGE: list[str] = []
+
+
+def _image() -> str:
+    """A 1 MiB image for the blk sessions of this process (hostile rings write it)."""
+    if not _IMAGE:
+        path = os.path.join(tempfile.mkdtemp(prefix="acrn-fuzz-vhost-"), "disk.img")
+        with open(path, "wb") as f:
+            f.truncate(1 << 20)
+        _IMAGE.append(path)
+    return _IMAGE[0]
 
 
 def _send(sock: socket.socket, data: bytes, anc: list) -> bool:
