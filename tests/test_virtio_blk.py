@@ -228,6 +228,9 @@ async def test_discard_and_write_zeroes_punch_holes(mem, image):
         assert (await r.do(VIRTIO_BLK_T_DISCARD, out=beyond))[0] == VIRTIO_BLK_S_IOERR
         two = struct.pack("<QII", 0, 8, 0) * 2
         assert (await r.do(VIRTIO_BLK_T_WRITE_ZEROES, out=two))[0] == VIRTIO_BLK_S_IOERR
+        empty = struct.pack("<QII", 64, 0, 0)  # no sectors: nothing to do, not an error
+        assert (await r.do(VIRTIO_BLK_T_DISCARD, out=empty))[0] == VIRTIO_BLK_S_OK
+        assert (await r.do(VIRTIO_BLK_T_WRITE_ZEROES, out=empty))[0] == VIRTIO_BLK_S_OK
 
 
 async def test_discard_not_negotiated_is_unsupp(mem, image):

@@ -191,6 +191,43 @@ def test_hostile_rings_vs_blk(image, r, rtype):
         dev.close()
 
 
+def check_data_plane(dev: VirtioBlk, r: dict) -> None:
+    """``check`` for blk's data-plane path (vhost-user: a thread serves the ring with
+    blocking I/O), called here on the test's thread batch by batch: only VirtqueueError
+    may come of it, and guest RAM changes only inside device-writable buffers."""
+    allowed = lay_out(r)
+    before = MEM.snapshot()
+    dev.features = dev.device_features & ~(
+        (0 if r["event_idx"] else VIRTIO_F_RING_EVENT_IDX)
+        | (0 if r["indirect"] else VIRTIO_F_RING_INDIRECT_DESC))
+    q = make_queue(r, 0, dev.queue_max_size(0))
+    try:
+        q.start(event_idx=r["event_idx"], indirect=r["indirect"])
+        for _ in range(SIZE + 2):
+            if not dev._serve_blocking(q):
+                break
+    except VirtqueueError:
+        pass  # the device would be marked NEEDS_RESET
+    finally:
+        q.stop()
+    aliased = any(a < RING_AREA[1] and RING_AREA[0] < a + n for a, n in allowed[1:])
+    if not aliased:
+        assert changed_outside(before, allowed) == []
+
+
+@COMMON
+@given(r=rings, rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 99]))
+def test_hostile_rings_vs_blk_on_a_data_plane(image, r, rtype):
+    r = dict(r)
+    sector = 0 if r["payload"][0] & 1 else int.from_bytes(r["payload"][8:16], "little")
+    r["payload"] = struct.pack("<IIQ", rtype, 0, sector)
+    dev = VirtioBlk(parse_blk_options(image + ",discard"))
+    try:
+        check_data_plane(dev, r)
+    finally:
+        dev.close()
+
+
 @settings(max_examples=300, deadline=None)
 @given(rings)
 def test_pop_never_raises_anything_else(r):

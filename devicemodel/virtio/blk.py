@@ -942,6 +942,8 @@ class VirtioBlk(VirtioDevice):
             segs.append((self.base + sector * SECTOR, num * SECTOR, bool(flags)))
         sync = not self.writeback
         for offset, length, unmap in segs:
+            if not length:  # nothing to do (fallocate would refuse a zero length)
+                continue
             if zeroes:
                 await io(_zero_range, self.fd, offset, length, unmap, sync)
             else:
