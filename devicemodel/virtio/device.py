@@ -99,6 +99,7 @@ this device only: ``failure`` is set and ``needs_reset`` is raised once.
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -426,7 +427,11 @@ class VirtioDevice(ABC):
             except trio.RunFinishedError:
                 pass
 
-        s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail)
+        try:
+            s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail)
+        except BaseException:  # e.g. out of file descriptors: the activation fails
+            os.close(kick)
+            raise
         nursery.start_soon(trio.sleep_forever)  # the activation lasts until reset
         return True
 
