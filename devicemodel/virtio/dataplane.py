@@ -45,7 +45,11 @@ class Dataplane:
         self._fail = fail
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            os.close(self._wake)
+            raise
 
     def poke(self) -> None:
         """Wake the thread to look at the ring (a kick that arrived through the loop)."""
