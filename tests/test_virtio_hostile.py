@@ -181,12 +181,17 @@ def image(tmp_path_factory) -> str:
 @COMMON
 @given(r=rings, rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 99]))
 def test_hostile_rings_vs_blk(image, r, rtype):
+    _against_blk(check, image, r, rtype)
+
+
+def _against_blk(checker, image: str, r: dict, rtype: int) -> None:  # noqa: ANN001
+    """Run ``checker`` on a blk device, the ring's header made a request of ``rtype``."""
     r = dict(r)
     sector = 0 if r["payload"][0] & 1 else int.from_bytes(r["payload"][8:16], "little")
     r["payload"] = struct.pack("<IIQ", rtype, 0, sector)
     dev = VirtioBlk(parse_blk_options(image + ",discard"))
     try:
-        check(dev, r)
+        checker(dev, r)
     finally:
         dev.close()
 
@@ -218,14 +223,7 @@ def check_data_plane(dev: VirtioBlk, r: dict) -> None:
 @COMMON
 @given(r=rings, rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 99]))
 def test_hostile_rings_vs_blk_on_a_data_plane(image, r, rtype):
-    r = dict(r)
-    sector = 0 if r["payload"][0] & 1 else int.from_bytes(r["payload"][8:16], "little")
-    r["payload"] = struct.pack("<IIQ", rtype, 0, sector)
-    dev = VirtioBlk(parse_blk_options(image + ",discard"))
-    try:
-        check_data_plane(dev, r)
-    finally:
-        dev.close()
+    _against_blk(check_data_plane, image, r, rtype)
 
 
 @settings(max_examples=300, deadline=None)
