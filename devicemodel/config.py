@@ -14,26 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
 from .memory import GiB, KiB, MiB, check_memsize, parse_memsize
+from .slot import SlotConfig
 
 DEFAULT_MEMSIZE = 256 * MiB
 HYPERVISORS = ("acrn", "kvm", "sim")
 VM_NAME_MAX = 15  # acrn-dm: MAX_VM_NAME_LEN 16 including the NUL
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0
-
-
-class ConfigError(ValueError):
-    """A user error in the VM description: the message is the whole story, on one line
-    (control characters from the user's input are shown escaped)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
-
-
-def _one_line(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class HelpRequested(Exception):  # noqa: N818 - a request, not an error
@@ -42,38 +30,6 @@ class HelpRequested(Exception):  # noqa: N818 - a request, not an error
 
 class VersionRequested(Exception):  # noqa: N818
     """``-v``/``--version`` was on the command line."""
-
-
-@dataclass(frozen=True)
-class SlotConfig:
-    """One ``-s`` option: a PCI function and its emulation."""
-
-    bus: int
-    dev: int
-    func: int
-    emul: str
-    options: str = ""
-    boot: bool = False
-
-    @property
-    def slot_text(self) -> str:
-        return f"{self.bus}:{self.dev}:{self.func}"
-
-    @property
-    def short_text(self) -> str:
-        """acrn-dm's shortest spelling: ``3``, ``3:1`` or ``1:3:0``."""
-        if self.bus:
-            return self.slot_text
-        return f"{self.dev}:{self.func}" if self.func else str(self.dev)
-
-    def to_arg(self) -> str:
-        """The ``-s`` value acrn-dm would accept for this function."""
-        text = f"{self.short_text},{self.emul}"
-        if self.boot:
-            text += ",b"
-        if self.options or self.boot:
-            text += f",{self.options}"
-        return text
 
 
 @dataclass(frozen=True)

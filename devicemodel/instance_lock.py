@@ -14,7 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def runtime_dir() -> str:

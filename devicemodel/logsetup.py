@@ -18,7 +18,7 @@ import os
 import sys
 from typing import TextIO
 
-from .config import ConfigError
+from .errors import ConfigError
 
 NOTICE = 25
 logging.addLevelName(NOTICE, "NOTICE")

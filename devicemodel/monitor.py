@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .config import ConfigError
+from .errors import ConfigError
 from .lifecycle import Lifecycle
 from .ratelimit import RateLimitedLog
 

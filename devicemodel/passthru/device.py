@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..hsm.base import PciDevAssignment, PtdevIntx
 from ..pci import caps as pcaps
 from ..pci import config as pc
@@ -40,8 +40,8 @@ from .remap import remapper_for, remapping_missing
 from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible, unused_bars
 
 if TYPE_CHECKING:
-    from ..config import SlotConfig
     from ..context import VmContext
+    from ..slot import SlotConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..pci import caps as pcaps
 from ..pci import config as pc
 

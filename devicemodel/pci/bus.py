@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..bus import BusError
-from ..config import ConfigError, SlotConfig
+from ..errors import ConfigError
 from ..memory import ECAM_BASE, LOWMEM_LIMIT, PCI_HOLE_END
 from ..ratelimit import RateLimitedLog
+from ..slot import SlotConfig
 from .config import HEADER_MULTIFUNCTION, HEADER_TYPE, INT_LINE, INT_PIN
 from .device import Bar, BarKind, PciDevice
 from .intx import IntxRouter

@@ -58,8 +58,8 @@ from .msi import Msi
 from .msix import Msix, bar_size_for
 
 if TYPE_CHECKING:
-    from ..config import SlotConfig
     from ..context import VmContext
+    from ..slot import SlotConfig
 
 log = logging.getLogger(__name__)
 

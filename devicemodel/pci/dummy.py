@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .device import BarKind, PciDevice
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import SlotConfig
     from ..context import VmContext
+    from ..slot import SlotConfig
 
 DIOSZ = 8
 DMEMSZ = 4096

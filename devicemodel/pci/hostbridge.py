@@ -11,8 +11,8 @@ from .device import PciDevice
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..config import SlotConfig
     from ..context import VmContext
+    from ..slot import SlotConfig
 
 CLASS_HOST_BRIDGE = 0x060000
 

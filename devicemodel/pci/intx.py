@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..hsm import abi
 
 LEGACY_IRQS = 16

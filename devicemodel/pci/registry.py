@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import SlotConfig
     from ..context import VmContext
+    from ..slot import SlotConfig
 
 Factory = Callable[["VmContext", "SlotConfig"], Any]
 _FACTORIES: dict[str, Factory] = {}

@@ -6,7 +6,7 @@ import os
 import stat
 import struct
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..hsm.base import VcpuRegs
 from ..memory import E820Entry, GuestMemoryError, MemoryMap
 

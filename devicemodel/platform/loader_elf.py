@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..hsm.base import VcpuRegs
 from ..memory import GuestMemory, KiB, MiB
 from .loader_common import flat_protected_mode, read_image, write_guest, zero_guest

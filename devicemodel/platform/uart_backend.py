@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import sys
 
 import trio
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 USAGE = """\
 usage: acrn-pydm vhost-user <device spec> (--socket-path PATH | --fd N)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..virtio.device import VirtioDevice
 
 

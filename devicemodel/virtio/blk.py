@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .copier import CopyThread
 from .device import (
     VIRTIO_F_RING_EVENT_IDX,

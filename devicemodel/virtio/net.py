@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..hsm.base import HypervisorError
 from ..pci import caps
 from ..pci.device import Bar, BarKind, PciDevice
@@ -56,8 +56,8 @@ from .device import (
 from .queue import Virtqueue, legacy_ring_layout
 
 if TYPE_CHECKING:
-    from ..config import SlotConfig
     from ..context import VmContext
+    from ..slot import SlotConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from .pci import Mode, VirtioPci, split_transport_options
 from .rnd import VirtioRnd, parse_rnd_options
 
 if TYPE_CHECKING:
-    from ..config import SlotConfig
     from ..context import VmContext
+    from ..slot import SlotConfig
 
 
 def _make(ctx: VmContext, slot: SlotConfig, build: Callable[[str], VirtioDevice],
