@@ -1,7 +1,7 @@
 """PIO exit round trips on the KVM backend: the whole ACRN-shaped path versus a bare loop.
 
-Both sides run the same guest (tests/guests/loop.c: N `outl` to port 0xE4, one exit each)
-on the same KvmHypervisor VM configuration.
+Both sides run the same guest (devicemodel/guestkit/programs/loop.c: N `outl` to port 0xE4,
+one exit each) on the same KvmHypervisor VM configuration.
 
 * **path**: KVM_EXIT_IO → request slot (PENDING, HSM half, PROCESSING) → eventfd wakes the
   trio loop → IoreqServer scan → PortBus → handler → NOTIFY_REQUEST_FINISH → the vCPU
@@ -29,12 +29,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devicemodel.hsm import kvm_abi as k  # noqa: E402
-from devicemodel.hsm.abi import MEM_ACCESS_RWX, MEM_TYPE_WB  # noqa: E402
-from devicemodel.hsm.kvm import KvmHypervisor, _ioctl_fn, kvm_usable  # noqa: E402
-from devicemodel.ioreq import new_ioreq_page  # noqa: E402
-from devicemodel.memory import GuestMemory  # noqa: E402
-from tests.guests.harness import (  # noqa: E402
+from devicemodel.guestkit.kvm_programs import (  # noqa: E402
     DEBUGEXIT,
     LOAD_ADDR,
     GuestRun,
@@ -42,6 +37,11 @@ from tests.guests.harness import (  # noqa: E402
     pm32_regs,
     run_guest,
 )
+from devicemodel.hsm import kvm_abi as k  # noqa: E402
+from devicemodel.hsm.abi import MEM_ACCESS_RWX, MEM_TYPE_WB  # noqa: E402
+from devicemodel.hsm.kvm import KvmHypervisor, _ioctl_fn, kvm_usable  # noqa: E402
+from devicemodel.ioreq import new_ioreq_page  # noqa: E402
+from devicemodel.memory import GuestMemory  # noqa: E402
 
 LOOP_PORT = 0xE4
 COUNT_PORT = 0xE5

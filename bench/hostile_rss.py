@@ -5,10 +5,10 @@ virtio-blk, virtio-rnd and a virtio-console socket port whose guest does nothing
 ``hostile`` is the same VM while the guest keeps blk's queue full of 64 KiB requests,
 writes to a console port whose peer never reads, floods the log with rejected requests
 and broken rings, and a host floods virtio-net with frames the guest has no buffers for
-(tests/hostile.py). Printed: VmHWM (peak resident set, which includes guest RAM pages the
-guest touched, since RAM is a shared memfd mapping) and RssAnon at the end (the device
-model's own heap), and the hostile/idle ratio of each. ``--rounds`` scales the attack:
-a bounded device model shows the same peak for 1x and 10x.
+(devicemodel/guestkit/hostile.py). Printed: VmHWM (peak resident set, which includes
+guest RAM pages the guest touched, since RAM is a shared memfd mapping) and RssAnon at
+the end (the device model's own heap), and the hostile/idle ratio of each. ``--rounds``
+scales the attack: a bounded device model shows the same peak for 1x and 10x.
 
     python bench/hostile_rss.py [--rounds N] [--scale 1 10]
 """
@@ -38,7 +38,7 @@ def child(kind: str, rounds: int) -> None:
     import trio
 
     sys.path.insert(0, ROOT)
-    from tests import hostile
+    from devicemodel.guestkit import hostile
 
     logging.basicConfig(level=logging.CRITICAL)
     if kind == "idle":

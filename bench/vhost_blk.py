@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests import guest_harness as g  # noqa: E402
+from devicemodel.guestkit import qemu as g  # noqa: E402
 
 IMAGE_SIZE = 512 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -4,10 +4,11 @@
 # devices, served to QEMU over vhost-user. Sets up what it needs first (Debian packages, a
 # Debian kernel unpacked into ~/.cache/acrn-pydm, pip install -e ., and once a Debian 13
 # root with QEMU 11.1 from trixie-backports, whose generic vhost-user device can present a
-# console: tests/trixie_root.py), shows the guest's serial console and its virtio-console,
-# then a summary of what the guest found, and cleans up after itself. Needs root (apt,
-# debootstrap, chroot, tap, network namespace). Without that QEMU (e.g. no network on the
-# first run) it runs on the host's QEMU 7.2, and the console is QEMU's serial port only.
+# console: devicemodel/guestkit/trixie.py), shows the guest's serial console and its
+# virtio-console, then a summary of what the guest found, and cleans up after itself.
+# Needs root (apt, debootstrap, chroot, tap, network namespace). Without that QEMU (e.g. no
+# network on the first run) it runs on the host's QEMU 7.2, and the console is QEMU's
+# serial port only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests import guest_harness as g
-from tests import trixie_root
+from devicemodel.guestkit import qemu as g
+from devicemodel.guestkit import trixie
 
 NETNS, TAP = "acrnpydm-demo", "pydmdemo0"
 HOST_IP, GUEST_IP = "10.213.78.1", "10.213.78.2"  # exist only inside NETNS
@@ -177,24 +178,24 @@ class ConsolePort:
         return "\n".join(self.lines)
 
 
-def find_qemu() -> tuple[trixie_root.Qemu, str | None]:
+def find_qemu() -> tuple[trixie.Qemu, str | None]:
     """QEMU 11.1 (its generic vhost-user device presents our console), else the host's."""
-    why = trixie_root.why_not()
+    why = trixie.why_not()
     if why is None:
-        log = g.cache_dir() / f"{trixie_root.ROOT_NAME}.build.log"
-        if trixie_root.needs_build():
+        log = g.cache_dir() / f"{trixie.ROOT_NAME}.build.log"
+        if trixie.needs_build():
             print("demo: building a Debian 13 root with QEMU 11.1 from trixie-backports for "
                   "the vhost-user console (once, about a minute; cached in ~/.cache/acrn-pydm)",
                   flush=True)
         try:
-            return trixie_root.ensure_qemu(), None
+            return trixie.ensure_qemu(), None
         except Exception as e:  # no network, no mirror, ...: the demo still runs
             lines = str(e).splitlines() or [type(e).__name__]
             errors = [line for line in lines if line.startswith("E:")]  # apt's, debootstrap's
             why = f"{(errors or lines)[-1 if errors else 0][:120]} (log: {log})"
     host = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
                           check=False).stdout.splitlines()
-    return trixie_root.Qemu(Path("/"), host[0] if host else "qemu-system-x86_64"), why
+    return trixie.Qemu(Path("/"), host[0] if host else "qemu-system-x86_64"), why
 
 
 t0 = time.monotonic()
@@ -230,7 +231,7 @@ with qemu.workdir() as work:
         for name in ("blk", "net", "rnd"):
             args += g.vhost_device_args(name, name, qemu.inner(be[name].socket))
         if console:
-            args += trixie_root.console_device_args("con", qemu.inner(be["con"].socket))
+            args += trixie.console_device_args("con", qemu.inner(be["con"].socket))
         cmd = qemu.command(g.qemu_command(qemu.stage_kernel(kernel, work),
                                           qemu.inner(initrd), args, append="edd=off"))
         print("demo: " + " ".join(cmd), flush=True)

@@ -1,56 +1,21 @@
-"""Shared fixtures: a served request page on the sim hypervisor, without a whole VM."""
+"""Fixtures shared by test files of more than one tier (a tier's own are in its conftest.py;
+helpers that are not fixtures are in tests/support/)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+import pytest
 
-import trio
-
-from devicemodel.bus import MmioBus, PortBus
-from devicemodel.hsm.sim import SimHypervisor
-from devicemodel.ioreq import IoreqServer, PciConfigAccess, new_ioreq_page
+from devicemodel.memory import GuestMemory, MiB
+from tests.support import hostile_rings
 
 
-@dataclass
-class Recorder:
-    """An IoHandler that records every access and answers reads from a function."""
-
-    answer: object = None
-    log: list[tuple[str, int, int, int]] = field(default_factory=list)
-
-    def read(self, offset: int, size: int) -> int:
-        value = self.answer(offset, size) if callable(self.answer) else (self.answer or 0)
-        self.log.append(("r", offset, size, value))
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.log.append(("w", offset, size, value))
+@pytest.fixture(scope="module")
+def mem(request: pytest.FixtureRequest) -> GuestMemory:
+    """Guest RAM for a virtio device test module: 128 MiB, or the module's ``GUEST_RAM``."""
+    return GuestMemory(getattr(request.module, "GUEST_RAM", 128 * MiB))
 
 
-@dataclass
-class Served:
-    sim: SimHypervisor
-    server: IoreqServer
-    ports: PortBus
-    mmio: MmioBus
-
-
-@asynccontextmanager
-async def served(vcpus: int = 1, pci: PciConfigAccess | None = None) -> AsyncIterator[Served]:
-    """A sim VM whose request page is answered by an IoreqServer over fresh buses."""
-    sim = SimHypervisor(vcpus)
-    page = new_ioreq_page()
-    info = sim.create_vm("test", page)
-    ports, mmio = PortBus(), MmioBus()
-    server = IoreqServer(sim, page, info.vcpu_num, ports, mmio, pci)
-    sim.create_ioreq_client()
-    sim.start_vm()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.serve)
-        try:
-            yield Served(sim, server, ports, mmio)
-        finally:
-            sim.destroy_ioreq_client()
-            sim.destroy_vm()
+@pytest.fixture(scope="module")
+def hostile_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 1 MiB disk image for the hostile-ring properties (tests/support/hostile_rings.py)."""
+    return hostile_rings.image(tmp_path_factory)

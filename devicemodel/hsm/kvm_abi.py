@@ -1,7 +1,7 @@
 """The slice of the KVM uapi (``linux/kvm.h``, x86-64) the KVM backend uses.
 
 Numbers and layouts were measured with a C program compiled against the system header;
-tests/test_kvm_abi.py repeats that measurement, so the header stays the judge.  Hot-path
+tests/unit/test_kvm_abi.py repeats that measurement, so the header stays the judge.  Hot-path
 structures (``kvm_run``'s exit fields) are precompiled ``struct.Struct`` views; the rest
 are ctypes structures, because several calls pass buffers larger than the 1024 bytes
 ``fcntl.ioctl`` accepts or integers above 2**31 that it cannot convert.

@@ -1,6 +1,6 @@
 """Request slots into the IoreqServer.
 
-1. ``tests/test_ioreq_fuzz.py``'s property (random slot bytes never break the server, it
+1. ``tests/support/ioreq_slots.py``'s property (random slot bytes never break the server, it
    completes exactly the slots it owns and never writes ``processed``), re-run here with
    the fuzz settings so it gets a long mode.
 2. Well-formed-looking requests aimed at every range a real VM registers (all emulated
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from devicemodel.hsm import abi
 from devicemodel.ioreq import IoreqServer, new_ioreq_page
-from tests import test_ioreq_fuzz as base
+from tests.support import ioreq_slots as base
 
 from ._common import count, drive, fuzz_settings
 from ._vm import build_vm, reset_vm

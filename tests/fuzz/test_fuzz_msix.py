@@ -7,7 +7,7 @@ entry's (address, data) with the vector unmasked, the function not masked and MS
 enabled; read-only bits stay (address bits 1:0, vector control bits 31:1, the PBA); a
 pending bit is set only for a vector raised while masked.
 
-vMSI-X on MSI: ``tests/test_passthru_fuzz.py``'s operations and invariants re-run with the
+vMSI-X on MSI: ``tests/support/vmsix_ops.py``'s operations and invariants re-run with the
 fuzz settings (long mode) on a sim passthrough device; the operations come from one seed
 (``vmsix_ops``), and one VM serves every input (``PowerOn`` resets it to a fresh build).
 """
@@ -24,7 +24,7 @@ from devicemodel.config import parse_args
 from devicemodel.hsm.sim import SimHypervisor
 from devicemodel.pci.caps import MSIX_CTRL_ENABLE, MSIX_CTRL_FMASK
 from devicemodel.vm import Vm
-from tests import test_passthru_fuzz as ptf
+from tests.support import vmsix_ops as ptf
 
 from ._common import count, fuzz_settings
 from ._vm import build_vm, reset_vm
@@ -240,7 +240,7 @@ def vmsix_ops(seed: int) -> list[tuple[str, int, int, int]]:
 @fuzz_settings(40)
 @given(seed=st.integers(0, 2**64 - 1))
 def test_vmsix_on_msi(vmsix_vm, seed):
-    """``tests/test_passthru_fuzz.py``'s operations (``vmsix_ops`` draws them from one
+    """``tests/support/vmsix_ops.py``'s operations (``vmsix_ops`` draws them from one
     seed, in plain Python: decoding them through strategies cost more than running
     them) and invariants, each input on a VM in its just-built state."""
     count("msix.vmsix_on_msi")
@@ -279,7 +279,7 @@ def test_vmsix_reuse_is_a_fresh_vm(vmsix_vm):
 
 
 def run_ops(vm, sim, ops, phys_msi) -> None:
-    """The body of tests/test_passthru_fuzz.py's inner loop, for one list of operations;
+    """The body of tests/component/test_passthru_fuzz.py's inner loop, for one list of operations;
     ``phys_msi`` reads the host's MSI registers (``ptf.check`` walks the host's
     capabilities to find it after every operation: 0.3 ms each)."""
     dev = vm.passthrough(ptf.SLOT)

@@ -19,7 +19,6 @@ import random
 import struct
 import tempfile
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -34,11 +33,9 @@ from devicemodel.virtio.queue import (
     VirtqueueError,
 )
 from devicemodel.virtio.rnd import VirtioRnd
-from tests import test_virtio_hostile as h
+from tests.support import hostile_rings as h
 
 from ._common import count, fuzz_settings
-
-image = pytest.fixture(scope="module")(h.image.__wrapped__)
 
 SIZE = h.SIZE
 # input layout: 1 flag byte, the descriptor table, avail (flags, idx, ring), two tables
@@ -157,7 +154,7 @@ _CONSOLE_OUT = os.path.join(tempfile.mkdtemp(prefix="acrn-fuzz-raw-"), "console.
 
 @fuzz_settings(60)
 @given(seed=st.integers(0, 2**64 - 1))
-def test_raw_rings_vs_every_device(image, seed):
+def test_raw_rings_vs_every_device(hostile_image, seed):
     """The same raw rings against a real device each (blk with every request type, net
     rx and tx, console ports, rnd): only NEEDS_RESET may come of it, and the device writes
     guest RAM only inside the buffers the driver marked device-writable."""
@@ -169,7 +166,7 @@ def test_raw_rings_vs_every_device(image, seed):
         rtype = (0, 1, 4, 8, 11, 13, 99)[data[0] % 7]
         sector = 0 if data[1] & 1 else int.from_bytes(data[-8:], "little")
         r["payload"] = struct.pack("<IIQ", rtype, 0, sector)
-        dev = VirtioBlk(parse_blk_options(image + ",discard"))
+        dev = VirtioBlk(parse_blk_options(hostile_image + ",discard"))
         index = 0
     elif which < 5:
         tap = FakeTap()
@@ -190,7 +187,7 @@ def test_raw_rings_vs_every_device(image, seed):
 
 @fuzz_settings(60)
 @given(seed=st.integers(0, 2**64 - 1))
-def test_raw_rings_vs_blk_on_a_data_plane(image, seed):
+def test_raw_rings_vs_blk_on_a_data_plane(hostile_image, seed):
     """The same raw rings against virtio-blk's data-plane path (vhost-user: a thread
     serving the ring with blocking I/O), every request type."""
     count("rings_raw.blk_dataplane")
@@ -204,7 +201,7 @@ def test_raw_rings_vs_blk_on_a_data_plane(image, seed):
         data = _blk_shaped(data, rnd, rtype != 0)
     r = _as_ring(data)
     r["payload"] = struct.pack("<IIQ", rtype, 0, sector)
-    dev = VirtioBlk(parse_blk_options(image + ",discard"))
+    dev = VirtioBlk(parse_blk_options(hostile_image + ",discard"))
     try:
         h.check_data_plane(dev, r)
     finally:

@@ -49,7 +49,7 @@ from devicemodel.vhost_user.protocol import Req
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
 from devicemodel.virtio.device import VirtioDevice
 from devicemodel.virtio.rnd import VirtioRnd
-from tests.fds import fd_targets, open_fds
+from tests.support.fds import fd_targets, open_fds
 
 from ._common import count, fuzz_settings
 

@@ -1,50 +1,44 @@
 """Hostile virtqueue descriptor tables for every device (and the bare queue walker).
 
-The properties and the ring layout are ``tests/test_virtio_hostile.py``'s: guest RAM
+The properties and the ring layout are ``tests/support/hostile_rings.py``'s: guest RAM
 between PROT_NONE guard pages, nothing escapes the device but a NEEDS_RESET, nothing
 hangs (``trio.fail_after``), and the device writes guest RAM only inside device-writable
 buffers and the used ring. Here they get the fuzz settings (a long mode) and a count.
-The same hostile rings through the virtio-pci transport are in tests/test_adversarial.py.
+The same hostile rings through the virtio-pci transport are in tests/component/
+test_adversarial.py.
 """
 
 from __future__ import annotations
 
 import struct
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests import test_virtio_hostile as h
+from tests.support import hostile_rings as h
 
 from ._common import count, drive, fuzz_settings
-
-image = pytest.fixture(scope="module")(h.image.__wrapped__)
-
-
-def _inner(test):
-    return test.hypothesis.inner_test
 
 
 @fuzz_settings(150)
 @given(h.rings)
 def test_queue_walker(r):
     count("virtqueue.walker")
-    _inner(h.test_pop_never_raises_anything_else)(r)
+    h.pop_never_raises_anything_else(r)
 
 
 @fuzz_settings(40)
 @given(h.rings)
 def test_rnd(r):
     count("virtqueue.rnd")
-    _inner(h.test_hostile_rings_vs_rnd)(r)
+    h.rings_vs_rnd(r)
 
 
 @fuzz_settings(40)
 @given(r=h.rings, rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 99]))
-def test_blk(image, r, rtype):
+def test_blk(hostile_image, r, rtype):
     count("virtqueue.blk")
-    _inner(h.test_hostile_rings_vs_blk)(image, r, rtype)
+    h.rings_vs_blk(hostile_image, r, rtype)
 
 
 @fuzz_settings(40)
@@ -52,27 +46,27 @@ def test_blk(image, r, rtype):
        frames=st.lists(st.binary(min_size=0, max_size=3000), max_size=4))
 def test_net(r, rx, frames):
     count("virtqueue.net")
-    _inner(h.test_hostile_rings_vs_net)(r, rx, frames)
+    h.rings_vs_net(r, rx, frames)
 
 
 @fuzz_settings(40)
 @given(r=h.rings, index=st.sampled_from([0, 1, 2, 3, 4, 5]))
 def test_console(tmp_path_factory, r, index):
     count("virtqueue.console")
-    _inner(h.test_hostile_rings_vs_console)(tmp_path_factory, r, index)
+    h.rings_vs_console(tmp_path_factory, r, index)
 
 
 # --- the same hostile rings through the virtio-pci transport of a running sim VM -------
 def test_hostile_rings_through_the_pci_transport(tmp_path):
-    """One sim VM (tests/adversarial.py's devices); each input programs a device through
-    its PCI registers with a hostile descriptor table and avail ring and kicks it. No
+    """One sim VM (tests/support/adversarial.py's devices); each input programs a device
+    through its PCI registers with a hostile descriptor table and avail ring and kicks it. No
     handler or worker may raise; every device must still work afterwards (after a reset
     if it asked for one, and after a driver reset at the end). Hypothesis runs in a worker
     thread and drives the VM, which lives on the trio thread, through
     ``trio.from_thread``."""
     import trio
 
-    from tests import adversarial as adv
+    from tests.support import adversarial as adv
 
     slots = (adv.SLOT_BLK, adv.SLOT_RND, adv.SLOT_CON, adv.SLOT_BLK_MODERN)
 

@@ -1,0 +1,106 @@
+"""``acrn-pydm vhost-user``: the back-end program conventions of vhost-user.rst."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from devicemodel.vhost_user import protocol as p
+from devicemodel.vhost_user.protocol import Req
+from tests.support.paths import REPO
+
+
+def _cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "devicemodel", "vhost-user", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("spec,kind", [("virtio-rnd", "rng"), ("virtio-blk,/x.img", "block"),
+                                       ("virtio-net,tap=t0", "net")])
+def test_print_capabilities_is_json_and_ignores_the_rest(spec: str, kind: str) -> None:
+    out = _cli(spec, "--print-capabilities", "--socket-path", "/nonexistent/dir/s")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"type": kind, "features": []}
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    for args in (["virtio-bogus", "--socket-path", str(tmp_path / "s")],
+                 ["virtio-rnd"],
+                 ["virtio-rnd", "--socket-path", "a", "--fd", "3"],
+                 ["virtio-blk,/does/not/exist.img", "--socket-path", str(tmp_path / "s")]):
+        out = _cli(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and "error:" in out.stderr, out.stderr
+
+
+def _get_features(path: str) -> int:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(p.encode(Req.GET_FEATURES, reply=False))
+    reply = b""
+    while len(reply) < 20:
+        reply += s.recv(20 - len(reply))
+    s.close()
+    return p.U64.unpack_from(reply, 12)[0]
+
+
+def _wait_until_listening(sock: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """The socket file appears at bind(), before listen(): only a connect proves it serves."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            assert time.monotonic() < deadline, f"back end not listening on {sock}"
+            time.sleep(0.02)
+        finally:
+            probe.close()
+
+
+def test_sigterm_ends_cleanly_and_removes_the_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "rnd.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "devicemodel", "vhost-user", "virtio-rnd",
+                             "--socket-path", str(sock)], cwd=REPO, stderr=subprocess.PIPE)
+    try:
+        _wait_until_listening(sock, proc, 15)
+        # two front ends one after the other: the second finds the back end still serving
+        for _ in range(2):
+            assert _get_features(str(sock)) & p.F_PROTOCOL_FEATURES
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 3
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_inherited_fd(tmp_path: Path) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = b.fileno()
+    proc = subprocess.Popen([sys.executable, "-m", "devicemodel", "vhost-user", "virtio-rnd",
+                             "--fd", str(fd)], cwd=REPO, pass_fds=[fd])
+    b.close()
+    a.settimeout(10)
+    a.sendall(p.encode(Req.GET_FEATURES, reply=False))
+    reply = b""
+    while len(reply) < 20:
+        reply += a.recv(20 - len(reply))
+    assert p.U64.unpack_from(reply, 12)[0] & p.F_PROTOCOL_FEATURES
+    a.close()  # the front end hangs up: a back end on an inherited connection exits
+    assert proc.wait(10) == 0
