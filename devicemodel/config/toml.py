@@ -311,6 +311,12 @@ def read_vm_file(path: str) -> str:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such VM file; give the path of a .toml VM file") from None
     except OSError as e:
+        try:  # a socket cannot be opened at all (ENXIO): say what it is instead
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode) from None
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except ValueError:  # a NUL byte in the path
         raise ConfigError(f"{path}: not a usable path; give the path of a .toml VM file") \
@@ -318,8 +324,7 @@ def read_vm_file(path: str) -> str:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: {_file_kind(st.st_mode)}, not a regular file; give the "
-                              "path of a .toml VM file")
+            raise _not_regular(path, st.st_mode)
         if st.st_size > MAX_FILE_SIZE:
             raise ConfigError(f"{path}: {st.st_size} bytes is not a VM file (at most "
                               f"{MAX_FILE_SIZE >> 20} MiB); give the path of a .toml VM file")
@@ -343,6 +348,11 @@ def read_vm_file(path: str) -> str:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: byte {e.start} is not UTF-8; save the file "
                           "as UTF-8") from None
+
+
+def _not_regular(path: str, mode: int) -> ConfigError:
+    return ConfigError(f"{path}: {_file_kind(mode)}, not a regular file; give the path of a "
+                       ".toml VM file")
 
 
 def _file_kind(mode: int) -> str:
