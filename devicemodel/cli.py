@@ -293,8 +293,8 @@ def _cmd_config(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print(USAGE, end="", file=sys.stderr)
-        return 2
+        return _error("no VM given; usage: acrn-pydm [options] <vm name>, or a subcommand "
+                      "(run, config, lspci, vhost-user); acrn-pydm --help lists them")
     if args[0] == "lspci":
         from .lspci import main as lspci_main
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from devicemodel.config import toml as tomlconfig
 from devicemodel.config import ConfigError, HelpRequested, VersionRequested, parse_args
+from devicemodel.config import toml as tomlconfig
 from devicemodel.config.acrn_args import _LONG, _SHORT
 from devicemodel.passthru.device import PassthruOptions
 from devicemodel.passthru.host import parse_sim_spec

@@ -13,7 +13,7 @@ import pytest
 from devicemodel.config import parse_args
 from devicemodel.config import toml as vmtoml
 from devicemodel.hostinfo import host_mem_total
-from devicemodel.memory import GiB, HIGHMEM_BASE, LOWMEM_LIMIT, MAX_MEMSIZE, MiB
+from devicemodel.memory import HIGHMEM_BASE, LOWMEM_LIMIT, MAX_MEMSIZE, GiB, MiB
 from devicemodel.pci.bus import MEM64_BASE
 from tests.support.launch import one_error_line, run_main
 from tests.support.paths import ROOT
