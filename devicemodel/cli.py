@@ -42,7 +42,7 @@ usage: acrn-pydm [options] <vm name>
        acrn-pydm vhost-user <device spec> --socket-path PATH | --fd N | --print-capabilities
 
 acrn-dm compatible options:
-  -m, --memsize <size>{K|M|G}    guest memory (default 256M)
+  -m, --memsize <size>{K|M|G}    guest memory, 128M..254G in 2M steps (default 256M)
   -s, --pci_slot <slot>,<emul>[,<options>]
                                  PCI function, e.g. 0:0,hostbridge or 3,virtio-blk,disk.img
   -l, --lpc com1,stdio           LPC device (com1..com4[,backend], com5,<backend>,<port>,<irq>)
@@ -278,8 +278,7 @@ def _cmd_config(args: list[str]) -> int:
             return _error(f"{mode} takes one VM file, e.g. acrn-pydm config {mode} vm1.toml")
         try:
             cfg = load(rest[0], check_files=mode == "--check")
-            if mode == "--check":
-                check_vm(cfg, source=rest[0])
+            check_vm(cfg, source=rest[0])
         except ConfigError as e:
             return _error(str(e))
         if mode == "--check":

@@ -99,6 +99,7 @@ def test_every_front_door_refuses_alike(files, extra, same_words):
     path.write_text(vmtoml.dumps(parse_args(args)))
     from_file = one_error_line(*run_main(["run", str(path)])[::2])
     assert one_error_line(*run_main(["config", "--check", str(path)])[::2]) == from_file
+    assert one_error_line(*run_main(["config", "--to-args", str(path)])[::2]) == from_file
     assert from_file.startswith(f"acrn-pydm: error: {path}: ")
     if same_words:
         assert str(built.value) in from_file
