@@ -1,4 +1,4 @@
-"""The VM description, and acrn-dm's command line parsed into it.
+"""acrn-dm's command line parsed into the VM description (``VmConfig.to_args`` writes it back).
 
 A launch script written for acrn-dm must work unchanged, so the syntax is acrn-dm's
 (acrn-facts §4.1-4.2), parsed the way its getopt_long loop does: short options may be

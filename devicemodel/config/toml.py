@@ -98,6 +98,9 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
             raise ConfigError(f"{source}: {_key(str(key))}: tables or arrays nested more than "
                               f"{MAX_DEPTH} levels deep; a VM file nests at most a few levels: "
                               "remove the extra nesting")
+        if _has_nul(value):  # a command line cannot carry one, and paths cannot hold one
+            raise ConfigError(f"{source}: {_key(str(key))}: a string holds a NUL character "
+                              "(\\u0000), which no acrn-dm option can; remove it")
     _unknown_keys(ctx, "", data, TOP_KEYS)
     cfg = VmConfig()
     name = data.get("name", default_name)
@@ -397,6 +400,20 @@ def _too_deep(value: Any, limit: int) -> bool:
         if depth >= limit:
             return True
         stack.extend((c, depth + 1) for c in children)
+    return False
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\0" in v:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return False
 
 

@@ -168,3 +168,16 @@ def test_vhost_user_fd_must_be_an_open_socket(tmp_path):
         line = one_error_line(*run_main(["vhost-user", "virtio-rnd", "--fd",
                                          str(f.fileno())])[::2])
     assert "not a socket" in line
+
+
+@pytest.mark.parametrize("text", [
+    '[[pci_slot]]\nslot = 3\nemul = "virtio-blk"\noptions = "disk\\u0000.img"\n',
+    'kernel = "/boot/vmlinuz\\u0000"\n',
+    'name = "vm\\u00001"\n',
+])
+def test_a_nul_in_a_vm_file_is_one_line(tmp_path, text):
+    """TOML can spell a NUL; no command line can, and os.open() raises ValueError on it."""
+    path = vm_file(tmp_path, text)
+    for mode in (["run", "--hv", "sim"], ["config", "--check"]):
+        line = one_error_line(*run_main([*mode, path])[::2])
+        assert "a string holds a NUL character" in line
