@@ -144,7 +144,7 @@ def test_uart_backend_syntax_matches_open_backend(spec):
 def test_the_issue_line_from_args_is_refused():
     """`config --from-args` used to print a VM file for a device type run then refused."""
     rc, out, err = run_main(["config", "--from-args", "-s", "9,virtio-blkk", "vm1"])
-    assert out == "" and one_error_line(rc, err) == (
-        "acrn-pydm: error: -s 9,virtio-blkk: unknown emulation 'virtio-blkk'; known: "
-        "amd_hostbridge, dummy, hostbridge, lpc, passthru, virtio-blk, virtio-console, "
-        "virtio-net, virtio-rnd")
+    line = one_error_line(rc, err)
+    assert out == "" and line.startswith(
+        "acrn-pydm: error: -s 9,virtio-blkk: unknown emulation 'virtio-blkk'; known: ")
+    assert "virtio-blk, " in line
