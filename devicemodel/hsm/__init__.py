@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .abi import HSM_NODES
 from .base import Hypervisor
-
-HSM_NODES = ("/dev/acrn_vhm", "/dev/acrn_hsm")
 
 
 def acrn_present() -> bool:
