@@ -12,7 +12,6 @@ import ctypes
 import errno
 import logging
 import os
-import signal
 import struct
 import threading
 import time
@@ -22,7 +21,7 @@ from ..base import HypervisorError
 from . import uapi as k
 from .requests import Requests
 from .syscall import raw_ioctl
-from .vcpu import KICK_SIGNAL, Vcpu, describe_exit, install_kick_handler, probe_halted
+from .vcpu import Vcpu, describe_exit, install_kick_handler, probe_halted
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +99,7 @@ class VcpuRunner:
     def kick_all(self) -> None:
         """Get every vCPU out of KVM_RUN (caller holds ``cond``)."""
         for vc in self.vcpus:
-            self._kick(vc)
-
-    def _kick(self, vc: Vcpu) -> None:
-        vc.kvm_run[k.RUN_IMMEDIATE_EXIT_OFF] = 1
-        thread = vc.thread
-        if self.can_kick and vc.alive and thread is not None and thread.ident is not None:
-            try:
-                signal.pthread_kill(thread.ident, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+            vc.kick(self.can_kick)
 
     def wait_parked(self, what: str) -> None:
         """Wait until every vCPU is out of KVM_RUN and holds no request (the VM must be

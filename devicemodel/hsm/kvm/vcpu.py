@@ -60,6 +60,17 @@ class Vcpu:
         self.probe_dead: bool | None = None
         self.power_on: PowerOnState | None = None
 
+    def kick(self, signal_thread: bool) -> None:
+        """Make the thread leave KVM_RUN: at its next entry (immediate_exit), and at once
+        if ``signal_thread`` (the kick handler is installed)."""
+        self.kvm_run[k.RUN_IMMEDIATE_EXIT_OFF] = 1
+        thread = self.thread
+        if signal_thread and self.alive and thread is not None and thread.ident is not None:
+            try:
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
     def close(self) -> None:
         self.kvm_run.release()
         try:
