@@ -13,6 +13,7 @@ import errno
 import logging
 import mmap
 import os
+from dataclasses import dataclass, field
 
 from .. import abi
 from ..base import Hypervisor, HypervisorError, VcpuRegs, VmInfo
@@ -30,19 +31,18 @@ from .watchdog import watch_halts
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class _VmParts:
     """What one created VM consists of; built by ``create_vm``, dropped by ``destroy_vm``."""
 
-    def __init__(self, vm_fd: int, irqchip: Irqchip, dispatcher: HsmDispatcher,
-                 eventfds: EventFds, requests: Requests, runner: VcpuRunner) -> None:
-        self.vm_fd = vm_fd
-        self.irqchip = irqchip
-        self.dispatcher = dispatcher
-        self.eventfds = eventfds
-        self.requests = requests
-        self.runner = runner
-        #: guest RAM slots: (gpa, size, backing)
-        self.memslots: list[tuple[int, int, mmap.mmap]] = []
+    vm_fd: int
+    irqchip: Irqchip
+    dispatcher: HsmDispatcher
+    eventfds: EventFds
+    requests: Requests
+    runner: VcpuRunner
+    #: guest RAM slots: (gpa, size, backing)
+    memslots: list[tuple[int, int, mmap.mmap]] = field(default_factory=list)
 
 
 class KvmHypervisor(Hypervisor):
