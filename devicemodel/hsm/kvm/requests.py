@@ -154,25 +154,21 @@ class Requests:
         self._wake_attach()
 
     def finish(self, vcpu: int) -> None:
-        """NOTIFY_REQUEST_FINISH for ``vcpu``'s slot."""
+        """NOTIFY_REQUEST_FINISH for ``vcpu``'s slot: the HSM's store-release of
+        COMPLETE, then the hypercall that wakes the vCPU."""
         self._pending[vcpu] = False
-        self._complete(vcpu)
+        waiter = self._waiters[vcpu]
+        assert self._page is not None
+        _U32.pack_into(self._page, waiter.off + _PROCESSED, _COMPLETE)
+        if waiter.in_flight:
+            waiter.in_flight = False
+            waiter.done.release()
 
     def clear(self) -> None:
         """CLEAR_VM_IOREQ: complete every request still waiting for the device model."""
         for vcpu, pending in enumerate(self._pending):
             if pending:
-                self._pending[vcpu] = False
-                self._complete(vcpu)
-
-    def _complete(self, vcpu: int) -> None:
-        # HSM: store-release processed = COMPLETE, then the hypercall wakes the vCPU.
-        assert self._page is not None
-        waiter = self._waiters[vcpu]
-        _U32.pack_into(self._page, waiter.off + _PROCESSED, _COMPLETE)
-        if waiter.in_flight:
-            waiter.in_flight = False
-            waiter.done.release()
+                self.finish(vcpu)
 
     def _wake_attach(self) -> None:
         if self._efd >= 0:
