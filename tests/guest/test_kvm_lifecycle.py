@@ -245,6 +245,8 @@ def test_set_vcpu_regs_builds_segments_as_acrn_does():
             hv.set_vcpu_regs(0, VcpuRegs(gprs={"eax": 1}))
         with pytest.raises(HypervisorError, match="no vCPU 2"):
             hv.set_vcpu_regs(2, VcpuRegs())
+        with pytest.raises(HypervisorError, match="no vCPU 2"):
+            hv.vcpu(2)
     finally:
         hv.destroy_vm()
         page.close()
