@@ -81,20 +81,19 @@ async def run_vm(cfg: VmConfig) -> None:
     """Run one VM until it powers off, or SIGTERM/SIGINT/SIGHUP stop it (acrn-dm: SIGINT and
     SIGHUP power off; SIGTERM is systemd's stop). Tells systemd about each step."""
     from .hsm import open_hypervisor
-    from .lifecycle import Lifecycle
     from .sdnotify import Notifier, watchdog, watchdog_interval
-    from .vm import Vm
+    from .vm import new_vm
+    from .vmm.lifecycle import Lifecycle
 
     notifier = Notifier()
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             notifier.status(f"building VM {cfg.name}")
             hv = open_hypervisor(cfg.hv, cfg.vcpus)
-            vm = Vm(cfg, hv)
+            vm = new_vm(cfg, hv)
             vm.build()
-            assert vm.ctx is not None
             lifecycle = Lifecycle(vm, notifier)
-            vm.ctx.extras["lifecycle"] = lifecycle
+            vm.lifecycle = lifecycle
             async with trio.open_nursery() as nursery:
                 await nursery.start(vm.run)
                 nursery.start_soon(lifecycle.run)
@@ -125,16 +124,14 @@ async def run_vm(cfg: VmConfig) -> None:
 
 def _launch(cfg: VmConfig) -> int:
     """Everything around run_vm: logging, emulation check, the instance lock, error mapping."""
-    from . import devices
     from .instance_lock import InstanceLock
     from .logsetup import setup_logging
-    from .pci.registry import known
+    from .registry import known
 
     try:
         problems = setup_logging(cfg.logger_setting, vm_name=cfg.name)
         for msg in [*cfg.warnings, *problems]:
             log.warning("%s", msg)
-        devices.load_all()
         check_emulations(cfg, known())
         lock = InstanceLock(cfg.name)
         lock.acquire()
@@ -230,10 +227,8 @@ def _cmd_config(args: list[str]) -> int:
         try:
             cfg = load(rest[0], check_files=mode == "--check")
             if mode == "--check":
-                from . import devices
-                from .pci.registry import known
+                from .registry import known
 
-                devices.load_all()
                 check_emulations(cfg, known())
         except ConfigError as e:
             return _error(str(e))

@@ -150,10 +150,7 @@ class PowerOn:
         cs.data[:], cs.wmask[:], cs.w1cmask[:], host.bar0[:] = data, wmask, w1c, bar0
         host._held = 0
         dev.reset()
-        vmsix = dev.vmsix
-        if vmsix.remapper is not None:
-            vmsix.remapper.close()
-            vmsix.remapper = None
+        dev.vmsix.routes.close()
         self.sim.msis.clear()
 
 
@@ -254,7 +251,7 @@ def _trace(vm, sim, ops) -> list[object]:
     out: list[object] = []
     for op in ops:
         run_ops(vm, sim, [op], dev.host.msi)
-        out.append((bytes(dev.cfg.data), bytes(dev.vmsix.table), dev.vmsix.pending(),
+        out.append((bytes(dev.cfg.data), dev.vmsix.table.snapshot(), dev.vmsix.pending(),
                     bytes(dev.host.cs.data), list(sim.msis), dict(sim.remap_table)))
     return out
 
