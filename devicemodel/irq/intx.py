@@ -139,7 +139,17 @@ class Intx:
         return self.line.gsi if self.line is not None else None
 
     def connect(self, lines: IrqLines, route: IntxRoute) -> None:
-        self.line = Line(lines, route.gsi, active_low=True)
+        """The bus routed the pin: drive its vIOAPIC pin (active low)."""
+        self.use_line(Line(lines, route.gsi, active_low=True))
+
+    def use_line(self, line: Line) -> None:
+        """Drive ``line`` (a peer's INTx eventfd, for a function served outside a VM)."""
+        with self._lock:
+            if self.state is IntxState.ASSERTED and self.line is not None:
+                self.line.set(False)
+            self.line = line
+            if self.state is IntxState.ASSERTED:
+                line.set(True)
 
     def _drive(self, active: bool) -> None:
         if self.line is not None:

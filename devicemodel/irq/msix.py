@@ -133,10 +133,14 @@ class MsixTable:
             if not 0 <= vector < self.entries or not self._enabled:
                 return False
             if self._function_masked or self._masked >> vector & 1:
-                self._pba |= 1 << vector
+                self._hold(vector)
                 return False
             self._deliver(vector)
             return True
+
+    def _hold(self, vector: int) -> None:
+        """Set the vector's PBA bit (lock held)."""
+        self._pba |= 1 << vector
 
     def _deliver(self, vector: int) -> None:
         self._pba &= ~(1 << vector)

@@ -57,13 +57,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..irq.delivery import InjectDelivery
 from ..irq.intx import Intx
-from ..irq.services import MsiSink
+from ..irq.services import Line, MsiSink
 from . import caps
 from . import config as pc
 from .config import ConfigSpace
-from .fastpath import IoEvent
 from .msi import Msi
-from .msix import Msix, bar_size_for
+from .msix import Msix, VectorSignal, bar_size_for
 
 if TYPE_CHECKING:
     from ..context import DeviceContext
@@ -142,6 +141,18 @@ class Bar:
             w(offset + 4, 4, (value >> 32) & 0xFFFF_FFFF)
             return
         w(offset, size, value & _ONES.get(size, 0xFFFF_FFFF_FFFF_FFFF))
+
+
+@dataclass(frozen=True)
+class IoEvent:
+    """A doorbell: a guest write of ``length`` bytes at ``offset`` in BAR ``bar`` (with
+    value ``datamatch``, or any value when None) signals ``fd``."""
+
+    bar: int
+    offset: int
+    length: int
+    fd: int
+    datamatch: int | None = None
 
 
 class BarMapping(Protocol):
@@ -306,6 +317,18 @@ class PciDevice:
         self._intx_update()
         if self.msix is not None:
             self.msix.refresh()
+
+    def hand_interrupts_to(self, *, msix: VectorSignal | None = None,
+                           msi: VectorSignal | None = None, intx: Line | None = None) -> None:
+        """Serve this function to a peer that emulates its MSI-X and MSI capabilities
+        itself (a vfio-user client): raised vectors go to the peer's per-vector
+        eventfds (``irq.delivery.EventfdVectors``), INTx to the peer's line."""
+        if msix is not None and self.msix is not None:
+            self.msix.signal_through(msix)
+        if msi is not None and self.msi is not None:
+            self.msi.signal_through(msi)
+        if intx is not None and self.intx is not None:
+            self.intx.use_line(intx)
 
     def send_interrupt(self, vector: int = 0) -> bool:
         """Raise ``vector`` with whatever the guest enabled: MSI-X, MSI, else INTx."""

@@ -1,7 +1,7 @@
 """Eventfd fast paths a function declares and the bus wires (design.md §2).
 
-A device declares its doorbells (``IoEvent``: BAR, offset, length, datamatch, the eventfd
-it waits on) and whether its MSI-X vectors should be irqfd-backed; it arms the doorbells
+A device declares its doorbells (``device.IoEvent``: BAR, offset, length, datamatch, the
+eventfd it waits on) and whether its MSI-X vectors should be irqfd-backed; it arms the doorbells
 when the driver starts it and disarms them at reset. ``FastPaths`` (one per bus) turns
 that into the backend's registrations: each armed doorbell at its BAR's current guest
 address while the BAR is decoded, moved when the BAR moves, dropped when it is
@@ -23,18 +23,6 @@ if TYPE_CHECKING:
     from .device import PciDevice
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class IoEvent:
-    """A guest write of ``length`` bytes at ``offset`` in BAR ``bar`` (with value
-    ``datamatch``, or any value when None) signals ``fd``."""
-
-    bar: int
-    offset: int
-    length: int
-    fd: int
-    datamatch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,4 +96,4 @@ class FastPaths:
         return want
 
 
-__all__ = ["FastPaths", "IoEvent"]
+__all__ = ["FastPaths"]

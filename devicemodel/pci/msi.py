@@ -14,6 +14,7 @@ from ..irq.msi import MsiVectors
 from ..irq.services import MsiSink
 from . import caps
 from .config import ConfigSpace
+from .msix import VectorSignal
 
 
 class Msi:
@@ -31,6 +32,7 @@ class Msi:
         self.regs = caps.msi_offsets(control)
         self.length = self.regs.length
         self.delivery = MsiVectors(sink, on_pending=self._show_pending)
+        self._send: Callable[[int], bool] = self.delivery.send
 
     # --- the registers as the guest wrote them -----------------------------------------
     @property
@@ -78,7 +80,11 @@ class Msi:
         """Raise message ``vector`` (any thread). True if it was delivered now; a masked
         vector sets its pending bit instead; with MSI off or a vector beyond the
         allocation the message is dropped."""
-        return self.delivery.send(vector)
+        return self._send(vector)
+
+    def signal_through(self, vectors: VectorSignal) -> None:
+        """The peer emulates the capability (vfio-user): messages go to its eventfds."""
+        self._send = vectors.send
 
     def refresh(self) -> None:
         """Hand the registers to delivery; what was held and is now unmasked goes out."""

@@ -15,7 +15,7 @@ import os
 
 import trio
 
-from ...pci.fastpath import IoEvent
+from ...pci.device import IoEvent
 from ..device import VirtioDevice
 from .layout import (
     L_QUEUE_NOTIFY,
