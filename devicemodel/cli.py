@@ -81,20 +81,19 @@ async def run_vm(cfg: VmConfig) -> None:
     """Run one VM until it powers off, or SIGTERM/SIGINT/SIGHUP stop it (acrn-dm: SIGINT and
     SIGHUP power off; SIGTERM is systemd's stop). Tells systemd about each step."""
     from .hsm import open_hypervisor
-    from .lifecycle import Lifecycle
     from .sdnotify import Notifier, watchdog, watchdog_interval
-    from .vm import Vm
+    from .vm import new_vm
+    from .vmm.lifecycle import Lifecycle
 
     notifier = Notifier()
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             notifier.status(f"building VM {cfg.name}")
             hv = open_hypervisor(cfg.hv, cfg.vcpus)
-            vm = Vm(cfg, hv)
+            vm = new_vm(cfg, hv)
             vm.build()
-            assert vm.ctx is not None
             lifecycle = Lifecycle(vm, notifier)
-            vm.ctx.extras["lifecycle"] = lifecycle
+            vm.lifecycle = lifecycle
             async with trio.open_nursery() as nursery:
                 await nursery.start(vm.run)
                 nursery.start_soon(lifecycle.run)

@@ -1,65 +1,97 @@
-"""What a device gets from the VM: memory, buses, interrupts, and the fast-path eventfds.
+"""What a device is built from besides its options: the few services it uses.
 
-Devices depend on this facade, never on a hypervisor backend (design.md §3).
+Never the VM config, the hypervisor object or a string-keyed bag (design.md §3): guest
+memory, interrupt services, the backend's interrupt remapper and passthrough service
+where it has them, the VM-wide device choices, and the legacy port bus for the one
+kind of device that decodes ISA ports itself (the LPC bridge's COM ports).
+
+Assembly (``vmm/``) fills a context from the VM; ``standalone`` makes one for a device
+served outside a VM (``acrn-pydm lspci``, a vfio-user server: memory = the peer's DMA
+regions, interrupts = the peer's eventfds, no buses).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .bus import MmioBus, PortBus
-from .hsm import abi
-
-if TYPE_CHECKING:
-    from .config import VmConfig
-    from .hsm.base import Hypervisor
-    from .memory import MemoryMap
+from .bus import PortBus
+from .hsm.base import PciDevAssignment, PtdevIntx, RemapperFactory
+from .irq.services import Eventfds, IrqLines, MsiSink, NoInterrupts
+from .memory import MemoryMap
 
 
-class Interrupts:
-    """Interrupt delivery and eventfd fast paths, as the hypervisor offers them."""
+@dataclass(frozen=True)
+class DeviceChoices:
+    """VM-wide choices every device makes the same way (assembly fills them from the VM
+    description)."""
 
-    def __init__(self, hv: Hypervisor) -> None:
-        self._hv = hv
-        self.msi_count = 0
+    #: virtio functions offer one MSI message instead of MSI-X (``--virtio_msi``)
+    virtio_msi: bool = False
+    #: kick every virtio queue this often, in ns, whether notified or not (``--virtio_poll``)
+    virtio_poll_ns: int | None = None
+    #: the guest is Windows: virtio subsystem IDs as its drivers expect (``--windows``)
+    windows: bool = False
+    #: OVMF boots the guest (BAR placement differs, acrn-facts §3.4)
+    ovmf: bool = False
 
-    def inject_msi(self, address: int, data: int) -> None:
-        self.msi_count += 1
-        self._hv.inject_msi(address, data)
 
-    def set_irqline(self, gsi: int, op: int) -> None:
-        self._hv.set_irqline(gsi, op)
-
-    def assert_line(self, gsi: int) -> None:
-        """Drive an active-low INTx line to its asserted level."""
-        self._hv.set_irqline(gsi, abi.GSI_SET_LOW)
-
-    def deassert_line(self, gsi: int) -> None:
-        self._hv.set_irqline(gsi, abi.GSI_SET_HIGH)
+class PassthroughService(Protocol):
+    """What a passthrough device asks of the hypervisor (the HSM's passthrough calls)."""
 
     @property
-    def supports_eventfds(self) -> bool:
-        return self._hv.supports_eventfds
+    def emulates_passthrough_config(self) -> bool:
+        """The hypervisor owns the device's config space and MSI (ACRN)."""
 
-    def ioeventfd(self, fd: int, address: int, length: int, *, pio: bool,
-                  datamatch: int | None = None, deassign: bool = False) -> None:
-        self._hv.ioeventfd(fd, address, length, pio=pio, datamatch=datamatch, deassign=deassign)
+    @property
+    def reaches_host_devices(self) -> bool:
+        """A real device's interrupts and DMA can reach the guest (not a simulation)."""
 
-    def irqfd(self, fd: int, address: int, data: int, *, deassign: bool = False) -> None:
-        self._hv.irqfd(fd, address, data, deassign=deassign)
+    def assign_pcidev(self, dev: PciDevAssignment) -> None: ...
+
+    def deassign_pcidev(self, dev: PciDevAssignment) -> None: ...
+
+    def set_ptdev_intr(self, intx: PtdevIntx) -> None: ...
+
+    def reset_ptdev_intr(self, intx: PtdevIntx) -> None: ...
 
 
-@dataclass
-class VmContext:
-    """Everything a device may use. Built by vm.py, handed to every device factory."""
+@dataclass(frozen=True)
+class DeviceContext:
+    """Everything a device may use. Assembly builds it; every factory gets it."""
 
-    config: VmConfig
+    #: guest memory (gpa → memoryview, bounds-checked)
     memory: MemoryMap
-    ports: PortBus
-    mmio: MmioBus
-    irq: Interrupts
-    hv_name: str
-    #: the backend itself, for passthrough and platform code that must talk to it
-    hv: Hypervisor
-    extras: dict[str, object] = field(default_factory=dict)
+    #: MSI injection
+    msi: MsiSink
+    #: interrupt controller pins (INTx, ISA IRQs)
+    lines: IrqLines
+    #: ioeventfd/irqfd fast paths, when the backend has them
+    eventfds: Eventfds | None = None
+    choices: DeviceChoices = field(default_factory=DeviceChoices)
+    #: the backend's name, for messages ("acrn", "kvm", "sim"; "none" outside a VM)
+    backend: str = "none"
+    #: the backend's interrupt remapping for passthrough MSI (None: it offers none)
+    remapper: RemapperFactory | None = None
+    #: the hypervisor's passthrough calls (None: no passthrough outside a VM)
+    passthrough: PassthroughService | None = None
+    #: the legacy port bus, for devices that decode ISA ports (LPC's COM ports)
+    ports: PortBus | None = None
+
+
+def standalone(memory: MemoryMap | None = None, *, msi: MsiSink | None = None,
+               lines: IrqLines | None = None, choices: DeviceChoices | None = None,
+               **services: object) -> DeviceContext:
+    """A context for a device served outside a VM: no backend, interrupts to the
+    caller's sinks (dropped when none is given), guest memory the caller's (e.g. a
+    vfio-user client's DMA regions; empty when none is given). ``services`` are further
+    ``DeviceContext`` fields (``ports``, ``passthrough``, ``remapper``, ``backend``)."""
+    drop = NoInterrupts()
+    return DeviceContext(memory=memory if memory is not None else MemoryMap(),
+                         msi=msi if msi is not None else drop,
+                         lines=lines if lines is not None else drop,
+                         choices=choices if choices is not None else DeviceChoices(),
+                         **services)  # type: ignore[arg-type]
+
+
+__all__ = ["DeviceChoices", "DeviceContext", "PassthroughService", "standalone"]

@@ -1,23 +1,57 @@
 """``acrn-pydm lspci [acrn-dm options] <vm name>``: the VM's PCI functions as
 ``lspci -xxxx`` text, so the real ``lspci -F <file> -vvv`` decodes what a guest sees.
 
-The VM is built on the sim hypervisor (nothing is started, no guest runs) from the same
-options a real launch takes; every function's 4 KiB config space is read through the
-bus exactly as guest config cycles are answered.
+No VM and no backend: the functions are built from the same options a real launch takes,
+through the same assembly (``vmm.vm.build_functions``), on a context of their own
+(``context.standalone``: interrupts go nowhere, nothing runs), and every function's 4 KiB
+config space is read through the bus exactly as guest config cycles are answered. A
+passthrough device shows its guest view without anything being written to it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from . import __version__
+from .bus import MmioBus, PortBus
 from .config import ConfigError, HelpRequested, VersionRequested, parse_args
-from .hsm.base import HypervisorError
+from .context import standalone
+from .hsm.base import (
+    HypervisorError,
+    InterruptRemapper,
+    MessageSource,
+    PciDevAssignment,
+    PtdevIntx,
+)
+from .irq.services import NoInterrupts
 from .pci.bus import PciBus
 
 USAGE = "usage: acrn-pydm lspci [acrn-dm options] <vm name>\n"
+
+
+class Preview:
+    """The passthrough service of a VM that only shows itself: the device model owns the
+    guest view, no real device's interrupts or DMA reach anything, nothing is assigned."""
+
+    emulates_passthrough_config = False
+    reaches_host_devices = False
+
+    def assign_pcidev(self, dev: PciDevAssignment) -> None:
+        raise HypervisorError("lspci: nothing is assigned outside a VM")
+
+    deassign_pcidev = assign_pcidev
+
+    def set_ptdev_intr(self, intx: PtdevIntx) -> None:
+        raise HypervisorError("lspci: nothing is assigned outside a VM")
+
+    reset_ptdev_intr = set_ptdev_intr
+
+
+def _no_remapping(source: MessageSource, count: int) -> InterruptRemapper:
+    raise HypervisorError("lspci: no interrupts are delivered outside a VM")
 
 
 def dump(pci: PciBus, out: TextIO, size: int = 4096) -> None:
@@ -39,35 +73,39 @@ def main(args: list[str]) -> int:
     if not args:
         sys.stderr.write(USAGE)
         return 2
-    from .hsm.sim import SimHypervisor
-    from .vm import Vm
     from .vmcheck import check_vm
+    from .vmm.vm import build_functions, device_choices
 
+    cleanups: list[Callable[[], None]] = []
     try:
-        cfg = parse_args(list(args))
-        check_vm(cfg)
-        cfg.hv = "sim"
-        vm = Vm(cfg, SimHypervisor(cfg.vcpus))
-        vm.build()
-    except HelpRequested:
-        sys.stdout.write(USAGE)
-        return 0
-    except VersionRequested:
-        print(f"acrn-pydm {__version__}")
-        return 0
-    except (ConfigError, HypervisorError) as e:
-        print(f"acrn-pydm: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # building opens images and host ends: say which and why
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"acrn-pydm: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
-    try:
-        assert vm.pci is not None
-        dump(vm.pci, sys.stdout)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `| head`: the reader left, which is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            cfg = parse_args(list(args))
+            check_vm(cfg)
+            ports, mmio, nothing = PortBus(), MmioBus(), NoInterrupts()
+            ctx = standalone(choices=device_choices(cfg), ports=ports, passthrough=Preview(),
+                             remapper=_no_remapping)
+            pci = PciBus(ports, mmio, nothing, ovmf=ctx.choices.ovmf)
+            build_functions(cfg, ctx, pci, cleanups)
+        except HelpRequested:
+            sys.stdout.write(USAGE)
+            return 0
+        except VersionRequested:
+            print(f"acrn-pydm {__version__}")
+            return 0
+        except (ConfigError, HypervisorError) as e:
+            print(f"acrn-pydm: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # building opens images and host ends: say which and why
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"acrn-pydm: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
+        try:
+            dump(pci, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
-        vm._release()  # build without run: give back what build took
+        while cleanups:
+            cleanups.pop()()
     return 0
+

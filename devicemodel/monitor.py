@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .errors import ConfigError
-from .lifecycle import Lifecycle
 from .ratelimit import RateLimitedLog
+from .vmm.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
-    from .vm import Vm
+    from .vmm.vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -335,12 +335,11 @@ def _poweroff(mon: Monitor, req: dict[str, Any]) -> Any:
 @command("reset", "reset the VM (as a guest write to 0xCF9 would)")
 async def _reset(mon: Monitor, req: dict[str, Any]) -> Any:
     vm = mon.vm
-    assert vm.ctx is not None
     if mon.lifecycle.shutdown_requested is not None:
         raise MonitorError("cannot reset: the VM is shutting down")
     if mon.lifecycle.paused:
         raise MonitorError("cannot reset: the VM is paused; resume it first")
-    power = vm.ctx.extras.get("guest_power")  # platform: queues acrn-dm's reset sequence
+    power = vm.guest_power  # the platform's: queues acrn-dm's reset sequence
     fn = getattr(power, "request_reset", None)
     if not callable(fn):
         raise MonitorError("reset is not available: this VM has no platform reset path")
@@ -420,7 +419,8 @@ def _devices(mon: Monitor, req: dict[str, Any]) -> Any:
 
 async def serve_monitor(vm: Vm, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                         ) -> None:
-    """vm.py's hook: serve ``config.cmd_monitor`` for the VM's life."""
+    """A VM service (``vmm.vm.Vm``'s ``services``): serve ``config.cmd_monitor`` for the
+    VM's life."""
     assert vm.config.cmd_monitor is not None
     await Monitor(vm, vm.config.cmd_monitor).serve(task_status=task_status)
 

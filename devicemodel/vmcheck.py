@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import devices
 from .config import ACRN_EMULS, VmConfig
 from .errors import ConfigError
 from .hostinfo import host_mem_total
@@ -29,8 +28,8 @@ from .memory import GiB, MiB
 from .passthru.device import PassthruOptions
 from .passthru.host import parse_sim_spec
 from .pci.dummy import parse_options as parse_dummy_options
-from .pci.registry import known
 from .platform.lpc import com_resources
+from .registry import known
 from .slot import SlotConfig
 from .virtio.blk import parse_blk_options
 from .virtio.console import parse_console_options
@@ -77,7 +76,6 @@ def check_vm(cfg: VmConfig, *, source: str | None = None) -> None:
     ``source`` is the VM file a description came from; its messages then start with it
     and name the ``pci_slot`` entry, as the TOML front end's own messages do.
     """
-    devices.load_all()
     names = known()
     for index, slot in enumerate(cfg.slots):
         try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import mmap
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class HypervisorError(Exception):
@@ -79,6 +81,44 @@ class PtdevIntx:
     virt_pin: int
     phys_pin: int
     is_pic_pin: bool = False
+
+
+#: a message a device sends: a memory write of ``data`` to ``address``
+MessageSink = Callable[[int, int], None]
+
+
+class MessageSource(Protocol):
+    """A passthrough device as interrupt remapping sees it: where its MSI writes go."""
+
+    name: str
+
+    def connect_interrupts(self, sink: MessageSink | None) -> None:
+        """Hand every MSI write the device makes to ``sink`` (the remapping hardware)."""
+
+    def message_eventfds(self, fds: list[int] | None) -> None:
+        """Signal eventfd k when message k is raised (VFIO's way); None stops it."""
+
+
+class InterruptRemapper(Protocol):
+    """Routes the ``count`` messages of one passthrough device to guest MSIs, as VT-d
+    interrupt remapping does: physical message k raises whatever entry k says."""
+
+    count: int
+
+    def physical_message(self) -> tuple[int, int] | None:
+        """The (address, data) to program into the device once, or None when the host
+        kernel programs the device itself (VFIO)."""
+
+    def route(self, k: int, address: int, data: int) -> bool:
+        """Message k now raises the guest MSI (address, data). False: could not."""
+
+    def unroute(self, k: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: builds the remapper for a device's ``count`` messages
+RemapperFactory = Callable[[MessageSource, int], InterruptRemapper]
 
 
 class Hypervisor(ABC):
@@ -181,6 +221,17 @@ class Hypervisor(ABC):
     def emulates_passthrough_config(self) -> bool:
         """True when the hypervisor owns passthrough config space (ACRN); else the DM does."""
         return False
+
+    @property
+    def reaches_host_devices(self) -> bool:
+        """Whether a passthrough device's interrupts and DMA can reach this backend's
+        guest (False for a simulation: it may only show a real device's guest view)."""
+        return True
+
+    def interrupt_remapper(self) -> RemapperFactory | None:
+        """The backend's own interrupt remapping for passthrough MSI (the sim's remap
+        table), or None (then irqfd routes, where the backend has eventfds)."""
+        return None
 
     async def serve_backend(self) -> None:
         """Background work the backend needs while the VM runs (irqfd watchers, vCPU

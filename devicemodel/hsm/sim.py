@@ -22,12 +22,15 @@ from . import abi
 from .base import (
     Hypervisor,
     HypervisorError,
+    MessageSource,
     PciDevAssignment,
     PtdevIntx,
+    RemapperFactory,
     VcpuRegs,
     VmInfo,
 )
 from .hsm_dispatch import PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA, HsmDispatcher, IoEventFdReg
+from .sim_remap import SimRemapEntry, SimRemapper
 
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
@@ -49,14 +52,6 @@ class _IrqFd:
 class IrqLineEvent:
     gsi: int
     op: int
-
-
-@dataclass
-class SimRemapEntry:
-    """An interrupt-remapping entry: a device's raw message → the guest MSI to inject."""
-
-    address: int
-    data: int
 
 
 @dataclass
@@ -89,6 +84,7 @@ class SimHypervisor(Hypervisor):
         self.ptdev_intx: list[PtdevIntx] = []
         #: interrupt remapping: (source id, handle) → entry; consulted by ``remap_msi``
         self.remap_table: dict[tuple[str, int], SimRemapEntry] = {}
+        self.remap_reserved: set[int] = set()
         self.calls: list[str] = []
         self._client = False
         self._client_destroyed = False
@@ -251,6 +247,19 @@ class SimHypervisor(Hypervisor):
             return None
         self.inject_msi(entry.address, entry.data)
         return entry.address, entry.data
+
+    def interrupt_remapper(self) -> RemapperFactory:
+        """Passthrough MSI goes through the remap table (sim_remap.py)."""
+
+        def factory(source: MessageSource, count: int) -> SimRemapper:
+            return SimRemapper(self, source, count)
+
+        return factory
+
+    @property
+    def reaches_host_devices(self) -> bool:
+        """A real device's interrupts and DMA cannot reach a simulated guest."""
+        return False
 
     # --- fast paths -------------------------------------------------------------------
     @property

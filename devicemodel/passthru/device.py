@@ -9,7 +9,7 @@ identity-mapped), then the optional vmsix_on_msi BAR, INTx only without MSI/MSI-
 
 Who owns config space depends on the backend:
 
-* ACRN (``hv.emulates_passthrough_config``): the hypervisor traps config space and BARs
+* ACRN (``emulates_passthrough_config``): the hypervisor traps config space and BARs
   and does MSI/MSI-X remapping, vMSI-X on MSI included; we send ASSIGN_PCIDEV (with the
   guest BAR values, the vmsix BAR's address in ``bar[i]``) and SET_PTDEV_INTR exactly as
   acrn-dm, and DEASSIGN on close.
@@ -33,14 +33,13 @@ from ..hsm.base import PciDevAssignment, PtdevIntx
 from ..pci import caps as pcaps
 from ..pci import config as pc
 from ..pci.device import BarKind, PciDevice
-from ..pci.registry import register
 from .host import HostBar, HostPciDevice, PassthroughError, parse_sim_spec
 from .msi import PtMsi
 from .remap import remapper_for, remapping_missing
 from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible, unused_bars
 
 if TYPE_CHECKING:
-    from ..context import VmContext
+    from ..context import DeviceContext, PassthroughService
     from ..slot import SlotConfig
 
 log = logging.getLogger(__name__)
@@ -122,16 +121,24 @@ def parse_bdf(text: str, where: str) -> int:
     return bus << 8 | dev << 3 | func
 
 
-def open_host(opts: PassthruOptions, slot: SlotConfig, ctx: VmContext) -> HostPciDevice:
+def passthrough_service(ctx: DeviceContext, where: str) -> PassthroughService:
+    if ctx.passthrough is None:
+        raise ConfigError(f"-s {where},passthru: passthrough needs a VM on a hypervisor "
+                          "backend")
+    return ctx.passthrough
+
+
+def open_host(opts: PassthruOptions, slot: SlotConfig, ctx: DeviceContext) -> HostPciDevice:
     if opts.phys_bdf is None:
         # a synthetic device gets a BDF of its own on a bus no real machine uses here
         return parse_sim_spec(opts.device, 0xFE00 | slot.dev << 3 | slot.func)
     from .vfio import open_sysfs_host
 
-    if ctx.hv.emulates_passthrough_config:  # ACRN: the hypervisor takes it from pci-stub
+    service = passthrough_service(ctx, slot.slot_text)
+    if service.emulates_passthrough_config:  # ACRN: the hypervisor takes it from pci-stub
         return open_sysfs_host(opts.sysfs_name, drivers=("pci-stub", "vfio-pci"))
-    if hasattr(ctx.hv, "remap_table"):
-        # the sim backend cannot take a real device's interrupts or DMA: show its guest
+    if not service.reaches_host_devices:
+        # a simulated guest cannot take a real device's interrupts or DMA: show its guest
         # view (acrn-pydm lspci) without ever writing to it
         return open_sysfs_host(opts.sysfs_name, drivers=None)
     return open_sysfs_host(opts.sysfs_name, drivers=("vfio-pci",))
@@ -143,12 +150,13 @@ class Passthru(PciDevice):
     name = "passthru"
     allocate_first = True
 
-    def __init__(self, ctx: VmContext, slot: SlotConfig, host: HostPciDevice,
+    def __init__(self, ctx: DeviceContext, slot: SlotConfig, host: HostPciDevice,
                  opts: PassthruOptions) -> None:
         super().__init__(ctx, slot, extended_config=True)
         self.host = host
         self.opts = opts
-        self.hv_owned = ctx.hv.emulates_passthrough_config
+        self.service = passthrough_service(ctx, slot.slot_text)
+        self.hv_owned = self.service.emulates_passthrough_config
         self.vmsix: VmsixOnMsi | None = None
         self.ptmsi: PtMsi | None = None
         self.assignment: PciDevAssignment | None = None
@@ -214,7 +222,7 @@ class Passthru(PciDevice):
         host, index = self.host, hb.index
         return lambda off, size, value: host.bar_write(index, off, size, value)
 
-    def _setup_interrupts(self, ctx: VmContext) -> None:
+    def _setup_interrupts(self, ctx: DeviceContext) -> None:
         ids = {c.cap_id for c in self.capabilities}
         has_msi = bool(ids & {pcaps.CAP_ID_MSI, pcaps.CAP_ID_MSIX})
         missing = None if self.hv_owned else remapping_missing(ctx)
@@ -222,7 +230,7 @@ class Passthru(PciDevice):
             # its table would take guest addresses straight into the hardware
             raise PassthroughError(
                 f"passthru {self.host.name}: MSI-X devices are passed through on the ACRN "
-                f"backend only (its hypervisor virtualizes the table); the {ctx.hv.name} "
+                f"backend only (its hypervisor virtualizes the table); the {ctx.backend} "
                 "backend passes through MSI devices"
             )
         if "vmsix_on_msi" in self.opts.flags:
@@ -256,7 +264,7 @@ class Passthru(PciDevice):
             self.request_intx()
         elif want_intx:
             log.info("passthru %s: INTx is not forwarded on the %s backend; the guest "
-                     "must use MSI", self.host.name, ctx.hv.name)
+                     "must use MSI", self.host.name, ctx.backend)
 
     def _check_hv_bar(self, bar: int) -> None:
         first = unused_bars(self.host.bars())[0]
@@ -276,21 +284,21 @@ class Passthru(PciDevice):
         """acrn-dm's order: ASSIGN_PCIDEV at device init, when BARs have their guest
         values but INTx is not routed yet (INTLINE still 255); SET_PTDEV_INTR later, once
         the pin has its vIOAPIC GSI (acrn-dm's vdev_phys_access after pci_lintr_route)."""
-        assert self.ctx is not None and self.bdf is not None
+        assert self.bdf is not None
         b, d, f = self.bdf
         virt_bdf = b << 8 | d << 3 | f
         bars = tuple(self.cfg.get32(pc.BAR0 + 4 * i) for i in range(6))
         self.assignment = PciDevAssignment(
             virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, intr_line=0xFF,
             intr_pin=self.cfg.get8(pc.INT_PIN), bars=bars)
-        self.ctx.hv.assign_pcidev(self.assignment)
+        self.service.assign_pcidev(self.assignment)
         self._assigned = True
         if self.intx is not None and self.intx.gsi is not None:
             phys_pin = self.opts.irq if self.opts.irq is not None else self.host.legacy_irq()
             self.intx_assignment = PtdevIntx(
                 virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, virt_pin=self.intx.gsi,
                 phys_pin=phys_pin, is_pic_pin=False)
-            self.ctx.hv.set_ptdev_intr(self.intx_assignment)
+            self.service.set_ptdev_intr(self.intx_assignment)
 
     # --- config space (sim/KVM: ours) ---------------------------------------------------
     def cfg_write(self, reg: int, size: int, value: int) -> None:
@@ -325,13 +333,12 @@ class Passthru(PciDevice):
 
     def close(self) -> None:
         try:
-            if self._assigned and self.ctx is not None:
-                hv = self.ctx.hv
+            if self._assigned:
                 try:
                     if self.intx_assignment is not None:
-                        hv.reset_ptdev_intr(self.intx_assignment)
+                        self.service.reset_ptdev_intr(self.intx_assignment)
                     if self.assignment is not None:
-                        hv.deassign_pcidev(self.assignment)
+                        self.service.deassign_pcidev(self.assignment)
                 except Exception as e:
                     log.warning("passthru %s: DEASSIGN failed: %s", self.host.name, e)
                 self._assigned = False
@@ -349,9 +356,9 @@ class Passthru(PciDevice):
             self.host.close()
 
 
-@register("passthru")
-def _make(ctx: VmContext, slot: SlotConfig) -> Passthru:
-    opts = PassthruOptions(slot.options, slot.slot_text)
+def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Passthru:
+    """``-s <slot>,passthru,<bdf>[,options]``."""
+    opts = PassthruOptions(options, slot.slot_text)
     host = open_host(opts, slot, ctx)
     try:
         return Passthru(ctx, slot, host, opts)

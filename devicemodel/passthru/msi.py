@@ -3,8 +3,9 @@
 The guest programs the MSI capability with guest interrupt addresses, which mean nothing
 to the host. So the guest's capability is a copy the guest writes freely (within the
 spec's writable bits), and the device is programmed with what the interrupt remapper
-gives (remap.py): with MME messages enabled, physical message k is routed to the guest's
-address and the guest's data with k in its low MME bits, exactly what the device itself
+gives (the backend's, through ``irq.remap.RemapRoutes``, as vMSI-X on MSI uses it): with
+MME messages enabled, physical message k is routed to the guest's address and the guest's
+data with k in its low MME bits (``irq.msi.message_data``), exactly what the device itself
 would have sent had the guest's values reached it. Mask bits go through; the pending bits
 the guest reads are the device's.
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ..hsm.base import InterruptRemapper
+from ..irq.msi import message_data
+from ..irq.remap import RemapRoutes
 from ..pci import caps as pcaps
 from ..pci import config as pc
-from ..ratelimit import RateLimitedLog
 from .host import HostMsi, HostPciDevice, MsiState
-from .remap import InterruptRemapper
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,14 @@ class PtMsi:
         self.msi = msi
         self.cfg = cfg
         self.offset = msi.offset
-        self._factory = remapper_factory
-        self.remapper: InterruptRemapper | None = None
-        self._programmed = False
+        self.routes = RemapRoutes(host.name, msi.count, remapper_factory)
         self._found: MsiState = msi.save()
         self._found_intx_disable = bool(host.config_read(pc.COMMAND, 2) & pc.CMD_INTX_DISABLE)
-        self._routes: dict[int, tuple[int, int]] = {}
-        self._rl = RateLimitedLog(log)
         self._install()
+
+    @property
+    def remapper(self) -> InterruptRemapper | None:
+        return self.routes.remapper
 
     def _install(self) -> None:
         off, regs = self.offset, self.msi.regs
@@ -83,27 +85,17 @@ class PtMsi:
                 self.msi.set_mask((1 << self.msi.count) - 1)
                 self.msi.disable()
                 self.host.set_intx_disable(bool(self.cfg.command & pc.CMD_INTX_DISABLE))
-            self._unroute_all()
+            self.routes.unroute_all()
             return
         n = 1 << mme
-        if self.remapper is None:
-            try:
-                self.remapper = self._factory(self.msi.count)
-            except Exception as e:  # a guest write must not fail: MSI stays off
-                self._rl.warning("passthru %s: no interrupt remapping: %s", self.host.name, e)
-                return
+        if self.routes.get_remapper() is None:
+            return  # a guest write must not fail: MSI stays off (logged)
         for k in range(self.msi.count):
             if k < n:
-                want = (address, (data & ~(n - 1)) | k)
-                if self._routes.get(k) != want and self.remapper.route(k, *want):
-                    self._routes[k] = want
-            elif self._routes.pop(k, None) is not None:
-                self.remapper.unroute(k)
-        if not self._programmed:
-            phys = self.remapper.physical_message()
-            if phys is not None:
-                self.msi.program(*phys)
-            self._programmed = True
+                self.routes.route(k, address, message_data(data, n, k))
+            else:
+                self.routes.unroute(k)
+        self.routes.program_once(self.msi.program)
         self.msi.set_mask(mask)
         ctrl = self.msi.control
         cur_mme = (ctrl & pcaps.MSI_CTRL_MME_MASK) >> pcaps.MSI_CTRL_MME_SHIFT
@@ -115,18 +107,11 @@ class PtMsi:
         if not self.msi.enabled:
             self.host.set_intx_disable(disabled)
 
-    def _unroute_all(self) -> None:
-        if self.remapper is not None:
-            for k in list(self._routes):
-                self.remapper.unroute(k)
-        self._routes.clear()
-
     # --- lifecycle ------------------------------------------------------------------------
     def reset(self) -> None:
         self.msi.set_mask((1 << self.msi.count) - 1)
         self.msi.disable()
-        self._unroute_all()
-        self._programmed = False
+        self.routes.reset()
 
     def close(self) -> None:
         try:
@@ -135,10 +120,8 @@ class PtMsi:
             self.msi.restore(self._found)
             self.host.set_intx_disable(self._found_intx_disable)
         finally:
-            self._unroute_all()
-            if self.remapper is not None:
-                self.remapper.close()
-                self.remapper = None
+            self.routes.unroute_all()
+            self.routes.close()
 
 
 __all__ = ["PtMsi"]

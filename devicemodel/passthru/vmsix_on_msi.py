@@ -5,9 +5,9 @@ MSI, which a guest without a vIOMMU cannot use. Their MSI capability is replaced
 same offset and with the same next pointer, by a 12-byte MSI-X capability whose table
 (offset 0) and PBA (offset 0x800) live in a virtual 4 KiB MEM32 BAR at an unused BAR
 index. Each guest table entry k maps to physical MSI message k through interrupt
-remapping (remap.py): the device is programmed once, in remappable format with the base
-handle and SHV=1, with MME = MMC, and the hardware's message number selects entry
-base + k. Physical mask bit k mirrors entry k's Vector Control.
+remapping (``irq/remap.py``, the backend's remapper): the device is programmed once, in
+remappable format with the base handle and SHV=1, with MME = MMC, and the hardware's
+message number selects entry base + k. Physical mask bit k mirrors entry k's Vector Control.
 
 What we do better than ACRN (§5.7): entries start masked; only Message Control bits 15:14
 (enable, function mask) are writable and the rest of the capability is read-only, the
@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ..hsm.base import InterruptRemapper
+from ..irq.msix import MsixBar, MsixTable
+from ..irq.remap import RemapDelivery, RemapRoutes
 from ..pci import caps as pcaps
 from ..pci import config as pc
-from ..ratelimit import RateLimitedLog
 from .host import HostBar, HostMsi, HostPciDevice, MsiState, PassthroughError
-from .remap import InterruptRemapper
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ BAR_SIZE = 0x1000
 TABLE_OFFSET = 0x0
 PBA_OFFSET = 0x800
 CAP_LEN = 12
-ENTRY_SIZE = 16
-VCTRL_MASK = 0x1
 #: the only guest-writable Message Control bits: MSI-X Enable and Function Mask
 CTRL_WRITABLE = pcaps.MSIX_CTRL_ENABLE | pcaps.MSIX_CTRL_FMASK
 
@@ -107,8 +106,9 @@ class VmsixOnMsi:
 
     ``cfg`` is the guest's view of config space (the passthrough device's ConfigSpace);
     ``remapper_factory(count)`` gives the interrupt remapper once the guest first needs
-    it. The table BAR handlers are ``bar_read`` / ``bar_write``; the capability write
-    hook is ``config_written``.
+    it. The table is the interrupt layer's (``irq.msix.MsixTable``) with the physical
+    remap delivery (``irq.remap.RemapDelivery``); the BAR handlers are ``bar_read`` /
+    ``bar_write``, the capability write hook is ``config_written``.
     """
 
     def __init__(self, host: HostPciDevice, msi: HostMsi, bar: int, cfg: pc.ConfigSpace,
@@ -119,20 +119,14 @@ class VmsixOnMsi:
         self.cfg = cfg
         self.offset = msi.offset
         self.entries = msi.count
-        self._remapper_factory = remapper_factory
-        self.remapper: InterruptRemapper | None = None
-        self.table = bytearray(self.entries * ENTRY_SIZE)
-        self._routed = [False] * self.entries
-        self._programmed = False
-        self._rl = RateLimitedLog(log)
         #: the device as found, to put back at teardown
         self._found: MsiState = msi.save()
         self._found_intx_disable = bool(host.config_read(pc.COMMAND, 2) & pc.CMD_INTX_DISABLE)
         self._install_capability()
-        #: Message Control as last seen, to tell which bits a guest write changed
-        self._control = self.control
-        self._reset_table()
-        self._sync_masks()
+        self.routes = RemapRoutes(host.name, self.entries, remapper_factory)
+        self.table = MsixTable(self.entries,
+                               RemapDelivery(msi, self.routes, self._enable_changed))
+        self._bar = MsixBar(self.table, TABLE_OFFSET, PBA_OFFSET)
 
     # --- the virtual capability ---------------------------------------------------------
     def _install_capability(self) -> None:
@@ -157,27 +151,22 @@ class VmsixOnMsi:
     def function_masked(self) -> bool:
         return bool(self.control & pcaps.MSIX_CTRL_FMASK)
 
+    @property
+    def remapper(self) -> InterruptRemapper | None:
+        return self.routes.remapper
+
     def config_written(self, reg: int, size: int) -> None:
         """After a guest write that touched the capability (the masks already applied)."""
-        new = self.control
-        changed = new ^ self._control
-        self._control = new
-        if changed & pcaps.MSIX_CTRL_ENABLE:
-            if new & pcaps.MSIX_CTRL_ENABLE:
-                self._physical_enable()
-            else:
-                self._physical_disable()
-        if changed:
-            self._sync_masks()
+        self.table.set_control(self.enabled, self.function_masked)
 
-    def _physical_enable(self) -> None:
-        # every physical vector is masked while MSI-X is off, so nothing escapes here
-        self.host.set_intx_disable(True)
-        self.msi.enable(self.msi.mmc)
-
-    def _physical_disable(self) -> None:
-        self.msi.disable()
-        self.host.set_intx_disable(bool(self.cfg.command & pc.CMD_INTX_DISABLE))
+    def _enable_changed(self, enabled: bool) -> None:
+        if enabled:
+            # every physical vector is masked while MSI-X is off, so nothing escapes here
+            self.host.set_intx_disable(True)
+            self.msi.enable(self.msi.mmc)
+        else:
+            self.msi.disable()
+            self.host.set_intx_disable(bool(self.cfg.command & pc.CMD_INTX_DISABLE))
 
     def guest_intx_disable(self, disabled: bool) -> None:
         """The guest wrote INTx Disable; while we run MSI the physical bit stays set."""
@@ -186,103 +175,30 @@ class VmsixOnMsi:
 
     # --- the table and PBA (BAR handlers; offsets inside the 4 KiB BAR) ------------------
     def bar_read(self, offset: int, size: int) -> int:
-        if size not in (1, 2, 4, 8) or offset % size or not 0 <= offset <= BAR_SIZE - size:
+        if not 0 <= offset <= BAR_SIZE - size:
             return _ONES.get(size, 0xFFFF_FFFF)
-        end = offset + size
-        if end <= len(self.table):
-            return int.from_bytes(self.table[offset:end], "little")
-        pba_len = (self.entries + 63) // 64 * 8
-        if offset >= PBA_OFFSET and end <= PBA_OFFSET + pba_len:
-            return (self.pending() >> (8 * (offset - PBA_OFFSET))) & _ONES[size]
-        return _ONES[size]
+        return self._bar.read(offset, size)
+
+    def bar_write(self, offset: int, size: int, value: int) -> None:
+        if not self._bar.write(offset, size, value) and 0 <= offset < BAR_SIZE:
+            log.debug("%s: vMSI-X write of %d bytes at %#x ignored", self.host.name, size,
+                      offset)  # the PBA and the gaps are read-only
 
     def pending(self) -> int:
         """The PBA: messages the device holds because their vector is masked."""
         return self.msi.pending & ((1 << self.entries) - 1)
 
-    def bar_write(self, offset: int, size: int, value: int) -> None:
-        if size not in (4, 8) or offset % size or offset + size > len(self.table):
-            if not 0 <= offset < BAR_SIZE:
-                return
-            log.debug("%s: vMSI-X write of %d bytes at %#x ignored", self.host.name,
-                           size, offset)
-            return  # the PBA and the gaps are read-only
-        data = (value & _ONES[size]).to_bytes(size, "little")
-        for i, b in enumerate(data):
-            field = (offset + i) % ENTRY_SIZE
-            if field == 0:
-                b &= 0xFC  # message address bits 1:0 are hard-wired to 0
-            elif field == 12:
-                b &= VCTRL_MASK  # Vector Control: only the mask bit exists
-            elif field > 12:
-                b = 0
-            self.table[offset + i] = b
-        self._update_entry(offset // ENTRY_SIZE)
-
     def entry(self, k: int) -> tuple[int, int, bool]:
         """Guest entry k: (address, data, masked)."""
-        b = k * ENTRY_SIZE
-        t = self.table
-        return (int.from_bytes(t[b : b + 8], "little"), int.from_bytes(t[b + 8 : b + 12],
-                                                                          "little"),
-                bool(t[b + 12] & VCTRL_MASK))
-
-    def _update_entry(self, k: int) -> None:
-        """acrn-facts §5.5 remap_one_vmsix_entry_on_msi: mask physical k, route entry k if
-        the guest unmasked it, program the physical message once, then let the physical
-        mask follow the guest's."""
-        self.msi.set_mask(self.msi.mask | 1 << k)
-        address, data, masked = self.entry(k)
-        if not masked:
-            remapper = self._get_remapper()
-            ok = remapper is not None and remapper.route(k, address, data)
-            self._routed[k] = ok
-            if ok and not self._programmed:
-                assert remapper is not None
-                phys = remapper.physical_message()
-                if phys is not None:
-                    self.msi.program(*phys)
-                self._programmed = True
-        self._sync_masks()
-
-    def _get_remapper(self) -> InterruptRemapper | None:
-        if self.remapper is None:
-            try:
-                self.remapper = self._remapper_factory(self.entries)
-            except Exception as e:  # a guest write must not fail: the vectors stay masked
-                self._rl.warning("passthru %s: no interrupt remapping: %s", self.host.name, e)
-                return None
-        return self.remapper
-
-    def _sync_masks(self) -> None:
-        """Physical mask = every vector the guest may not receive right now."""
-        allow = 0
-        if self.enabled and not self.function_masked and self._programmed:
-            for k in range(self.entries):
-                if self._routed[k] and not self.table[k * ENTRY_SIZE + 12] & VCTRL_MASK:
-                    allow |= 1 << k
-        want = ((1 << self.entries) - 1) & ~allow
-        if self.msi.mask != want:
-            self.msi.set_mask(want)
+        address, data, vctrl = self.table.entry(k)
+        return address, data, bool(vctrl)
 
     # --- lifecycle ----------------------------------------------------------------------
-    def _reset_table(self) -> None:
-        self.table[:] = bytes(len(self.table))
-        for k in range(self.entries):
-            self.table[k * ENTRY_SIZE + 12] = VCTRL_MASK  # PCI reset value: masked
-        self._routed = [False] * self.entries
-
     def reset(self) -> None:
         """VM reset: the guest view goes back to power-on, the device to masked/off."""
         self.msi.set_mask((1 << self.entries) - 1)
         self.msi.disable()
-        if self.remapper is not None:
-            for k in range(self.entries):
-                self.remapper.unroute(k)
-        self._programmed = False
-        self._control = self.control
-        self._reset_table()
-        self._sync_masks()
+        self.table.reset()
 
     def close(self) -> None:
         """Teardown: mask and disable, drop the routes, put the device back as found."""
@@ -292,10 +208,7 @@ class VmsixOnMsi:
             self.msi.restore(self._found)
             self.host.set_intx_disable(self._found_intx_disable)
         finally:
-            if self.remapper is not None:
-                self.remapper.close()
-                self.remapper = None
-            self._programmed = False
+            self.routes.close()
 
 
 __all__ = [

@@ -1,1 +1,3 @@
-"""PCI: config space, capabilities, the bus, BARs, MSI/MSI-X/INTx, simple devices."""
+"""PCI: config space, capabilities, the bus (BARs, INTx routing, the fast paths functions
+declare), the MSI/MSI-X capabilities over the interrupt layer (``devicemodel.irq``),
+simple devices."""

@@ -11,10 +11,12 @@
   OVMF a 64-bit BAR of at most 32 MiB goes into the 32-bit hole (still 64-bit, not
   prefetchable). Every BAR takes at least 4 KiB of its pool and is aligned to that.
   After each bus the I/O pool moves on 32 bytes and the memory pools 1 MiB, as acrn-dm.
-* A BAR is registered on ctx.ports / ctx.mmio while its decoding is enabled; a guest that
+* A BAR is registered on the port / MMIO bus while its decoding is enabled; a guest that
   moves it onto something else gets no registration (logged), retried whenever another
   BAR moves away. The 32- and 64-bit holes have fallback handlers (all-ones, writes
   dropped), as acrn-dm.
+* The fast paths functions declare (doorbell ioeventfds, irqfd-backed MSI-X vectors) are
+  wired here (``fastpath.py``) and follow the BARs as they move.
 * Multi-function slots get header-type bit 7 in every function (fixed up on read, as
   acrn-dm, so it holds for functions that keep their own config bytes too).
 """
@@ -23,19 +25,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from ..bus import BusError
+from ..bus import BusError, MmioBus, PortBus
 from ..errors import ConfigError
+from ..irq.intx import IntxRouter
+from ..irq.services import Eventfds, IrqLines, MsiSink
 from ..memory import ECAM_BASE, LOWMEM_LIMIT, PCI_HOLE_END
 from ..ratelimit import RateLimitedLog
 from ..slot import SlotConfig
 from .config import HEADER_MULTIFUNCTION, HEADER_TYPE, INT_LINE, INT_PIN
 from .device import Bar, BarKind, PciDevice
-from .intx import IntxRouter
-
-if TYPE_CHECKING:
-    from ..context import VmContext
+from .fastpath import FastPaths
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +118,26 @@ class _Ecam:
 
 
 class PciBus:
-    """All PCI functions of one VM."""
+    """All PCI functions of one VM: their config space, BARs on the port and MMIO buses,
+    INTx routing (``lines``) and eventfd fast paths (``eventfds`` when the backend has
+    them; ``msi`` injects for a vector whose irqfd cannot be made)."""
 
-    def __init__(self, ctx: VmContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ports: PortBus, mmio: MmioBus, lines: IrqLines, *,
+                 msi: MsiSink | None = None, eventfds: Eventfds | None = None,
+                 ovmf: bool = False) -> None:
+        self.ports = ports
+        self.mmio = mmio
+        self.lines = lines
         self._functions: dict[tuple[int, int, int], PciDevice] = {}
-        self.intx = IntxRouter(ctx.irq)
+        self.intx = IntxRouter(lines)
+        self.fast_paths = FastPaths(eventfds, msi)
         self.windows: dict[int, BusWindow] = {}
         self._pending: dict[int, tuple[PciDevice, Bar]] = {}
         self._multifunction: set[tuple[int, int]] = set()
         self._finished = False
         self._rl = RateLimitedLog(log)
-        ovmf = getattr(ctx.config, "ovmf", None)
         #: acrn-dm skips the small-64-bit-BAR-below-4G workaround when booting OVMF
-        self.mem64_workaround = ovmf is None
+        self.mem64_workaround = not ovmf
         self.io_pool = _Pool("I/O", IO_BASE, IO_LIMIT)
         self.mem32_pool = _Pool("32-bit memory", MEM32_BASE, MEM32_LIMIT)
         self.mem64_pool = _Pool("64-bit memory", MEM64_BASE, MEM64_LIMIT)
@@ -154,7 +160,8 @@ class PciBus:
             self._multifunction.add((slot.bus, slot.dev))
 
     def finish(self) -> None:
-        """Allocate BARs, route INTx, register BARs, ECAM and the hole fallbacks."""
+        """Allocate BARs, route INTx, wire fast paths, register BARs, ECAM and the hole
+        fallbacks."""
         if self._finished:
             return
         self._finished = True
@@ -169,13 +176,14 @@ class PciBus:
         for key, dev in ours:
             if dev.intx is not None:
                 route = self.intx.route(key[0], key[1], dev.intx.pin)
-                dev.intx.connect(self.ctx.irq, route)
+                dev.intx.connect(self.lines, route)
                 dev.cfg.set8(INT_LINE, route.irq)
         for _, dev in ours:
+            self.fast_paths.wire(dev)
             dev.mapper = self
             dev.sync_bars()
             dev.power_on_snapshot()
-        mmio = self.ctx.mmio
+        mmio = self.mmio
         mmio.add_fallback(MEM32_BASE, MEM32_LIMIT - MEM32_BASE, _Fallback(), "PCI hole (32-bit)")
         mmio.add_fallback(MEM64_BASE, MEM64_LIMIT - MEM64_BASE, _Fallback(), "PCI hole (64-bit)")
         mmio.register(ECAM_BASE, ECAM_SIZE, _Ecam(self), "PCI ECFG")
@@ -220,19 +228,24 @@ class PciBus:
         removed = False
         if bar.mapped_at is not None:
             base = bar.mapped_at
-            bus = self.ctx.ports if bar.is_io else self.ctx.mmio
+            bus = self.ports if bar.is_io else self.mmio
             bus.unregister(base)
             bar.mapped_at = None
             removed = True
             dev.on_bar_unmap(bar, base)
+            self.fast_paths.sync(dev)
         self._pending.pop(key, None)
         if want:
             self._try_map(dev, bar)
         if removed:
             self._retry_pending()
 
+    def ioevents_changed(self, dev: PciDevice) -> None:
+        """The device armed or disarmed its doorbells."""
+        self.fast_paths.sync(dev)
+
     def _try_map(self, dev: PciDevice, bar: Bar, *, quiet: bool = False) -> bool:
-        bus = self.ctx.ports if bar.is_io else self.ctx.mmio
+        bus = self.ports if bar.is_io else self.mmio
         try:
             bus.register(bar.addr, bar.size, bar, f"{dev.name} BAR{bar.idx}")
         except BusError as e:
@@ -243,6 +256,7 @@ class PciBus:
             return False
         bar.mapped_at = bar.addr
         dev.on_bar_map(bar, bar.addr)
+        self.fast_paths.sync(dev)
         return True
 
     def _retry_pending(self) -> None:

@@ -37,9 +37,14 @@ How to write a device
 * **Interrupts**: ``send_interrupt(vector)`` picks MSI-X, else MSI, else INTx (assert);
   or use ``self.msix.send(i)`` / ``self.msi.send(i)`` / ``self.intx.assert_()`` and
   ``deassert()`` directly. Masked MSI-X/MSI vectors are held pending and delivered on
-  unmask. All of it must be called from the trio thread (handlers and device tasks).
+  unmask. Delivery is the interrupt layer's (``devicemodel.irq``): safe from any thread.
+  ``add_msix(n, bar, irqfd=True)`` asks for irqfd-backed vectors where the backend has
+  eventfds (the bus wires them).
+* **Doorbells**: ``declare_ioevent(IoEvent(bar, offset, length, fd, datamatch))`` for
+  each ioeventfd the device wants; ``arm_ioevents(True)`` once the driver started it,
+  ``False`` at reset. The bus registers them at the BARs' current addresses.
 * ``reset()`` restores the power-on config space and BAR placement (call super);
-  ``run()`` is the device's task; ``close()`` releases host resources.
+  ``run()`` is the device's task; ``close()`` releases host resources (call super).
 """
 
 from __future__ import annotations
@@ -50,15 +55,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..irq.delivery import InjectDelivery
+from ..irq.intx import Intx
+from ..irq.services import Line, MsiSink
 from . import caps
 from . import config as pc
 from .config import ConfigSpace
-from .intx import Intx
 from .msi import Msi
-from .msix import Msix, bar_size_for
+from .msix import Msix, VectorSignal, bar_size_for
 
 if TYPE_CHECKING:
-    from ..context import VmContext
+    from ..context import DeviceContext
     from ..slot import SlotConfig
 
 log = logging.getLogger(__name__)
@@ -136,10 +143,25 @@ class Bar:
         w(offset, size, value & _ONES.get(size, 0xFFFF_FFFF_FFFF_FFFF))
 
 
+@dataclass(frozen=True)
+class IoEvent:
+    """A doorbell: a guest write of ``length`` bytes at ``offset`` in BAR ``bar`` (with
+    value ``datamatch``, or any value when None) signals ``fd``."""
+
+    bar: int
+    offset: int
+    length: int
+    fd: int
+    datamatch: int | None = None
+
+
 class BarMapping(Protocol):
-    """What the bus offers a device: (un)register a BAR at its current address."""
+    """What the bus offers a device: (un)register a BAR at its current address, and
+    follow the device's armed doorbells with ioeventfds."""
 
     def set_mapping(self, dev: PciDevice, bar: Bar, want: bool) -> None: ...
+
+    def ioevents_changed(self, dev: PciDevice) -> None: ...
 
 
 @dataclass
@@ -157,7 +179,7 @@ class PciDevice:
     #: allocate this function's BARs before everybody else's (passthrough, acrn-dm order)
     allocate_first = False
 
-    def __init__(self, ctx: VmContext | None = None, slot: SlotConfig | None = None, *,
+    def __init__(self, ctx: DeviceContext | None = None, slot: SlotConfig | None = None, *,
                  extended_config: bool = False) -> None:
         self.ctx = ctx
         self.slot = slot
@@ -172,6 +194,8 @@ class PciDevice:
         self.msix: Msix | None = None
         self.intx: Intx | None = None
         self.mapper: BarMapping | None = None
+        self.ioevents: list[IoEvent] = []
+        self.ioevents_armed = False
         self._power_on: tuple[bytes, list[int]] | None = None
         # acrn-dm's defaults for a new function: no legacy interrupt, decoding on
         self.cfg.set8(pc.INT_LINE, 0xFF)
@@ -221,16 +245,17 @@ class PciDevice:
 
     def add_msi(self, vectors: int, *, bit64: bool = True, maskable: bool = True) -> Msi:
         off = self.add_capability(caps.msi_cap(vectors, bit64=bit64, maskable=maskable))
-        self.msi = Msi(self.cfg, off, self._irq_sink(), on_change=self._intx_update)
+        self.msi = Msi(self.cfg, off, self._irq_sink(), on_change=self._irq_mode_changed)
         self.watch_config(off, self.msi.length, on_write=self.msi.config_written)
         return self.msi
 
-    def add_msix(self, vectors: int, bar: int) -> Msix:
-        """MSI-X with acrn-dm's layout: table at 0 and PBA after it, in MEM32 BAR ``bar``."""
+    def add_msix(self, vectors: int, bar: int, *, irqfd: bool = False) -> Msix:
+        """MSI-X with acrn-dm's layout: table at 0 and PBA after it, in MEM32 BAR ``bar``.
+        ``irqfd``: back the vectors with irqfds where the backend has eventfds."""
         off = self.add_capability(caps.msix_cap(vectors, bar))
-        msix = Msix(self.cfg, off, self._irq_sink(),
+        msix = Msix(self.cfg, off, InjectDelivery(self._irq_sink()),
                     msi_enabled=lambda: self.msi is not None and self.msi.enabled,
-                    on_change=self._intx_update)
+                    on_change=self._irq_mode_changed, irqfd=irqfd)
         self.msix = msix
         self.watch_config(off, 12, on_write=msix.config_written)
         self.add_bar(bar, BarKind.MEM32, bar_size_for(vectors), read=msix.read,
@@ -249,16 +274,28 @@ class PciDevice:
             self.intx = Intx(self._intx_permitted, self._intx_status)
         return self.intx
 
+    def declare_ioevent(self, event: IoEvent) -> None:
+        """A doorbell the bus should back with an ioeventfd while armed."""
+        self.ioevents.append(event)
+
+    def arm_ioevents(self, armed: bool) -> None:
+        """The driver started the device (True) or reset it (False)."""
+        if armed == self.ioevents_armed:
+            return
+        self.ioevents_armed = armed
+        if self.mapper is not None and self.ioevents:
+            self.mapper.ioevents_changed(self)
+
     def watch_config(self, offset: int, length: int, *,
                      on_write: Callable[[int, int], None] | None = None,
                      on_read: Callable[[int, int], None] | None = None) -> None:
         self._watches.append(_Watch(offset, offset + length, on_write, on_read))
 
     # --- interrupts -------------------------------------------------------------------
-    def _irq_sink(self) -> Any:
+    def _irq_sink(self) -> MsiSink:
         if self.ctx is None:
-            raise RuntimeError(f"{self.name}: MSI needs a VM context")
-        return self.ctx.irq
+            raise RuntimeError(f"{self.name}: MSI needs a device context")
+        return self.ctx.msi
 
     def _intx_permitted(self) -> bool:
         if self.cfg.command & pc.CMD_INTX_DISABLE:
@@ -274,6 +311,24 @@ class PciDevice:
     def _intx_update(self) -> None:
         if self.intx is not None:
             self.intx.update()
+
+    def _irq_mode_changed(self) -> None:
+        """MSI or MSI-X enable changed: INTx and MSI-X (MSI wins over it) follow."""
+        self._intx_update()
+        if self.msix is not None:
+            self.msix.refresh()
+
+    def hand_interrupts_to(self, *, msix: VectorSignal | None = None,
+                           msi: VectorSignal | None = None, intx: Line | None = None) -> None:
+        """Serve this function to a peer that emulates its MSI-X and MSI capabilities
+        itself (a vfio-user client): raised vectors go to the peer's per-vector
+        eventfds (``irq.delivery.EventfdVectors``), INTx to the peer's line."""
+        if msix is not None and self.msix is not None:
+            self.msix.signal_through(msix)
+        if msi is not None and self.msi is not None:
+            self.msi.signal_through(msi)
+        if intx is not None and self.intx is not None:
+            self.intx.use_line(intx)
 
     def send_interrupt(self, vector: int = 0) -> bool:
         """Raise ``vector`` with whatever the guest enabled: MSI-X, MSI, else INTx."""
@@ -395,4 +450,7 @@ class PciDevice:
         self.sync_bars()
 
     def close(self) -> None:
-        """Release host resources (files, taps, sockets)."""
+        """Release host resources (files, taps, sockets); subclasses call super last."""
+        self.arm_ioevents(False)
+        if self.msix is not None:
+            self.msix.close()

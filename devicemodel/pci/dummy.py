@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .device import BarKind, PciDevice
-from .registry import register
 
 if TYPE_CHECKING:
-    from ..context import VmContext
+    from ..context import DeviceContext
     from ..slot import SlotConfig
 
 DIOSZ = 8
@@ -33,7 +32,7 @@ MAGIC_ALL = 0xABCDEF
 class Dummy(PciDevice):
     name = "dummy"
 
-    def __init__(self, ctx: VmContext | None = None, slot: SlotConfig | None = None, *,
+    def __init__(self, ctx: DeviceContext | None = None, slot: SlotConfig | None = None, *,
                  msix: int = 0, intx: bool = False) -> None:
         super().__init__(ctx, slot)
         self.ioregs = bytearray(DIOSZ)
@@ -112,7 +111,7 @@ def parse_options(text: str) -> dict[str, int | bool]:
     return opts
 
 
-@register("dummy")
-def _make(ctx: VmContext, slot: SlotConfig) -> Dummy:
-    opts = parse_options(slot.options)
+def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Dummy:
+    """``-s <slot>,dummy[,msix[=N]][,intx]``."""
+    opts = parse_options(options)
     return Dummy(ctx, slot, msix=int(opts["msix"]), intx=bool(opts["intx"]))

@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING
 
 from .caps import PCIE_TYPE_ROOT_PORT
 from .device import PciDevice
-from .registry import register
 
 if TYPE_CHECKING:
-    from ..context import VmContext
+    from ..context import DeviceContext
     from ..slot import SlotConfig
 
 CLASS_HOST_BRIDGE = 0x060000
@@ -22,7 +21,7 @@ class HostBridge(PciDevice):
     vendor_id = 0x1275
     device_id = 0x1275
 
-    def __init__(self, ctx: VmContext | None = None, slot: SlotConfig | None = None) -> None:
+    def __init__(self, ctx: DeviceContext | None = None, slot: SlotConfig | None = None) -> None:
         super().__init__(ctx, slot)
         self.cfg.set_ids(self.vendor_id, self.device_id, CLASS_HOST_BRIDGE)
         self.add_pcie(PCIE_TYPE_ROOT_PORT)
@@ -34,11 +33,10 @@ class AmdHostBridge(HostBridge):
     device_id = 0x7432
 
 
-@register("hostbridge")
-def _make(ctx: VmContext, slot: SlotConfig) -> HostBridge:
+def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> HostBridge:
+    """``-s 0:0,hostbridge`` (options are ignored, as acrn-dm does)."""
     return HostBridge(ctx, slot)
 
 
-@register("amd_hostbridge")
-def _make_amd(ctx: VmContext, slot: SlotConfig) -> AmdHostBridge:
+def create_amd(ctx: DeviceContext, slot: SlotConfig, options: str) -> AmdHostBridge:
     return AmdHostBridge(ctx, slot)

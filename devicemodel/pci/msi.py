@@ -1,24 +1,20 @@
-"""MSI for emulated functions: multiple messages, per-vector mask and pending bits.
+"""The MSI capability of an emulated function: its registers in config space, delivery in
+``irq.msi.MsiVectors``.
 
-The registers live in the function's ConfigSpace (built by ``caps.msi_cap``); this class
-interprets them. Unlike acrn-dm we read address and data when a message is sent, not
-only when MSI is enabled, because Linux rewrites them while MSI stays enabled (affinity
-changes) and real hardware uses the current values. The message data of vector i has the
-low log2(n) bits replaced by i (PCI spec); for the aligned blocks Linux allocates this is
-acrn-dm's ``data + i``.
+The registers live in the function's ConfigSpace (built by ``caps.msi_cap``); after each
+guest write into the capability the values go to the delivery state, and the pending
+bits it keeps are mirrored into the Pending register the guest reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
+from ..irq.msi import MsiVectors
+from ..irq.services import MsiSink
 from . import caps
 from .config import ConfigSpace
-
-
-class MsiSink(Protocol):
-    def inject_msi(self, address: int, data: int) -> None: ...
+from .msix import VectorSignal
 
 
 class Msi:
@@ -28,7 +24,6 @@ class Msi:
                  on_change: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.offset = offset
-        self.sink = sink
         self.on_change = on_change
         control = cfg.get16(offset + 2)
         self.capable = 1 << ((control >> caps.MSI_CTRL_MMC_SHIFT) & 7)
@@ -36,9 +31,10 @@ class Msi:
         self.maskable = bool(control & caps.MSI_CTRL_PVM)
         self.regs = caps.msi_offsets(control)
         self.length = self.regs.length
-        self.sent = 0
+        self.delivery = MsiVectors(sink, on_pending=self._show_pending)
+        self._send: Callable[[int], bool] = self.delivery.send
 
-    # --- state ------------------------------------------------------------------------
+    # --- the registers as the guest wrote them -----------------------------------------
     @property
     def control(self) -> int:
         return self.cfg.get16(self.offset + 2)
@@ -71,43 +67,39 @@ class Msi:
     def pending(self) -> int:
         return self.cfg.get32(self.offset + self.regs.pending) if self.regs.pending else 0
 
-    def _set_pending(self, bits: int) -> None:
+    @property
+    def sent(self) -> int:
+        return self.delivery.sent
+
+    def _show_pending(self, bits: int) -> None:
         if self.regs.pending:
             self.cfg.set32(self.offset + self.regs.pending, bits)
 
     # --- delivery ---------------------------------------------------------------------
     def send(self, vector: int) -> bool:
-        """Raise message ``vector``. Returns True if it was delivered now; a masked vector
-        sets its pending bit instead; with MSI off or a vector beyond the allocation the
-        message is dropped."""
-        n = self.vectors
-        if not self.enabled or not 0 <= vector < n:
-            return False
-        bit = 1 << vector
-        if self.mask & bit:
-            self._set_pending(self.pending | bit)
-            return False
-        self._deliver(vector, n)
-        return True
+        """Raise message ``vector`` (any thread). True if it was delivered now; a masked
+        vector sets its pending bit instead; with MSI off or a vector beyond the
+        allocation the message is dropped."""
+        return self._send(vector)
 
-    def _deliver(self, vector: int, n: int) -> None:
-        data = (self.data & ~(n - 1)) | vector
-        self.sink.inject_msi(self.address, data)
-        self.sent += 1
-        if self.pending & (1 << vector):
-            self._set_pending(self.pending & ~(1 << vector))
+    def signal_through(self, vectors: VectorSignal) -> None:
+        """The peer emulates the capability (vfio-user): messages go to its eventfds."""
+        self._send = vectors.send
+
+    def refresh(self) -> None:
+        """Hand the registers to delivery; what was held and is now unmasked goes out."""
+        self.delivery.update(enabled=self.enabled, allocated=self.vectors,
+                             address=self.address, data=self.data, mask=self.mask)
 
     def config_written(self, reg: int, size: int) -> None:
-        """Called after every guest write into the capability: deliver what was held."""
+        """Called after every guest write into the capability."""
         if self.on_change is not None and reg < self.offset + 4 and reg + size > self.offset + 2:
             self.on_change()
-        if not self.enabled:
-            return
-        ready = self.pending & ~self.mask
-        n = self.vectors
-        for v in range(n):
-            if ready & (1 << v):
-                self._deliver(v, n)
+        self.refresh()
 
     def reset(self) -> None:
-        self.sent = 0
+        self.delivery.reset()
+        self.refresh()
+
+
+__all__ = ["Msi"]

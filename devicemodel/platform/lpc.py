@@ -1,28 +1,32 @@
 """The ``lpc`` PCI function (an ISA bridge, 8086:7000) and the COM ports behind it.
 
 As in acrn-dm, the ``-l comN,<backend>`` UARTs exist only when an ``lpc`` function is
-configured: the bridge creates them, owns their port ranges and runs their backends.
-The bridge also holds the eight PIRQ routing registers (0x60-0x63, 0x68-0x6B) that the
-DSDT's ISA device exposes to ACPI.
+configured: the bridge creates them (assembly hands it the ``-l`` entries with
+``attach``), owns their port ranges and runs their backends. The bridge also shows the
+eight PIRQ routing registers (0x60-0x63, 0x68-0x6B) that the DSDT's ISA device exposes
+to ACPI; they live in the PCI bus's INTx router.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
-from ..config import ConfigError, LpcConfig, SlotConfig
-from ..hsm import abi
+from ..errors import ConfigError
+from ..irq.intx import IntxRouter
+from ..irq.services import Line
 from ..pci.device import PciDevice
-from ..pci.registry import register
+from ..slot import SlotConfig
 from .uart8250 import COM_PORTS, UART_IO_SIZE, Uart8250
 from .uart_backend import UartBackend, open_backend
 
 if TYPE_CHECKING:
-    from ..context import VmContext
+    from ..config import LpcConfig
+    from ..context import DeviceContext
 
 log = logging.getLogger(__name__)
 
@@ -71,65 +75,66 @@ class LpcBridge(PciDevice):
 
     name = "lpc"
 
-    def __init__(self, ctx: VmContext, slot: SlotConfig) -> None:
+    def __init__(self, ctx: DeviceContext, slot: SlotConfig) -> None:
         if slot.bus != 0:
             raise ConfigError(f"-s {slot.slot_text},lpc: the LPC bridge must be on bus 0")
         super().__init__(ctx, slot)
-        self.ctx: VmContext = ctx
+        self.ctx: DeviceContext = ctx
         self.cfg.set_ids(LPC_VENDOR, LPC_DEVICE, (PCIC_BRIDGE << 16) | (PCIS_BRIDGE_ISA << 8))
         self.ports: list[ComPort] = []
         self._registered: list[int] = []
-        try:
-            self._add_uarts(ctx.config.lpc)
-        except BaseException:
-            self.close()
-            raise
+        #: the PCI bus's INTx router, which keeps the PIRQ registers
+        self.router: IntxRouter | None = None
+        #: what Ctrl-A x on a console does (the VM's immediate power-off)
+        self.on_console_quit: Callable[[], None] | None = None
+
+    def attach(self, router: IntxRouter, com_ports: list[LpcConfig],
+               on_console_quit: Callable[[], None] | None = None) -> None:
+        """Assembly's wiring: the router, the ``-l`` COM ports (before INTx is routed, so
+        PCI links keep off their IRQs), the console's quit. Undone by ``close``."""
+        self.router = router
+        self.on_console_quit = on_console_quit
+        self._add_uarts(com_ports)
 
     # --- COM ports ------------------------------------------------------------------------
     def _add_uarts(self, entries: list[LpcConfig]) -> None:
+        ports = self.ctx.ports
+        if ports is None and entries:
+            raise ConfigError("-l: COM ports need the VM's port bus")
         seen: set[str] = set()
         for entry in entries:
             if entry.device in seen:
                 raise ConfigError(f"-l {entry.device}: given twice")
             seen.add(entry.device)
             base, irq = com_resources(entry)
-            router = self._router()
-            if router is not None:
-                router.reserve_irq(irq)  # keep PCI INTx links off the COM port's IRQ
+            if self.router is not None:
+                self.router.reserve_irq(irq)  # keep PCI INTx links off the COM port's IRQ
             backend = open_backend(entry.backend)
             port = self._make_port(entry.device.upper(), base, irq, backend)
             self.ports.append(port)
-            self.ctx.ports.register(base, UART_IO_SIZE, port.uart, port.name)
+            assert ports is not None
+            ports.register(base, UART_IO_SIZE, port.uart, port.name)
             self._registered.append(base)
             log.info("%s at %#x, IRQ %d, backend %s", port.name, base, irq,
                      backend.description)
 
     def _make_port(self, name: str, base: int, irq: int, backend: UartBackend) -> ComPort:
-        irqs = self.ctx.irq
-
-        def pulse() -> None:
-            irqs.set_irqline(irq, abi.GSI_RAISING_PULSE)
-
-        uart = Uart8250(name, pulse, backend.send)
+        line = Line(self.ctx.lines, irq)
+        uart = Uart8250(name, line.pulse, backend.send)
         uart.rx_space_changed = backend.space_changed
         backend.connect(uart.rx_space, uart.receive)
         backend.on_quit = self._quit
         return ComPort(name, base, irq, uart, backend)
 
     def _quit(self) -> None:
-        lifecycle = self.ctx.extras.get("lifecycle")
-        if lifecycle is not None:
+        if self.on_console_quit is not None:
             log.info("Ctrl-A x on the console: powering off")
-            lifecycle.poweroff()  # type: ignore[attr-defined]
+            self.on_console_quit()
 
     # --- PIRQ routing registers (live in the PCI bus's INTx router) ----------------------
-    def _router(self) -> Any:
-        pci = self.ctx.extras.get("pci")
-        return getattr(pci, "intx", None)
-
     def pirq(self, pin: int) -> int:
         """PIRQ pin 1..8 → its routing register (bit 7 = disabled, else an ISA IRQ)."""
-        router = self._router()
+        router = self.router
         return router.pirq_read(pin) if router is not None else PIRQ_DISABLED
 
     def cfg_read(self, reg: int, size: int) -> int:
@@ -141,7 +146,7 @@ class LpcBridge(PciDevice):
         return value
 
     def cfg_write(self, reg: int, size: int, value: int) -> None:
-        router = self._router()
+        router = self.router
         if size == 1 and reg in PIRQ_REGS:  # acrn-dm takes byte writes only
             if router is not None and (value & PIRQ_DISABLED or value in PIRQ_PERMITTED):
                 router.pirq_write(PIRQ_REGS.index(reg) + 1, value)
@@ -172,22 +177,20 @@ class LpcBridge(PciDevice):
             port.backend.flush()
 
     def close(self) -> None:
+        ports = self.ctx.ports
         for base in self._registered:
             try:
-                self.ctx.ports.unregister(base)
+                assert ports is not None
+                ports.unregister(base)
             except Exception:
                 log.debug("unregister %#x failed", base, exc_info=True)
         self._registered.clear()
         for port in self.ports:
             port.backend.close()
         self.ports = []
+        super().close()
 
 
-@register("lpc")
-def _make(ctx: VmContext, slot: SlotConfig) -> LpcBridge:
-    for dev in ctx.extras.get("lpc_bridges", ()):  # type: ignore[union-attr]
-        raise ConfigError(f"-s {slot.slot_text},lpc: only one LPC bridge is allowed "
-                          f"(one is at {dev.slot.slot_text})")
-    bridge = LpcBridge(ctx, slot)
-    ctx.extras["lpc_bridges"] = [bridge]
-    return bridge
+def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> LpcBridge:
+    """``-s <slot>,lpc`` (one per VM: assembly checks)."""
+    return LpcBridge(ctx, slot)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ..hsm import abi
-from .acpi import ACPI_DISABLE, ACPI_ENABLE, PM1A_CNT_ADDR, PM1A_EVT_ADDR, SCI_INT
+from ..irq.services import Line
+from .acpi import ACPI_DISABLE, ACPI_ENABLE, PM1A_CNT_ADDR, PM1A_EVT_ADDR
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,10 @@ class _Port:
 class PowerManagement:
     """PM1a registers, the SCI, the SMI command port and the 0xCF9 reset register."""
 
-    def __init__(self, set_irqline: Callable[[int, int], None],
-                 poweroff: Callable[[], None], reset: Callable[[], None]) -> None:
-        self._set_irqline = set_irqline
+    def __init__(self, sci: Line, poweroff: Callable[[], None],
+                 reset: Callable[[], None]) -> None:
+        """``sci``: the SCI pin (GSI 9, level, active high)."""
+        self._sci_line = sci
         self._poweroff = poweroff
         self._reset = reset
         self.status = 0
@@ -106,7 +107,7 @@ class PowerManagement:
     def _sci(self, active: bool) -> None:
         if active != self.sci_active:
             self.sci_active = active
-            self._set_irqline(SCI_INT, abi.GSI_SET_HIGH if active else abi.GSI_SET_LOW)
+            self._sci_line.set(active)
 
     def _update_sci(self) -> None:
         if not self.control & PM1_SCI_EN:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..hsm import abi
+from ..irq.services import Line
 from ..memory import KiB, MiB
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,11 @@ class Rtc:
     def __init__(self, lowmem: int, highmem: int,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 set_irqline: Callable[[int, int], None] | None = None) -> None:
+                 irq: Line | None = None) -> None:
+        """``irq``: IRQ 8 (active high, level while REG_C.IRQF is set)."""
         self._clock = clock
         self._monotonic = monotonic
-        self._set_irqline = set_irqline
+        self._irq_line = irq
         self._irq = False
         self._changed = trio.Event()
         self._lowmem = lowmem
@@ -233,8 +234,8 @@ class Rtc:
         self.cmos[REG_C] = flags | (REGC_IRQF if irqf else 0)
         if irqf != self._irq:
             self._irq = irqf
-            if self._set_irqline is not None:
-                self._set_irqline(RTC_IRQ, abi.GSI_SET_HIGH if irqf else abi.GSI_SET_LOW)
+            if self._irq_line is not None:
+                self._irq_line.set(irqf)
 
     def _running(self) -> bool:
         return (self.cmos[REG_A] & REGA_DIVIDER) == REGA_DIVIDER_ON and self._halted_at is None

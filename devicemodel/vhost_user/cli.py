@@ -75,9 +75,9 @@ def check_socket_path(path: str) -> None:
 
 
 def capabilities(spec: str) -> dict[str, object]:
-    from .devices import kind_of
+    from ..registry import vhost_kind
 
-    _, kind, _ = kind_of(spec)
+    _, kind, _ = vhost_kind(spec)
     return {"type": kind.vhost_type, "features": []}
 
 
@@ -105,10 +105,10 @@ def main(argv: list[str]) -> int:
             level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
             format="acrn-pydm[vhost-user] %(levelname)s: %(message)s",
         )
-        from .devices import make_device
+        from ..registry import make_vhost_device
         from .server import serve
 
-        device = make_device(args.spec)
+        device = make_vhost_device(args.spec)
         trio.run(lambda: serve(device, socket_path=args.socket_path, fd=args.fd))
     except ConfigError as e:
         print(f"acrn-pydm vhost-user: error: {e}", file=sys.stderr)

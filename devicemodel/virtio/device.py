@@ -72,10 +72,10 @@ irqfd), ``notify_config()`` (transport: generation++, ISR bit 1 / config vector)
 interrupt). ``needs_reset`` is called at most once per activation, after which the device
 processes nothing until ``reset``. The transport may call ``notify_config`` itself too.
 
-Building devices: ``devicemodel.virtio.create_device(emul, options, slot, func)`` (or
+Building devices: ``devicemodel.registry.create_virtio(emul, options, slot, func)`` (or
 ``<module>.create(options, slot, func)``) parses acrn-dm's option string, raising
 ``ConfigError`` that names the bad option; slot/func feed virtio-net's default MAC.
-The transport registers the ``-s`` names (``devicemodel.virtio.DEVICE_MODULES``).
+The ``-s`` names and their modules are in ``devicemodel.registry``.
 
 Transport checklist: create ``Virtqueue(memory, i, dev.queue_max_size(i))`` per queue;
 legacy PFN writes go through ``queue.legacy_ring_layout``; on DRIVER_OK call

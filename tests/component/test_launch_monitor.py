@@ -207,10 +207,8 @@ async def test_blkrescan(tmp_path):
 
 
 async def test_blkrescan_on_the_real_virtio_blk(tmp_path):
-    from devicemodel import devices
-    from devicemodel.pci.registry import known
+    from devicemodel.registry import known
 
-    devices.load_all()
     if "virtio-blk" not in known():
         pytest.skip("virtio-blk is not registered in this build yet")
     img = tmp_path / "a.img"
@@ -241,7 +239,7 @@ async def test_poweroff_replies_then_stops(tmp_path):
 async def test_poweroff_presses_the_power_button_first(tmp_path):
     async with vm_with_monitor(tmp_path, grace="30") as (vm, path), connect(path) as c:
         pressed = []
-        vm.ctx.extras["power_button"] = lambda: pressed.append(1)
+        vm.power_button = lambda: pressed.append(1)
         r = await c.call({"cmd": "poweroff"})
         assert r["result"] == {"action": "power button pressed"}
         await trio.sleep(0.05)
@@ -258,7 +256,7 @@ async def test_poweroff_presses_the_power_button_first(tmp_path):
 
 async def test_reset_goes_through_the_platform(tmp_path):
     async with vm_with_monitor(tmp_path) as (vm, path), connect(path) as c:
-        if not callable(getattr(vm.ctx.extras.get("guest_power"), "request_reset", None)):
+        if vm.guest_power is None:
             r = await c.call({"cmd": "reset"})
             assert r["ok"] is False and "reset is not available" in r["error"]
             return
@@ -280,7 +278,8 @@ def _stub_monitor() -> Monitor:
     cfg = parse_args(["-m", "128M", "vm"])
     vm = types.SimpleNamespace(
         config=cfg, hv=hv, state="running", vcpu_num=1, devices={}, server=None,
-        irq=types.SimpleNamespace(msi_count=0), ctx=types.SimpleNamespace(extras={}),
+        irq=types.SimpleNamespace(msi_count=0), lifecycle=None, power_button=None,
+        guest_power=None,
         poweroff=lambda: None, device=lambda slot: (_ for _ in ()).throw(KeyError(slot)))
     return Monitor(vm, "/nonexistent")  # type: ignore[arg-type]
 

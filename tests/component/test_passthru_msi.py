@@ -9,13 +9,9 @@ import trio
 
 from devicemodel.config import ConfigError
 from devicemodel.hsm.sim import SimHypervisor
+from devicemodel.hsm.sim_remap import SimRemapper, decode_remappable, remappable_address
+from devicemodel.irq.remap import IrqfdRemapper
 from devicemodel.passthru.host import SimHostDevice
-from devicemodel.passthru.remap import (
-    IrqfdRemapper,
-    SimRemapper,
-    decode_remappable,
-    remappable_address,
-)
 from devicemodel.passthru.vmsix_on_msi import VmsixOnMsi, check_eligible
 from devicemodel.pci import config as pc
 from devicemodel.vm import running
@@ -83,7 +79,7 @@ async def test_irqfd_remapper_routes_each_message_through_an_eventfd():
         remappers: list[IrqfdRemapper] = []
 
         def factory(n: int) -> IrqfdRemapper:
-            remappers.append(IrqfdRemapper(vm.ctx, host, n))
+            remappers.append(IrqfdRemapper(vm.irq, host, n))
             return remappers[-1]
 
         v = VmsixOnMsi(host, msi, bar, cfg, factory)
@@ -148,9 +144,8 @@ class NoRemapHypervisor(SimHypervisor):
 
     name = "plain"
 
-    def __init__(self) -> None:
-        super().__init__()
-        del self.remap_table
+    def interrupt_remapper(self) -> None:
+        return None
 
     @property
     def supports_eventfds(self) -> bool:

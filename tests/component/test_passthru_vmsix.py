@@ -15,9 +15,9 @@ import trio
 
 from devicemodel.config import ConfigError
 from devicemodel.hsm.sim import SimHypervisor
+from devicemodel.hsm.sim_remap import decode_remappable
 from devicemodel.passthru import device as ptdev
 from devicemodel.passthru.host import SimHostDevice
-from devicemodel.passthru.remap import decode_remappable
 from devicemodel.vm import running
 
 CAP_MSI, CAP_MSIX = 0x05, 0x11

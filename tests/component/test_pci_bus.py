@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from devicemodel.bus import MmioBus, PortBus
 from devicemodel.config import ConfigError, SlotConfig, parse_args
+from devicemodel.irq.services import NoInterrupts
 from devicemodel.pci.bus import PciBus
 from devicemodel.pci.device import BarKind, PciDevice
 from devicemodel.pci.dummy import Dummy, parse_options
@@ -182,10 +183,11 @@ async def test_allocation_follows_acrn_dm() -> None:
 
 
 def _bus(ovmf: bool = False) -> tuple[PciBus, SimpleNamespace]:
-    irq = SimpleNamespace(inject_msi=lambda a, d: None, set_irqline=lambda g, op: None)
-    ctx = SimpleNamespace(ports=PortBus(), mmio=MmioBus(), irq=irq,
-                          config=SimpleNamespace(ovmf=object() if ovmf else None), extras={})
-    return PciBus(ctx), ctx  # type: ignore[arg-type]
+    """A bus on its own buses, interrupts dropped; ``ctx`` is the devices' context (and
+    holds the port and MMIO buses for the test to look at)."""
+    drop = NoInterrupts()
+    ctx = SimpleNamespace(ports=PortBus(), mmio=MmioBus(), msi=drop, lines=drop)
+    return PciBus(ctx.ports, ctx.mmio, drop, ovmf=ovmf), ctx
 
 
 class Wide(PciDevice):

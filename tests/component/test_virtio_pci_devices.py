@@ -229,7 +229,7 @@ async def test_msix_entry_rewrite_and_masking() -> None:
         await drv.msix_entry_write(1, 0, 0xFEE0_1000)
         await drv.msix_entry_write(1, 8, 0x77)
         await drv.msix_entry_write(1, 12, 0)
-        assert t._irq_routes[1] == (0xFEE0_1000, 0x77)
+        assert t.msix is not None and t.msix.delivery.routes[1] == (0xFEE0_1000, 0x77)
         q.add_chain([], [8])
         await drv.kick(0)
         await drv.wait_used(0)
@@ -316,12 +316,12 @@ async def test_msix_direct_injection_without_irqfd() -> None:
         t: VirtioPci = vm.device(5)
         drv = await VirtioPciDriver.probe(sim, pci, 5, legacy=False)
         await _ready(drv, [0])
-        before = t.ctx.irq.msi_count
+        before = vm.irq.msi_count
         h = drv.queues[0].add_chain([], [16])
         await drv.kick(0)
         await drv.wait_msi(1)
         assert await drv.wait_used(0) == [(h, 16)]
-        assert t.irqfd_sent == 0 and t.ctx.irq.msi_count == before + 1
+        assert t.irqfd_sent == 0 and vm.irq.msi_count == before + 1
         assert not sim._irqfds
 
 

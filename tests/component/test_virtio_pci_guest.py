@@ -226,7 +226,7 @@ async def test_reset_in_the_middle_of_io(image: Path) -> None:
         # a worker thread may still be reading into our buffers: status stays non-zero
         t: VirtioPci = vm.device(3)
         if not t.device.quiescent:  # (checked in one step, without letting the loop run)
-            assert t._modern_read(STATUS, 1) != 0
+            assert t.modern.read(STATUS, 1) != 0
         await drv.reset()  # polls until 0
         frozen = q.used_idx()
         await trio.sleep(0.05)

@@ -296,8 +296,7 @@ class VmHost:
 
     async def _one(self, body, actions: bool) -> None:  # noqa: ANN001 - see run
         vm = await self._fresh_vm()
-        assert vm.ctx is not None
-        vm.ctx.extras.pop("lifecycle", None)
+        vm.lifecycle = None
         with trio.fail_after(30):
             mon = Monitor(vm, os.path.join(_TMP, "unused.sock"))
             assert mon._owns_lifecycle
@@ -314,8 +313,8 @@ class VmHost:
 
     async def _settle(self, vm: Vm, mon: Monitor) -> None:
         """The VM as the next input expects it: running, not paused, no reset pending."""
-        assert vm.ctx is not None
-        power = vm.ctx.extras["guest_power"]
+        power = vm.guest_power
+        assert power is not None
         while power.resetting and vm.state == "running":
             await trio.sleep(0)
         if vm.state != "running":

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from devicemodel.guestkit.kvm_programs import VERDICT_PASS, build, kvm_skip_reason, run_guest
+from devicemodel.irq.remap import IrqfdRemapper
 from devicemodel.passthru import device as ptdev
-from devicemodel.passthru.remap import IrqfdRemapper
 
 SKIP = kvm_skip_reason()
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=f"no usable KVM: {SKIP}")

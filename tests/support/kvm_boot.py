@@ -20,5 +20,5 @@ async def boot_elf(elf: Path, serial: Path, *extra: str) -> tuple[int | None, st
     async with running(args) as vm:
         with trio.move_on_after(30):
             await vm.wait_stopped()
-    assert vm.ctx is not None
-    return vm.ctx.extras["platform"].exit_code, serial.read_text(), vm.hv
+    assert vm.platform is not None
+    return vm.platform.exit_code, serial.read_text(), vm.hv

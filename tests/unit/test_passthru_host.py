@@ -321,9 +321,8 @@ class KvmLike(SimHypervisor):
 
     name = "kvm"
 
-    def __init__(self) -> None:
-        super().__init__()
-        del self.remap_table
+    def interrupt_remapper(self) -> None:
+        return None
 
 
 async def test_kvm_refuses_a_real_msix_device_but_takes_an_msi_one(tmp_path, monkeypatch):

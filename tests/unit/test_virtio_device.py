@@ -139,7 +139,8 @@ def test_static_description():
 
 
 def test_create_device_by_emulation_name(tmp_path):
-    from devicemodel.virtio import DEVICE_MODULES, create_device
+    from devicemodel.registry import VIRTIO_KINDS
+    from devicemodel.registry import create_virtio as create_device
 
     img = tmp_path / "d.img"
     img.write_bytes(bytes(4096))
@@ -149,4 +150,4 @@ def test_create_device_by_emulation_name(tmp_path):
     finally:
         dev.close()
     assert create_device("virtio-rnd", "").pci_ids.class_code == 0x100000
-    assert set(DEVICE_MODULES) == {"virtio-blk", "virtio-net", "virtio-console", "virtio-rnd"}
+    assert set(VIRTIO_KINDS) == {"virtio-blk", "virtio-net", "virtio-console", "virtio-rnd"}

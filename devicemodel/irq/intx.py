@@ -1,24 +1,24 @@
-"""INTx for emulated functions, routed as acrn-dm routes it (acrn-facts §3.5).
+"""INTx: a function's level-triggered pin, routed as acrn-dm routes it (acrn-facts §3.5).
 
 * Pin: each function that wants INTx gets the least-used of INTA..INTD in its slot.
 * GSI: each (bus, slot, pin) gets a vIOAPIC pin, 16 + round robin over 32; GSIs are not
   shared, so the 33rd routed pin is a configuration error (acrn-dm asserts).
 * PIRQ: each (bus, slot, pin) also gets the least-used of 8 PIRQ links, and a link its
   least-used permitted ISA IRQ; INTLINE shows that IRQ. LPC and the ACPI _PRT use these.
-* The line is active low: SET_HIGH at routing (idle), SET_LOW to assert, SET_HIGH to
-  deassert. An assert while MSI/MSI-X is on or command.INTxDIS is set stays PENDING and
-  is raised when that changes.
+* The line is active low: high at routing (idle), low while asserted. An assert while
+  MSI/MSI-X is on or command.INTxDIS is set stays PENDING and is raised when that
+  changes. ``Intx`` may be asserted from any thread (a lock covers its state).
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..errors import ConfigError
-from ..hsm import abi
+from .services import IrqLines, Line
 
 LEGACY_IRQS = 16
 IOAPIC_PINS = 48
@@ -29,10 +29,6 @@ PIRQ_IRQ = 0x0F
 #: ISA IRQs a PIRQ link may use: 3-7, 9-12, 14-15
 PERMITTED_IRQS = 0xDEF8
 _IRQ_DISABLED = 0xFF
-
-
-class IrqLines(Protocol):
-    def set_irqline(self, gsi: int, op: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,7 @@ class IntxRouter:
         pirq_pin = self._alloc_pirq()
         r = IntxRoute(bus, slot, pin, gsi, pirq_pin, self.pirq_irq(pirq_pin))
         self._routes[key] = r
-        self.lines.set_irqline(gsi, abi.GSI_SET_HIGH)
+        Line(self.lines, gsi, active_low=True).deassert()  # idle
         return r
 
     def _alloc_pirq(self) -> int:
@@ -125,7 +121,7 @@ class IntxState(enum.Enum):
 
 
 class Intx:
-    """One function's INTx line. ``permitted`` says whether INTx may be driven now
+    """One function's INTx pin. ``permitted`` says whether INTx may be driven now
     (MSI, MSI-X and INTxDIS all off); ``on_status`` mirrors the state into the
     status register's Interrupt Status bit."""
 
@@ -133,49 +129,66 @@ class Intx:
                  on_status: Callable[[bool], None] | None = None) -> None:
         self.permitted = permitted
         self.on_status = on_status
-        self.lines: IrqLines | None = None
+        self.line: Line | None = None
         self.pin = 0
-        self.gsi: int | None = None
         self.state = IntxState.IDLE
+        self._lock = threading.RLock()
+
+    @property
+    def gsi(self) -> int | None:
+        return self.line.gsi if self.line is not None else None
 
     def connect(self, lines: IrqLines, route: IntxRoute) -> None:
-        self.lines = lines
-        self.gsi = route.gsi
+        """The bus routed the pin: drive its vIOAPIC pin (active low)."""
+        self.use_line(Line(lines, route.gsi, active_low=True))
 
-    def _drive(self, low: bool) -> None:
-        if self.lines is not None and self.gsi is not None:
-            self.lines.set_irqline(self.gsi, abi.GSI_SET_LOW if low else abi.GSI_SET_HIGH)
+    def use_line(self, line: Line) -> None:
+        """Drive ``line`` (a peer's INTx eventfd, for a function served outside a VM)."""
+        with self._lock:
+            if self.state is IntxState.ASSERTED and self.line is not None:
+                self.line.set(False)
+            self.line = line
+            if self.state is IntxState.ASSERTED:
+                line.set(True)
+
+    def _drive(self, active: bool) -> None:
+        if self.line is not None:
+            self.line.set(active)
 
     def _status(self) -> None:
         if self.on_status is not None:
             self.on_status(self.state is not IntxState.IDLE)
 
     def assert_(self) -> None:
-        if self.state is IntxState.IDLE:
-            if self.permitted():
-                self.state = IntxState.ASSERTED
-                self._drive(True)
-            else:
-                self.state = IntxState.PENDING
-            self._status()
+        with self._lock:
+            if self.state is IntxState.IDLE:
+                if self.permitted():
+                    self.state = IntxState.ASSERTED
+                    self._drive(True)
+                else:
+                    self.state = IntxState.PENDING
+                self._status()
 
     def deassert(self) -> None:
-        if self.state is IntxState.ASSERTED:
-            self._drive(False)
-        self.state = IntxState.IDLE
-        self._status()
+        with self._lock:
+            if self.state is IntxState.ASSERTED:
+                self._drive(False)
+            self.state = IntxState.IDLE
+            self._status()
 
     def update(self) -> None:
         """Re-evaluate after MSI/MSI-X enable or INTxDIS changed."""
-        if self.state is IntxState.ASSERTED and not self.permitted():
-            self._drive(False)
-            self.state = IntxState.PENDING
-        elif self.state is IntxState.PENDING and self.permitted():
-            self.state = IntxState.ASSERTED
-            self._drive(True)
+        with self._lock:
+            if self.state is IntxState.ASSERTED and not self.permitted():
+                self._drive(False)
+                self.state = IntxState.PENDING
+            elif self.state is IntxState.PENDING and self.permitted():
+                self.state = IntxState.ASSERTED
+                self._drive(True)
 
     def reset(self) -> None:
-        if self.state is IntxState.ASSERTED:
-            self._drive(False)
-        self.state = IntxState.IDLE
-        self._status()
+        with self._lock:
+            if self.state is IntxState.ASSERTED:
+                self._drive(False)
+            self.state = IntxState.IDLE
+            self._status()

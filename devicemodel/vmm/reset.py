@@ -13,24 +13,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 if TYPE_CHECKING:
-    from .hsm.base import VcpuRegs
-    from .vm import Vm
+    from ..hsm.base import Hypervisor, VcpuRegs
+    from ..ioreq import IoreqServer
 
 log = logging.getLogger(__name__)
 
 
 class GuestPower:
-    """Carries out the guest's power-off and reset requests for one VM."""
+    """Carries out the guest's power-off and reset requests for one VM.
 
-    def __init__(self, vm: Vm, reload: Callable[[], VcpuRegs | None],
+    ``stop`` ends the VM; ``reset_devices`` puts every device back to power-on (the PCI
+    bus's reset); ``reload`` reloads the tables and image and gives the BSP registers;
+    ``reset_platform`` resets the platform devices. ``server`` is set by assembly once the
+    request server exists (a reset holds its completions)."""
+
+    def __init__(self, name: str, hv: Hypervisor, stop: Callable[[], None],
+                 reset_devices: Callable[[], None], reload: Callable[[], VcpuRegs | None],
                  reset_platform: Callable[[], None],
                  before_poweroff: Callable[[], None] = lambda: None) -> None:
-        self.vm = vm
+        self.name = name
+        self.hv = hv
+        self.server: IoreqServer | None = None
+        self._stop = stop
+        self._reset_devices = reset_devices
         self._reload = reload
         self._reset_platform = reset_platform
         self._before_poweroff = before_poweroff
@@ -48,13 +58,13 @@ class GuestPower:
             self._before_poweroff()
         except Exception:
             log.exception("flushing before power-off failed")
-        self.vm.poweroff()
+        self._stop()
 
     def request_reset(self) -> None:
         """Reset the VM once the current scan of the request slots is done."""
         if self.resetting:
             return
-        server = self.vm.server
+        server = self.server
         if server is not None:
             server.hold_completion = True
         self.resetting = True
@@ -74,10 +84,9 @@ class GuestPower:
                 return
 
     async def system_reset(self) -> None:
-        vm = self.vm
-        hv = vm.hv
-        server: Any = vm.server
-        log.info("VM %s: system reset", vm.config.name)
+        hv = self.hv
+        server = self.server
+        log.info("VM %s: system reset", self.name)
         await trio.lowlevel.checkpoint()  # let the scan that asked for it finish
         hv.pause_vm()
         try:
@@ -99,6 +108,7 @@ class GuestPower:
             server.held.clear()
             server.hold_completion = False
         self._reset_devices()
+        self._reset_platform()
         hv.reset_vm()
         regs = self._reload()
         if regs is not None:
@@ -106,14 +116,4 @@ class GuestPower:
         self.resets += 1
         self.resetting = False
         hv.start_vm()
-        log.info("VM %s: running again after reset #%d", vm.config.name, self.resets)
-
-    def _reset_devices(self) -> None:
-        vm = self.vm
-        pci_reset = getattr(vm.pci, "reset", None)
-        if callable(pci_reset):
-            pci_reset()
-        else:
-            for dev in vm.devices.values():
-                dev.reset()
-        self._reset_platform()
+        log.info("VM %s: running again after reset #%d", self.name, self.resets)

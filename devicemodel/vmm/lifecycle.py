@@ -1,8 +1,8 @@
 """Stopping a VM politely: ask the guest to power off, then destroy it after a grace time.
 
 SIGTERM (systemd's stop), SIGINT and the monitor's ``poweroff`` all come here. If the
-platform offers a power button (``ctx.extras["power_button"]``, a callable the PM device
-registers), it is pressed and the guest gets ``shutdown_timeout`` seconds to power off on
+platform offers a power button (``vm.power_button``, the PM device's, wired by
+assembly), it is pressed and the guest gets ``shutdown_timeout`` seconds to power off on
 its own; otherwise, or on a second request, or with ``force``, the VM is stopped at once
 (PAUSE, DESTROY_IOREQ_CLIENT, DESTROY_VM and every host resource released by vm.py).
 
@@ -14,21 +14,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 if TYPE_CHECKING:
-    from .sdnotify import Notifier
-    from .vm import Vm
+    from ..config import VmConfig
+    from ..hsm.base import Hypervisor
+    from ..sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
 REPEAT_GRACE = 1.0  # seconds: a second request sooner than this is the same request
 
 
+class ControlledVm(Protocol):
+    """What the lifecycle needs of a VM (``vm.Vm`` has it)."""
+
+    config: VmConfig
+    hv: Hypervisor
+    lifecycle: Lifecycle | None
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def power_button(self) -> Callable[[], Any] | None: ...
+
+    def poweroff(self) -> None: ...
+
+
 class Lifecycle:
-    def __init__(self, vm: Vm, notifier: Notifier | None = None) -> None:
+    def __init__(self, vm: ControlledVm, notifier: Notifier | None = None) -> None:
         self.vm = vm
         self.notifier = notifier
         self.paused = False
@@ -39,14 +56,12 @@ class Lifecycle:
         self._requested_at = 0.0
 
     @classmethod
-    def of(cls, vm: Vm) -> tuple[Lifecycle, bool]:
+    def of(cls, vm: ControlledVm) -> tuple[Lifecycle, bool]:
         """The VM's lifecycle, and whether it was just made (then the caller runs ``run``)."""
-        assert vm.ctx is not None
-        lc = vm.ctx.extras.get("lifecycle")
-        if isinstance(lc, Lifecycle):
-            return lc, False
+        if vm.lifecycle is not None:
+            return vm.lifecycle, False
         lc = cls(vm)
-        vm.ctx.extras["lifecycle"] = lc
+        vm.lifecycle = lc
         return lc, True
 
     @property
@@ -84,8 +99,7 @@ class Lifecycle:
 
     # --- power-off ------------------------------------------------------------------------
     def power_button(self) -> Callable[[], Any] | None:
-        assert self.vm.ctx is not None
-        button = self.vm.ctx.extras.get("power_button")
+        button = self.vm.power_button
         return button if callable(button) else None
 
     def destroys_now(self, force: bool = False) -> bool:

@@ -1,0 +1,156 @@
+"""Every device type, once: the table every front door reads.
+
+``-s`` (the VM's PCI functions), ``acrn-pydm lspci``, ``acrn-pydm vhost-user`` and the
+coming vfio-user server all look a device up here. An entry gives its ``-s`` names, its
+PCI factory ``(context, slot, options) -> PciDevice`` and, for a virtio device, the
+module whose ``create(options, slot, func)`` builds the ``VirtioDevice`` alone, with what
+vhost-user says about it (the vhost-user.json back-end type, how QEMU attaches it).
+
+Device modules are imported when a device of theirs is built, not when the table is
+read, so each front door loads only what it serves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .context import DeviceContext
+    from .pci.device import PciDevice
+    from .slot import SlotConfig
+    from .virtio.device import VirtioDevice
+
+#: builds the PCI function of a ``-s`` option: (context, slot, options)
+PciFactory = Callable[["DeviceContext", "SlotConfig", str], "PciDevice"]
+
+
+@dataclass(frozen=True)
+class VirtioKind:
+    """A virtio device: how to build it alone, and how vhost-user presents it."""
+
+    #: the device module; its ``create(options, slot, func)`` builds the device
+    module: str
+    #: the back-end type of vhost-user.json (for --print-capabilities)
+    vhost_type: str
+    #: what QEMU attaches it with
+    qemu: str
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    """One device type. ``pci`` is ``"module:function"`` of its PCI factory; a virtio
+    device is put on the virtio-pci transport instead."""
+
+    names: tuple[str, ...]
+    pci: str | None = None
+    virtio: VirtioKind | None = None
+
+
+TYPES: tuple[DeviceType, ...] = (
+    DeviceType(("hostbridge",), pci="devicemodel.pci.hostbridge:create"),
+    DeviceType(("amd_hostbridge",), pci="devicemodel.pci.hostbridge:create_amd"),
+    DeviceType(("dummy",), pci="devicemodel.pci.dummy:create"),
+    DeviceType(("passthru",), pci="devicemodel.passthru.device:create"),
+    DeviceType(("lpc",), pci="devicemodel.platform.lpc:create"),
+    DeviceType(("virtio-blk",), virtio=VirtioKind(
+        "devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci")),
+    DeviceType(("virtio-net",), virtio=VirtioKind(
+        "devicemodel.virtio.net", "net", "-netdev vhost-user + -device virtio-net-pci")),
+    DeviceType(("virtio-console",), virtio=VirtioKind(
+        "devicemodel.virtio.console", "console",
+        "-device vhost-user-test-device-pci,virtio-id=3,num_vqs=<2*ports+2>,"
+        "config_size=12 (QEMU 11.1; not 7.2)")),
+    DeviceType(("virtio-rnd",), virtio=VirtioKind(
+        "devicemodel.virtio.rnd", "rng", "-device vhost-user-rng-pci")),
+)
+
+_BY_NAME: dict[str, DeviceType] = {name: t for t in TYPES for name in t.names}
+#: the virtio devices by ``-s`` name, in table order
+VIRTIO_KINDS: dict[str, VirtioKind] = {
+    name: t.virtio for t in TYPES if t.virtio is not None for name in t.names
+}
+
+
+def known() -> list[str]:
+    """Every ``-s`` emulation name."""
+    return sorted(_BY_NAME)
+
+
+# --- -s: PCI functions -------------------------------------------------------------------
+def pci_factory(name: str) -> PciFactory:
+    """The factory for ``-s <slot>,<name>,...`` (ConfigError naming the known ones)."""
+    dtype = _BY_NAME.get(name)
+    if dtype is None:
+        raise ConfigError(f"-s: unknown emulation {name!r}; known: {', '.join(known())}")
+    if dtype.virtio is not None:
+        kind = dtype.virtio
+        return lambda ctx, slot, options: _virtio_pci(ctx, slot, options, kind)
+    assert dtype.pci is not None
+    module, _, func = dtype.pci.partition(":")
+    factory: PciFactory = getattr(importlib.import_module(module), func)
+    return factory
+
+
+def create_pci(ctx: DeviceContext, slot: SlotConfig) -> PciDevice:
+    """The PCI function of one ``-s`` option."""
+    return pci_factory(slot.emul)(ctx, slot, slot.options)
+
+
+def _virtio_pci(ctx: DeviceContext, slot: SlotConfig, options: str,
+                kind: VirtioKind) -> PciDevice:
+    """A virtio device on the virtio-pci transport (acrn-dm's default: legacy). The
+    transport's tokens may appear anywhere in the options; the rest is the device's."""
+    from .virtio.pci import VirtioPci, split_transport_options
+
+    topts, rest = split_transport_options(slot.emul, options)
+    device = _module(kind).create(rest, slot.dev, slot.func)
+    try:
+        return VirtioPci(ctx, slot, device, topts)
+    except BaseException:
+        device.close()
+        raise
+
+
+# --- a virtio device alone (vhost-user, tests) -------------------------------------------
+def _module(kind: VirtioKind) -> Any:
+    return importlib.import_module(kind.module)
+
+
+def create_virtio(emul: str, options: str, slot: int = 0, func: int = 0) -> VirtioDevice:
+    """The device of ``-s <slot>:<func>,<emul>,<options>`` without a transport
+    (ConfigError on bad options; KeyError for a name that is no virtio device)."""
+    device: VirtioDevice = _module(VIRTIO_KINDS[emul]).create(options, slot, func)
+    return device
+
+
+def vhost_kind(spec: str) -> tuple[str, VirtioKind, str]:
+    """``<emul>[,<options>]`` → (emul, its kind, options); ConfigError if vhost-user
+    cannot serve it."""
+    emul, _, options = spec.partition(",")
+    kind = VIRTIO_KINDS.get(emul)
+    if kind is None:
+        raise ConfigError(f"vhost-user: cannot serve {emul!r}; choose one of "
+                          f"{', '.join(VIRTIO_KINDS)}")
+    return emul, kind, options
+
+
+def make_vhost_device(spec: str) -> VirtioDevice:
+    """Build the device a vhost-user spec names; ConfigError (one line) if it is wrong."""
+    emul, kind, options = vhost_kind(spec)
+    try:
+        module = _module(kind)
+    except ImportError:
+        raise ConfigError(f"vhost-user: {emul} is not available in this build") from None
+    device: VirtioDevice = module.create(options)
+    return device
+
+
+__all__ = [
+    "DeviceType", "PciFactory", "TYPES", "VIRTIO_KINDS", "VirtioKind", "create_pci",
+    "create_virtio", "known", "make_vhost_device", "pci_factory", "vhost_kind",
+]
