@@ -108,6 +108,21 @@ def guest(tmp_path_factory) -> SystemdRun:
     return run
 
 
+def test_guest_script_is_shellcheck_clean(tmp_path):
+    """The checks run where nobody watches them: at least they must be sound shell."""
+    import shutil
+    import subprocess
+
+    sc = shutil.which("shellcheck")
+    if sc is None:
+        pytest.skip("shellcheck is not installed (Debian package shellcheck, in scripts/test.sh)")
+    script = tmp_path / "checks.sh"
+    script.write_text("#!/bin/bash\n" + systemd_guest.PRELUDE + (HERE / "checks.sh").read_text())
+    res = subprocess.run([sc, "--severity=warning", str(script)], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout
+
+
 def show(section: Section) -> dict[str, str]:
     """``systemctl show`` output as a dict."""
     return dict(line.split("=", 1) for line in section.text.splitlines() if "=" in line)
@@ -161,6 +176,10 @@ def test_1_active_only_after_ready_and_status_shown(guest):
     fds = check(guest, "start-fds").text
     assert "/var/lib/acrn-pydm/vm1.img" in fds and "iff:\tacrn_tap0" in fds, fds
     assert re.search(r"acrn_tap0: .* master acrn-br0", check(guest, "start-links").text)
+    journal = check(guest, "start-journal").text.splitlines()
+    # systemd says "Started" only after the VM was built and running (READY=1)
+    started = journal.index("Started acrn-pydm@vm1.service - ACRN user VM vm1 (acrn-pydm).")
+    assert journal.index("devicemodel.vm: VM vm1 running with 1 vCPU(s)") < started, journal
 
 
 def test_4_sandbox_applied_to_the_running_service(guest):

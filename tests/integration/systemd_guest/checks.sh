@@ -5,7 +5,7 @@
 T=/root/guest-check
 U1=acrn-pydm@vm1
 U2=acrn-pydm@vm2
-export SYSTEMD_PAGER= SYSTEMD_COLORS=0 LC_ALL=C.UTF-8
+export SYSTEMD_PAGER='' SYSTEMD_COLORS=0 LC_ALL=C.UTF-8
 
 show() {
     systemctl show -p ActiveState,SubState,StatusText,NRestarts,Result,MainPID \
