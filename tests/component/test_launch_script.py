@@ -75,6 +75,10 @@ def test_every_vm_gets_its_own_mac():
         assert net.options == f"tap=acrn_tap_{name},mac_seed=52:54:00:12:34:56-{name}"
         macs[name] = parse_net_options(net.options, net.dev, net.func).mac
     assert macs["vm1"] != macs["vm2"]
+    # VM_HV picks acrn-pydm's backend (left to the device model when empty)
+    argv, _ = dry_run(VM_NAME="vm1", VM_KERNEL="/k", VM_HV="sim")
+    assert parse_args(argv[1:], check_files=False).hv == "sim"
+    assert "--hv" not in dry_run(VM_KERNEL="/k")[0]
     # without VM_MAC_SEED the seed still ends in the VM name
     argv, _ = dry_run(VM_NAME="vm7", VM_KERNEL="/k")
     assert "-vm7 " in " ".join(argv) or ",mac_seed=vm7 " in " ".join(argv)

@@ -52,6 +52,8 @@ after_restart() {  # what a restarted vm1 holds: its monitor, its tap, its lock
     python3 $T/monitor.py --connect /run/acrn-pydm/vm1-con.sock
 }
 
+section boot-time systemd-analyze time
+
 # --- installed as a user would: the wheel with pip, the units as a package ships them -----
 section versions sh -c 'python3 --version; systemctl --version | head -n 1;
     dpkg-query -W python3-trio python3-construct python3-pyudev'
