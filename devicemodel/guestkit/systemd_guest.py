@@ -43,7 +43,7 @@ PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "procps", "pytho
             "python3-pip", "python3-trio", "python3-construct", "python3-pyudev")
 IMAGE_FORMAT = 1  # bump when the build steps below change what the image holds
 IMAGE_SIZE = "1536M"  # sparse; the root uses about 350 MB
-NIC_MAC = "52:54:00:12:34:56"  # the guest's wired port (enp0s*), joined to acrn-br0
+NIC_MAC = "52:54:00:12:34:56"  # the guest's wired port (ens2), which networkd puts on acrn-br0
 CHECK_DIR = "/root/guest-check"  # where the caller's files land in the guest
 SECTION = "@@"
 

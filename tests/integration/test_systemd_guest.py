@@ -123,6 +123,22 @@ def test_guest_script_is_shellcheck_clean(tmp_path):
     assert res.returncode == 0, res.stdout
 
 
+def test_sections_read_back_what_the_prelude_prints():
+    """The framing the guest script uses, run by bash here, parses back to the same facts."""
+    import subprocess
+
+    script = systemd_guest.PRELUDE + (
+        "section one echo hello\n"
+        "section two sh -c 'echo out; echo err >&2; exit 3'\n"
+        "section three true\n"
+        "echo '@@ BEGIN cut'; echo half\n")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                         timeout=60).stdout
+    sections = systemd_guest.parse_sections(out.replace("\n", "\r\n"))  # a serial line
+    assert sections == {"one": Section(0, "hello"), "two": Section(3, "out\nerr"),
+                        "three": Section(0, ""), "cut": Section(-1, "half")}
+
+
 def show(section: Section) -> dict[str, str]:
     """``systemctl show`` output as a dict."""
     return dict(line.split("=", 1) for line in section.text.splitlines() if "=" in line)
