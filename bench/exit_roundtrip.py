@@ -37,9 +37,9 @@ from devicemodel.guestkit.kvm_programs import (  # noqa: E402
     pm32_regs,
     run_guest,
 )
-from devicemodel.hsm import kvm_abi as k  # noqa: E402
 from devicemodel.hsm.abi import MEM_ACCESS_RWX, MEM_TYPE_WB  # noqa: E402
-from devicemodel.hsm.kvm import KvmHypervisor, _ioctl_fn, kvm_usable  # noqa: E402
+from devicemodel.hsm.kvm import KvmHypervisor, kvm_usable, raw_ioctl  # noqa: E402
+from devicemodel.hsm.kvm import uapi as k  # noqa: E402
 from devicemodel.ioreq import new_ioreq_page  # noqa: E402
 from devicemodel.memory import GuestMemory  # noqa: E402
 
@@ -88,15 +88,15 @@ def bare_round(image: bytes, exits: int) -> list[float]:
         hv.set_memseg(0, mem.regions[0].mm, MEM_ACCESS_RWX | MEM_TYPE_WB)
         mem.write(LOAD_ADDR, image)
         hv.set_vcpu_regs(0, pm32_regs(LOAD_ADDR))
-        vc = hv._vcpus[0]
+        vc = hv.vcpu(0)  # no vCPU thread runs: this loop drives KVM_RUN itself
         stamps: list[int] = []
         errors: list[str] = []
 
         def loop() -> None:
-            run, fd = vc.view, vc.fd
+            run, fd = vc.kvm_run, vc.fd
             io = k.RUN_IO
             while True:
-                if _ioctl_fn(fd, k.KVM_RUN, None) < 0:
+                if raw_ioctl(fd, k.KVM_RUN, None) < 0:
                     continue  # EINTR/EAGAIN: go again
                 (reason,) = k.RUN_U32.unpack_from(run, k.RUN_EXIT_REASON_OFF)
                 if reason != k.KVM_EXIT_IO:

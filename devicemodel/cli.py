@@ -26,9 +26,9 @@ from .config import (
     HelpRequested,
     VersionRequested,
     VmConfig,
-    check_emulations,
     format_memsize,
     parse_args,
+    parse_hv,
 )
 from .hsm.base import HypervisorError
 
@@ -42,7 +42,7 @@ usage: acrn-pydm [options] <vm name>
        acrn-pydm vhost-user <device spec> --socket-path PATH | --fd N | --print-capabilities
 
 acrn-dm compatible options:
-  -m, --memsize <size>{K|M|G}    guest memory (default 256M)
+  -m, --memsize <size>{K|M|G}    guest memory, 128M..254G in 2M steps (default 256M)
   -s, --pci_slot <slot>,<emul>[,<options>]
                                  PCI function, e.g. 0:0,hostbridge or 3,virtio-blk,disk.img
   -l, --lpc com1,stdio           LPC device (com1..com4[,backend], com5,<backend>,<port>,<irq>)
@@ -132,19 +132,18 @@ async def run_vm(cfg: VmConfig) -> None:
         notifier.close()
 
 
-def _launch(cfg: VmConfig) -> int:
-    """Everything around run_vm: logging, emulation check, the instance lock, error mapping."""
-    from . import devices
+def _launch(cfg: VmConfig, *, source: str | None = None) -> int:
+    """Everything around run_vm for a description that passed vmcheck.check_vm: the host
+    checks, logging, the instance lock, error mapping. ``source``: the VM file, if any."""
     from .instance_lock import InstanceLock
     from .logsetup import setup_logging
-    from .pci.registry import known
+    from .vmcheck import check_host
 
     try:
+        check_host(cfg, source=source)  # refused before anything is logged: one line
         problems = setup_logging(cfg.logger_setting, vm_name=cfg.name)
         for msg in [*cfg.warnings, *problems]:
             log.warning("%s", msg)
-        devices.load_all()
-        check_emulations(cfg, known())
         lock = InstanceLock(cfg.name)
         lock.acquire()
     except ConfigError as e:
@@ -158,7 +157,7 @@ def _launch(cfg: VmConfig) -> int:
         if leaf is None:
             raise
         if isinstance(leaf, OSError) and leaf.strerror:
-            return _error(f"{leaf.filename + ': ' if leaf.filename else ''}{leaf.strerror}")
+            return _error(f"{str(leaf.filename) + ': ' if leaf.filename else ''}{leaf.strerror}")
         return _error(str(leaf))
     finally:
         lock.release()
@@ -179,9 +178,20 @@ def _user_error(exc: BaseException) -> BaseException | None:
     return exc if isinstance(exc, _USER_ERRORS) else None
 
 
+RUN_USAGE = "usage: acrn-pydm run [--hv acrn|kvm|sim] <vm.toml>\n"
+CONFIG_USAGE = ("usage: acrn-pydm config --from-args [acrn-dm options] <vm name>\n"
+                "       acrn-pydm config --to-args <vm.toml>\n"
+                "       acrn-pydm config --check <vm.toml>\n")
+
+
 def _parse(args: list[str], *, check_files: bool = True) -> VmConfig | int:
+    """acrn-dm's command line → a VmConfig that passed the shared checks, or the exit
+    status after printing help, the version or the one-line error."""
+    from .vmcheck import check_vm
+
     try:
-        return parse_args(args, check_files=check_files)
+        cfg = parse_args(args, check_files=check_files)
+        check_vm(cfg)
     except HelpRequested:
         print(USAGE, end="")
         return 0
@@ -190,41 +200,75 @@ def _parse(args: list[str], *, check_files: bool = True) -> VmConfig | int:
         return 0
     except ConfigError as e:
         return _error(str(e))
+    return cfg
+
+
+def _wants_help(args: list[str]) -> bool:
+    """-h/--help among a subcommand's own options (before any ``--``)."""
+    for arg in args:
+        if arg == "--":
+            return False
+        if arg in ("-h", "--help"):
+            return True
+    return False
+
+
+def _run_args(args: list[str]) -> tuple[str | None, str]:
+    """``run``'s own options, in any order: [--hv X | --hv=X] <vm.toml> (``--`` ends them)."""
+    hv: str | None = None
+    files: list[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            files += rest
+            break
+        if arg == "--hv":
+            if not rest:
+                raise ConfigError("run --hv needs a value: acrn, kvm or sim")
+            hv = parse_hv(rest.pop(0))
+        elif arg.startswith("--hv="):
+            hv = parse_hv(arg.partition("=")[2])
+        elif arg.startswith("-") and arg != "-":
+            raise ConfigError(f"run: unknown option {arg}; usage: acrn-pydm run "
+                              "[--hv acrn|kvm|sim] <vm.toml>")
+        else:
+            files.append(arg)
+    if len(files) != 1:
+        raise ConfigError("usage: acrn-pydm run [--hv acrn|kvm|sim] <vm.toml>; "
+                          "give exactly one VM file")
+    return hv, files[0]
 
 
 def _cmd_run(args: list[str]) -> int:
-    from .tomlconfig import load
+    from .config.toml import load
+    from .vmcheck import check_vm
 
-    hv = None
-    rest = list(args)
-    if rest[:1] == ["--hv"] and len(rest) >= 2:
-        hv, rest = rest[1], rest[2:]
-    elif rest and rest[0].startswith("--hv="):
-        hv, rest = rest[0].partition("=")[2], rest[1:]
-    if len(rest) != 1 or rest[0].startswith("-"):
-        return _error("usage: acrn-pydm run [--hv acrn|kvm|sim] <vm.toml>; "
-                      "give exactly one VM file")
+    if _wants_help(args):
+        print(RUN_USAGE, end="")
+        return 0
     try:
-        cfg = load(rest[0])
+        hv, path = _run_args(args)
+        cfg = load(path)
+        check_vm(cfg, source=path)
         if hv is not None:
-            from .config import HYPERVISORS
-
-            if hv not in HYPERVISORS:
-                raise ConfigError(f"--hv {hv}: unknown backend; choose one of "
-                                  f"{', '.join(HYPERVISORS)}")
             cfg.hv = hv
     except ConfigError as e:
         return _error(str(e))
-    return _launch(cfg)
+    return _launch(cfg, source=path)
 
 
 def _cmd_config(args: list[str]) -> int:
-    from .tomlconfig import dumps, load
+    from .config.toml import dumps, load
+    from .vmcheck import check_vm
 
     if not args:
         return _error("usage: acrn-pydm config --from-args <options> <name> | "
                       "--to-args <vm.toml> | --check <vm.toml>")
     mode, rest = args[0], args[1:]
+    if mode in ("-h", "--help"):
+        print(CONFIG_USAGE, end="")
+        return 0
     if mode == "--from-args":
         parsed = _parse(rest, check_files=False)
         if isinstance(parsed, int):
@@ -234,16 +278,16 @@ def _cmd_config(args: list[str]) -> int:
         sys.stdout.write(dumps(parsed))
         return 0
     if mode in ("--to-args", "--check"):
+        if _wants_help(rest):
+            print(CONFIG_USAGE, end="")
+            return 0
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
         if len(rest) != 1:
             return _error(f"{mode} takes one VM file, e.g. acrn-pydm config {mode} vm1.toml")
         try:
             cfg = load(rest[0], check_files=mode == "--check")
-            if mode == "--check":
-                from . import devices
-                from .pci.registry import known
-
-                devices.load_all()
-                check_emulations(cfg, known())
+            check_vm(cfg, source=rest[0])
         except ConfigError as e:
             return _error(str(e))
         if mode == "--check":
@@ -257,8 +301,8 @@ def _cmd_config(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print(USAGE, end="", file=sys.stderr)
-        return 2
+        return _error("no VM given; usage: acrn-pydm [options] <vm name>, or a subcommand "
+                      "(run, config, lspci, vhost-user); acrn-pydm --help lists them")
     if args[0] == "lspci":
         from .lspci import main as lspci_main
 

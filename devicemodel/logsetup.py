@@ -18,12 +18,11 @@ import os
 import sys
 from typing import TextIO
 
-from .errors import ConfigError
+from .config.logger_setting import LOGGERS, parse_logger_setting
 
 NOTICE = 25
 logging.addLevelName(NOTICE, "NOTICE")
 
-LOGGERS = ("console", "disk", "kmsg")
 DEFAULT_LEVELS = {"console": 4}
 DISK_LOG_DIR = "/var/log/acrn-dm"
 DISK_LOG_SIZE = 2 * 1024 * 1024  # acrn-dm: LOG_SIZE_LIMIT
@@ -32,26 +31,6 @@ DISK_LOG_FILES = 8  # acrn-dm: LOG_FILES_COUNT
 #: acrn-dm level → the lowest Python level still written
 _THRESHOLD = {0: logging.CRITICAL + 10, 1: logging.ERROR, 2: logging.WARNING, 3: NOTICE,
               4: logging.INFO, 5: logging.DEBUG}
-
-
-def parse_logger_setting(text: str) -> dict[str, int]:
-    """``console,level=4;kmsg,level=3`` → {"console": 4, "kmsg": 3}; one-line errors."""
-    levels: dict[str, int] = {}
-    for part in text.split(";"):
-        if not part:
-            continue
-        name, _, rest = part.partition(",")
-        if name not in LOGGERS:
-            raise ConfigError(f"--logger_setting {text}: unknown logger {name!r}; "
-                              f"use {', '.join(LOGGERS)}")
-        key, eq, value = rest.partition("=")
-        if key != "level" or not eq or not (value.isascii() and value.isdigit()) or int(value) > 5:
-            raise ConfigError(f"--logger_setting {text}: write {name},level=N with N in 0..5 "
-                              "(1 error .. 5 debug)")
-        levels[name] = int(value)
-    if not levels:
-        raise ConfigError(f"--logger_setting {text!r}: empty; write e.g. console,level=4")
-    return levels
 
 
 def journal_stream_is(stream: TextIO) -> bool:
@@ -166,3 +145,9 @@ def level_from_setting(text: str) -> int:
     levels = dict(DEFAULT_LEVELS)
     levels.update(parse_logger_setting(text))
     return min(_THRESHOLD[v] for v in levels.values())
+
+
+__all__ = [
+    "LOGGERS", "NOTICE", "JournalFormatter", "KmsgHandler", "journal_stream_is",
+    "level_from_setting", "parse_logger_setting", "setup_logging", "syslog_priority",
+]

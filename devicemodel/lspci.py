@@ -12,7 +12,8 @@ import os
 import sys
 from typing import TextIO
 
-from .config import ConfigError, parse_args
+from . import __version__
+from .config import ConfigError, HelpRequested, VersionRequested, parse_args
 from .hsm.base import HypervisorError
 from .pci.bus import PciBus
 
@@ -34,22 +35,32 @@ def dump(pci: PciBus, out: TextIO, size: int = 4096) -> None:
 
 
 def main(args: list[str]) -> int:
+    """Options in any order, as the main command takes them; ``-h``/``-v`` anywhere."""
     if not args:
         sys.stderr.write(USAGE)
         return 2
-    if args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
-        return 0
     from .hsm.sim import SimHypervisor
     from .vm import Vm
+    from .vmcheck import check_vm
 
     try:
         cfg = parse_args(list(args))
+        check_vm(cfg)
         cfg.hv = "sim"
         vm = Vm(cfg, SimHypervisor(cfg.vcpus))
         vm.build()
+    except HelpRequested:
+        sys.stdout.write(USAGE)
+        return 0
+    except VersionRequested:
+        print(f"acrn-pydm {__version__}")
+        return 0
     except (ConfigError, HypervisorError) as e:
         print(f"acrn-pydm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # building opens images and host ends: say which and why
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"acrn-pydm: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     try:
         assert vm.pci is not None

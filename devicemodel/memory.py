@@ -23,6 +23,10 @@ PCI_HOLE_END = 0xE000_0000
 ECAM_BASE = 0xE000_0000
 MIN_MEMSIZE = 128 * MiB
 MEMSIZE_ALIGN = 2 * MiB
+#: RAM above 2 GiB sits at 4 GiB and must end below the 64-bit PCI window at 256 GiB
+#: (acrn-dm's PCI_EMUL_MEMBASE64; pci/bus.py MEM64_BASE), so the largest guest is 254 GiB.
+#: acrn-dm itself has no such check: its RAM would overlap its own BAR window.
+MAX_MEMSIZE = 256 * GiB - (HIGHMEM_BASE - LOWMEM_LIMIT)
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -164,16 +168,25 @@ def parse_memsize(text: str) -> int:
     if t[-1].lower() in units:
         mult = units[t[-1].lower()]
         t = t[:-1]
-    if not t.isdigit():
+    # ASCII only: str.isdigit() takes "²", which int() refuses (as it does past 4300 digits)
+    if not (t.isascii() and t.isdigit()):
         raise ValueError(f"memory size {text!r} is not a number with a K, M or G suffix")
     return int(t) * mult
 
 
 def check_memsize(size: int) -> None:
+    """acrn-dm's rules (at least 128 MiB, 2 MiB steps) and our ceiling, MAX_MEMSIZE; each
+    message ends with its fix."""
     if size < MIN_MEMSIZE:
-        raise ValueError(f"memory size {size // MiB} MiB is below the minimum of 128 MiB")
+        raise ValueError(f"memory size {size // MiB} MiB is below the minimum of 128 MiB; "
+                         "give at least 128M in 2M steps")
+    if size > MAX_MEMSIZE:
+        raise ValueError(f"more than the {MAX_MEMSIZE // GiB} GiB a guest can have (its RAM "
+                         "must end below the 64-bit PCI window at 256 GiB); give at most "
+                         f"{MAX_MEMSIZE // GiB}G")
     if size % MEMSIZE_ALIGN:
-        raise ValueError("memory size must be a multiple of 2 MiB")
+        raise ValueError("memory size must be a multiple of 2 MiB; give at least 128M in "
+                         "2M steps")
 
 
 def _memfd_region(gpa: int, size: int, name: str) -> RamRegion:

@@ -47,6 +47,9 @@ def _iowr(nr: int, size: int) -> int:
 
 # --- constants ---------------------------------------------------------------------------
 
+#: the HSM's device nodes, tried in order as acrn-dm does: the old name, then acrn_hsm
+HSM_NODES = ("/dev/acrn_vhm", "/dev/acrn_hsm")
+
 ACRN_IO_REQUEST_MAX = 16
 IOREQ_SLOT_SIZE = 256
 IOREQ_PAGE_SIZE = 4096

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 import trio
 from construct import ConstructError
 
-from . import HSM_NODES, abi
+from . import abi
+from .abi import HSM_NODES
 from .base import (
     Hypervisor,
     HypervisorError,

@@ -8,11 +8,11 @@ returned Platform runs the guest power task and resets/reloads on a guest reset.
 from __future__ import annotations
 
 import logging
-import struct
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..hostinfo import host_lapic_ids
 from ..hsm.base import VcpuRegs
 from ..reset import GuestPower
 from . import acpi
@@ -28,35 +28,6 @@ if TYPE_CHECKING:
     from ..vm import Vm
 
 log = logging.getLogger(__name__)
-
-HOST_MADT = "/sys/firmware/acpi/tables/APIC"
-
-
-def host_lapic_ids(path: str = HOST_MADT) -> list[int]:
-    """The host's LAPIC IDs in MADT order (pCPU i has the i-th enabled one), as acrn-dm
-    reads them; empty when the table cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return []
-    ids = []
-    off = 44
-    while off + 2 <= len(data):
-        etype, length = data[off], data[off + 1]
-        if length < 2 or off + length > len(data):
-            break
-        if etype == 0 and length >= 8:
-            _, apic_id, flags = struct.unpack_from("<BBI", data, off + 2)
-            if flags & 1:
-                ids.append(apic_id)
-        elif etype == 9 and length >= 16:
-            _, x2apic_id, flags, _ = struct.unpack_from("<HIII", data, off + 2)
-            if flags & 1:
-                ids.append(x2apic_id)
-        off += length
-    return ids
-
 
 def guest_lapic_ids(vm: Vm) -> list[int]:
     """APIC IDs for the MADT: under ACRN the vCPUs keep their pCPUs' LAPIC IDs; a KVM or

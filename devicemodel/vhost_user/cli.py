@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 
 import trio
@@ -35,11 +37,41 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("spec", nargs="?")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--socket-path")
-    where.add_argument("--fd", type=int)
+    where.add_argument("--fd")
     ap.add_argument("--print-capabilities", action="store_true")
     ap.add_argument("-h", "--help", action="store_true")
     ap.add_argument("--verbose", "-v", action="store_true")
     return ap
+
+
+#: the largest fd number Linux hands out (fs.nr_open's ceiling is below 2^31)
+FD_MAX = 2**31 - 1
+
+
+def _fd_number(text: str) -> int:
+    """``--fd``: a decimal fd number, range-checked before anything uses it."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > FD_MAX:
+        raise ConfigError(f"--fd {text}: not a file descriptor number; give the number of "
+                          "the connected socket the front end passed us, e.g. --fd 3")
+    return int(text)
+
+
+def check_socket_fd(fd: int) -> None:
+    """The inherited fd must be open and a socket (served as a UNIX stream socket)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise ConfigError(f"--fd {fd}: not an open file descriptor; pass the socket to this "
+                          "process as that fd, or use --socket-path") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"--fd {fd}: not a socket; give the fd of the front end's "
+                          "connected UNIX socket")
+
+
+def check_socket_path(path: str) -> None:
+    if not path or "\0" in path:
+        raise ConfigError(f"--socket-path {path!r}: not a usable path; give e.g. "
+                          "--socket-path /run/vhost-blk.sock")
 
 
 def capabilities(spec: str) -> dict[str, object]:
@@ -64,6 +96,11 @@ def main(argv: list[str]) -> int:
             raise ConfigError("give a device spec, e.g. virtio-blk,/path/disk.img")
         if args.socket_path is None and args.fd is None:
             raise ConfigError("give --socket-path PATH or --fd N")
+        if args.fd is not None:
+            args.fd = _fd_number(args.fd)
+            check_socket_fd(args.fd)
+        else:
+            check_socket_path(args.socket_path)
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
             format="acrn-pydm[vhost-user] %(levelname)s: %(message)s",

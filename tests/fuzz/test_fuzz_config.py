@@ -15,15 +15,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from devicemodel import tomlconfig
-from devicemodel.config import (
-    _LONG,
-    _SHORT,
-    ConfigError,
-    HelpRequested,
-    VersionRequested,
-    parse_args,
-)
+from devicemodel.config import ConfigError, HelpRequested, VersionRequested, parse_args
+from devicemodel.config import toml as tomlconfig
+from devicemodel.config.acrn_args import _LONG, _SHORT
 from devicemodel.passthru.device import PassthruOptions
 from devicemodel.passthru.host import parse_sim_spec
 from devicemodel.virtio.blk import parse_blk_options
@@ -31,6 +25,7 @@ from devicemodel.virtio.console import parse_console_options
 from devicemodel.virtio.net import parse_net_options
 from devicemodel.virtio.pci import split_transport_options
 from devicemodel.virtio.rnd import parse_rnd_options
+from devicemodel.vmcheck import check_vm
 
 from ._common import count, fuzz_settings
 
@@ -148,7 +143,12 @@ def test_toml_documents(doc):
 @fuzz_settings(100)
 @given(raw=st.one_of(text, st.lists(st.sampled_from(
     ['name = "vm1"', "[[devices]]", 'emul = "dummy"', "slot = 3", 'memory = "1G"', "[x]",
-     "memory = 1", "= 1", '"', "[[lpc]]", "a.b.c = 1", "[devices]", "slot = '3'"]),
+     "memory = 1", "= 1", '"', "[[lpc]]", "a.b.c = 1", "[devices]", "slot = '3'",
+     # hostile shapes: nesting past tomllib's recursion, deep dotted keys, huge sizes
+     "x = " + "[" * 600 + "]" * 600, "y = " + "{a=" * 600 + "1" + "}" * 600,
+     "[" + ".".join("k" * 200) + "]", "z" + ".z" * 129 + " = 1", "pci_slot = " + "[" * 20,
+     'memsize = "99999999999999999999G"', 'memsize = "4096G"', "[[pci_slot]]",
+     'options = "' + "a," * 200 + '"', "emul = 'virtio-blkk'"]),
     max_size=8).map("\n".join)))
 def test_toml_text(raw):
     count("config.toml_text")
@@ -156,6 +156,23 @@ def test_toml_text(raw):
         tomlconfig.loads(raw, check_files=False)
     except ConfigError as e:
         assert str(e)
+
+
+@fuzz_settings(150)
+@example(argv=["-s", "9,virtio-blkk", "v"])
+@example(argv=["-s", "1,lpc", "-s", "2:0:0,lpc", "v"])
+@given(argv=argvs)
+def test_vm_check(argv):
+    """The validator every front door shares: a parsed line passes or is one ConfigError."""
+    count("config.vm_check")
+    try:
+        cfg = parse_args(argv, check_files=False)
+    except CLEAN:
+        return
+    try:
+        check_vm(cfg)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
 
 
 @pytest.fixture(autouse=True)

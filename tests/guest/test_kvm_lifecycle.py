@@ -24,7 +24,7 @@ from devicemodel.guestkit.kvm_programs import (
 from devicemodel.hsm import default_backend, open_hypervisor
 from devicemodel.hsm import kvm as kvm_mod
 from devicemodel.hsm.base import HypervisorError
-from devicemodel.hsm.kvm import KvmHypervisor, kvm_usable
+from devicemodel.hsm.kvm import KvmHypervisor, kvm_usable, runner, watchdog
 from tests.support.fds import open_fds
 
 SKIP = kvm_skip_reason()
@@ -88,7 +88,7 @@ async def test_halt_with_interrupts_off_stops_the_vm(images):
     assert run.uart.text == "halting\n"
     assert run.verdict is None
     assert run.exit_reason == "every vCPU halted with interrupts disabled"
-    assert time.monotonic() - t0 < 10 * kvm_mod.HALT_CHECK_INTERVAL
+    assert time.monotonic() - t0 < 10 * watchdog.HALT_CHECK_INTERVAL
     assert vcpu_threads() == []
 
 
@@ -160,7 +160,7 @@ async def test_acrn_reset_sequence_runs_the_guest_again(images, monkeypatch):
         assert server is not None and set(server.held) == {0}
         hv.pause_vm()
         # without CLEAR_VM_IOREQ the vCPU still holds its request: RESET_VM refuses
-        monkeypatch.setattr(kvm_mod, "PARK_TIMEOUT", 0.2)
+        monkeypatch.setattr(runner, "PARK_TIMEOUT", 0.2)
         with pytest.raises(HypervisorError, match="holds a request"):
             hv.reset_vm()
         hv.clear_vm_ioreq()
@@ -207,9 +207,9 @@ def test_hv_kvm_selects_the_kvm_backend():
 def test_set_vcpu_regs_builds_segments_as_acrn_does():
     """ACRN's SET_VCPU_REGS takes CS from cs_ar/cs_base/cs_limit and derives every data
     segment from CR0.PE; KVM must end up holding exactly that."""
-    from devicemodel.hsm import kvm_abi as k
     from devicemodel.hsm.base import VcpuRegs
     from devicemodel.hsm.kvm import ioctl
+    from devicemodel.hsm.kvm import uapi as k
     from devicemodel.ioreq import new_ioreq_page
 
     hv = KvmHypervisor()
@@ -221,7 +221,7 @@ def test_set_vcpu_regs_builds_segments_as_acrn_does():
         regs.gdt_base, regs.gdt_limit = 0x5000, 0x17
         hv.set_vcpu_regs(0, regs)
         sregs, kregs = k.KvmSregs(), k.KvmRegs()
-        fd = hv._vcpus[0].fd
+        fd = hv.vcpu(0).fd
         ioctl(fd, k.KVM_GET_SREGS, sregs)
         ioctl(fd, k.KVM_GET_REGS, kregs)
         cs, ds, ss = sregs.cs, sregs.ds, sregs.ss
@@ -237,7 +237,7 @@ def test_set_vcpu_regs_builds_segments_as_acrn_does():
                                                                0x2BADB002, 0x1234)
         # real mode (CR0.PE clear): data segments get limit 0xFFFF and AR 0x93
         hv.set_vcpu_regs(1, VcpuRegs(rip=0xFFF0, cs_base=0xFFFF_0000, cs_sel=0xF000))
-        ioctl(hv._vcpus[1].fd, k.KVM_GET_SREGS, sregs)
+        ioctl(hv.vcpu(1).fd, k.KVM_GET_SREGS, sregs)
         assert (sregs.cs.base, sregs.cs.selector, sregs.cs.limit) == (0xFFFF_0000, 0xF000,
                                                                       0xFFFF)
         assert (sregs.ds.limit, sregs.ds.type, sregs.ds.db) == (0xFFFF, 0x3, 0)
@@ -245,6 +245,8 @@ def test_set_vcpu_regs_builds_segments_as_acrn_does():
             hv.set_vcpu_regs(0, VcpuRegs(gprs={"eax": 1}))
         with pytest.raises(HypervisorError, match="no vCPU 2"):
             hv.set_vcpu_regs(2, VcpuRegs())
+        with pytest.raises(HypervisorError, match="no vCPU 2"):
+            hv.vcpu(2)
     finally:
         hv.destroy_vm()
         page.close()

@@ -8,6 +8,7 @@ mock transport; ``hostile_rings`` hypothesis-generated hostile rings and their p
 fake of the ACRN ioctl layer; ``images`` synthetic ELF/multiboot/bzImage images; ``lspci``
 ``acrn-pydm lspci`` decoded by the real lspci; ``launch`` acrn-dm's typical launch line;
 ``kvm_boot`` booting a guest program through acrn-dm's command line on KVM;
+``import_graph`` the package's import graph and its cycles, read from the source with ast;
 ``ioreq_slots`` random request slots; ``vmsix_ops`` guest operations on a vMSI-X
 capability; ``seccomp_filter`` the systemd unit's syscall filter; ``adversarial`` and
 ``adversarial_kvm`` the adversarial guest suites (``python -m tests.support.adversarial``,

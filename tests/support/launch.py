@@ -16,3 +16,44 @@ def typical_line(images) -> list[str]:
         "--logger_setting", "console,level=4;kmsg,level=3;disk,level=5",
         "POST_STD_VM1",
     ]
+
+
+def run_main(args: list[str]) -> tuple[int, str, str]:
+    """``acrn-pydm <args>`` in this process: (exit status, stdout, stderr).
+
+    SystemExit counts as an exit with its code; any other exception propagates, so a
+    traceback the user would see fails the test. The root logger's handlers are put back
+    afterwards (a launch installs its own, writing to the captured stderr).
+    """
+    import contextlib
+    import io
+    import logging
+
+    from devicemodel.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_error_line(rc: int, err: str) -> str:
+    """The single stderr line of a refused command (asserts there is exactly one)."""
+    lines = err.splitlines()
+    assert rc != 0 and len(lines) == 1, (rc, err)
+    return lines[0]

@@ -1,4 +1,4 @@
-"""The KVM uapi numbers and layouts in kvm_abi.py, judged by the system's linux/kvm.h:
+"""The KVM uapi numbers and layouts in hsm/kvm/uapi.py, judged by the system's linux/kvm.h:
 a C program compiled against it prints every ioctl number, constant, size and offset."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from devicemodel.hsm import kvm_abi as k
+from devicemodel.hsm.kvm import uapi as k
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 

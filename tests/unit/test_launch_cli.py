@@ -251,12 +251,12 @@ def test_any_argv_gives_a_config_or_a_clean_error(argv):
 
 def test_cpu_affinity_takes_lapic_ids_as_acrn_dm(monkeypatch):
     """acrn-dm HEAD maps each LAPIC id to its pCPU through the host MADT (lapic_to_pcpu)."""
-    import devicemodel.config as config
+    import devicemodel.config.model as model
 
     cfg = parse_args(["--cpu_affinity", "2,6", "vm"])
-    monkeypatch.setattr(config, "host_lapic_ids", lambda: [0, 2, 4, 6])  # SMT siblings hidden
+    monkeypatch.setattr(model, "host_lapic_ids", lambda: [0, 2, 4, 6])  # SMT siblings hidden
     assert cfg.pcpus == [1, 3] and cfg.cpu_affinity_mask == 0b1010
-    monkeypatch.setattr(config, "host_lapic_ids", lambda: [])  # no MADT: ids are pCPUs
+    monkeypatch.setattr(model, "host_lapic_ids", lambda: [])  # no MADT: ids are pCPUs
     assert cfg.pcpus == [2, 6] and cfg.cpu_affinity_mask == (1 << 2) | (1 << 6)
     wide = parse_args(["--cpu_affinity", "200", "vm"])
     with pytest.raises(ConfigError, match="beyond the 64"):

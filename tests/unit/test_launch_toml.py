@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devicemodel import tomlconfig
 from devicemodel.config import ConfigError, parse_args
+from devicemodel.config import toml as tomlconfig
 from tests.support.launch import typical_line
 from tests.support.paths import ROOT
 

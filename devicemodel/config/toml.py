@@ -11,28 +11,32 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from .config import (
+from ..errors import ConfigError
+from ..slot import SlotConfig
+from .acrn_args import OBSOLETE_EMULS
+from .logger_setting import LOGGERS, parse_logger_setting
+from .model import (
     DEFAULT_SHUTDOWN_TIMEOUT,
-    HYPERVISORS,
     LPC_DEVICES,
-    OBSOLETE_EMULS,
-    ConfigError,
     LpcConfig,
     OvmfConfig,
-    SlotConfig,
     VmConfig,
     format_memsize,
+)
+from .validate import validate
+from .values import (
     parse_cpu_affinity,
+    parse_hv,
     parse_lpc,
     parse_mem,
     parse_shutdown_timeout,
     parse_slot_address,
     parse_virtio_poll,
-    validate,
 )
 
 _STR_KEYS = {"kernel": "kernel", "ramdisk": "ramdisk", "bootargs": "bootargs",
@@ -58,7 +62,7 @@ class _Ctx:
     source: str
 
     def error(self, key: str, value: Any, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key} = {toml_value(value)}: {problem}")
+        return ConfigError(f"{self.source}: {key} = {shown(value)}: {problem}")
 
 
 def _strip_prefix(msg: str, opt: str, val: str) -> str:
@@ -81,7 +85,7 @@ def _want(ctx: _Ctx, key: str, value: Any, typ: type | tuple[type, ...], what: s
 def _unknown_keys(ctx: _Ctx, where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
     for key in table:
         if key not in allowed:
-            raise ConfigError(f"{ctx.source}: {where}{key} = {toml_value(table[key])}: "
+            raise ConfigError(f"{ctx.source}: {where}{_key(str(key))} = {shown(table[key])}: "
                               f"unknown key; valid keys here are {', '.join(allowed)}")
 
 
@@ -89,6 +93,14 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
               check_files: bool = True) -> VmConfig:
     """A parsed TOML document → a validated VmConfig."""
     ctx = _Ctx(source)
+    for key, value in data.items():
+        if _too_deep(value, MAX_DEPTH):
+            raise ConfigError(f"{source}: {_key(str(key))}: tables or arrays nested more than "
+                              f"{MAX_DEPTH} levels deep; a VM file nests at most a few levels: "
+                              "remove the extra nesting")
+        if _has_nul(value):  # a command line cannot carry one, and paths cannot hold one
+            raise ConfigError(f"{source}: {_key(str(key))}: a string holds a NUL character "
+                              "(\\u0000), which no acrn-dm option can; remove it")
     _unknown_keys(ctx, "", data, TOP_KEYS)
     cfg = VmConfig()
     name = data.get("name", default_name)
@@ -97,9 +109,10 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
     if "hv" in data:
         hv = data["hv"]
         _want(ctx, "hv", hv, str, "a string")
-        if hv not in HYPERVISORS:
-            raise ctx.error("hv", hv, f"unknown backend; choose one of {', '.join(HYPERVISORS)}")
-        cfg.hv = hv
+        try:
+            cfg.hv = parse_hv(hv)
+        except ConfigError as e:
+            raise ctx.error("hv", hv, _strip_prefix(str(e), "--hv", hv)) from None
     if "memsize" in data:
         mem = data["memsize"]
         _want(ctx, "memsize", mem, str, 'a size with a K, M or G suffix')
@@ -162,8 +175,6 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
 
 
 def _logger(ctx: _Ctx, data: dict[str, Any], cfg: VmConfig) -> None:
-    from .logsetup import LOGGERS, parse_logger_setting
-
     if "logger_setting" in data and "logger" in data:
         raise ctx.error("logger", data["logger"],
                         "logger and logger_setting both given; keep one of them")
@@ -283,27 +294,138 @@ def _slots(ctx: _Ctx, value: Any) -> list[SlotConfig]:
     return out
 
 
-def load(path: str, *, check_files: bool = True) -> VmConfig:
-    """Read and validate a VM file; the VM name defaults to the file's stem."""
+#: a VM file is a few KiB; anything near this is not one (and is never read whole)
+MAX_FILE_SIZE = 1 << 20
+#: tomllib's cost grows with the square of a dotted key's depth (40,000 levels: 20 s); a VM
+#: file's keys have at most a few parts, so a line with more dots than this is refused first
+MAX_DOTS_PER_LINE = 128
+#: tables and arrays in a VM file nest two levels ([[pci_slot]], options lists)
+MAX_DEPTH = 16
+
+
+def read_vm_file(path: str) -> str:
+    """The text of a VM file, refusing what is not one before reading it.
+
+    Opened non-blocking, so a FIFO without a writer cannot hang us; then it must be a
+    regular file of at most MAX_FILE_SIZE bytes (so /dev/zero is refused, not read).
+    """
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such VM file; give the path of a .toml VM file") from None
     except OSError as e:
+        try:  # a socket cannot be opened at all (ENXIO): say what it is instead
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode) from None
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}; fix the syntax") from None
+    except ValueError:  # a NUL byte in the path
+        raise ConfigError(f"{path}: not a usable path; give the path of a .toml VM file") \
+            from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if st.st_size > MAX_FILE_SIZE:
+            raise ConfigError(f"{path}: {st.st_size} bytes is not a VM file (at most "
+                              f"{MAX_FILE_SIZE >> 20} MiB); give the path of a .toml VM file")
+        chunks = []
+        left = MAX_FILE_SIZE + 1
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:  # it grew while we read
+            raise ConfigError(f"{path}: larger than {MAX_FILE_SIZE >> 20} MiB, not a VM file; "
+                              "give the path of a .toml VM file")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: byte {e.start} is not UTF-8; save the file "
+                          "as UTF-8") from None
+
+
+def _not_regular(path: str, mode: int) -> ConfigError:
+    return ConfigError(f"{path}: {_file_kind(mode)}, not a regular file; give the path of a "
+                       ".toml VM file")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def parse_text(text: str, source: str) -> dict[str, Any]:
+    """TOML text → its table, with one-line errors for what tomllib cannot take in stride."""
+    if len(text) > MAX_FILE_SIZE:
+        raise ConfigError(f"{source}: {len(text)} characters is not a VM file (at most "
+                          f"{MAX_FILE_SIZE >> 20} MiB)")
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.count(".") > MAX_DOTS_PER_LINE:
+            raise ConfigError(f"{source}: line {number} has {line.count('.')} dots; a VM file's "
+                              f"keys have a few parts (at most {MAX_DOTS_PER_LINE} dots on a "
+                              "line); shorten it")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}; fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: arrays or tables nested hundreds of levels deep; a VM "
+                          f"file nests at most a few levels: remove the extra nesting") from None
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/tables deeper than ``limit`` (without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children = list(v.values())
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
+def _has_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\0" in v:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def load(path: str, *, check_files: bool = True) -> VmConfig:
+    """Read and validate a VM file; the VM name defaults to the file's stem."""
+    data = parse_text(read_vm_file(path), path)
     stem = os.path.splitext(os.path.basename(path))[0]
     return from_dict(data, source=path, default_name=stem, check_files=check_files)
 
 
 def loads(text: str, *, source: str = "<toml>", check_files: bool = True) -> VmConfig:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML: {e}; fix the syntax") from None
-    return from_dict(data, source=source, check_files=check_files)
+    return from_dict(parse_text(text, source), source=source, check_files=check_files)
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -339,6 +461,12 @@ def toml_value(v: Any) -> str:
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     return toml_string(str(v))
+
+
+def shown(v: Any, limit: int = 100) -> str:
+    """A value as an error message quotes it: its TOML spelling, cut at ``limit``."""
+    text = toml_value(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _key(k: str) -> str:
