@@ -68,8 +68,17 @@ environment: ACRN_PYDM_RUNTIME_DIR (instance locks; default /run/acrn-pydm),
 
 def _error(msg: str, status: int = 2) -> int:
     """One line naming the problem; exit 2 for what the user must fix (the unit does
-    not restart on it), 1 for a VM that failed while running (the unit restarts it)."""
-    print(f"acrn-pydm: error: {msg}", file=sys.stderr)
+    not restart on it), 1 for a VM that failed while running (the unit restarts it).
+    Under systemd the line is at error priority (``journalctl -p err``) and becomes the
+    unit's status, so ``systemctl status`` does not keep showing the last step."""
+    from .logsetup import journal_stream_is
+    from .sdnotify import Notifier
+
+    prefix = "<3>" if journal_stream_is(sys.stderr) else ""
+    print(f"{prefix}acrn-pydm: error: {msg}", file=sys.stderr)
+    notifier = Notifier()
+    notifier.status(f"failed: {msg}")
+    notifier.close()
     return status
 
 

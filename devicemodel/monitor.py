@@ -384,15 +384,18 @@ def _emul_at(vm: Vm, dev: Any) -> str | None:
 
 
 def _counters(dev: Any) -> Any:
-    for attr in ("counters", "stats"):
-        val = getattr(dev, attr, None)
-        if callable(val):
-            try:
-                val = val()
-            except Exception as e:
-                return {"error": f"{type(e).__name__}: {e}"}
-        if isinstance(val, Mapping):
-            return _json_safe(val)
+    # a virtio function's counters (e.g. virtio-net's MAC) are on the virtio device its
+    # transport carries
+    for obj in (dev, getattr(dev, "device", None)):
+        for attr in ("counters", "stats"):
+            val = getattr(obj, attr, None)
+            if callable(val):
+                try:
+                    val = val()
+                except Exception as e:
+                    return {"error": f"{type(e).__name__}: {e}"}
+            if isinstance(val, Mapping):
+                return _json_safe(val)
     return {}
 
 

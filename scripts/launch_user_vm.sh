@@ -14,11 +14,14 @@
 #               nothing on the system
 # Environment (defaults in brackets):
 #   ACRN_DM [acrn-pydm]   the device model binary: acrn-pydm, or acrn-dm itself
+#   VM_HV [""]   acrn-pydm's backend (acrn, kvm or sim); empty: the device model's choice
 #   VM_NAME [vm1]  VM_MEM [2048M]  VM_CPUS ["1 2"] (APIC ids, as ACRN's scripts)
 #   VM_KERNEL, VM_INITRD, VM_BOOTARGS   boot a bzImage directly, or
 #   VM_OVMF [/usr/share/acrn/bios/OVMF.fd]   boot firmware when VM_KERNEL is empty
 #   VM_DISK [/var/lib/acrn-pydm/vm1.img]   virtio-blk image
 #   VM_TAP [acrn_tap_vm1]   tap for virtio-net on acrn-br0 ("" for no network)
+#   VM_MAC_SEED [<MAC of the first e* port>-<VM_NAME>]   seeds virtio-net's MAC (as
+#               ACRN's generated scripts do), so VMs on one bridge get different MACs
 #   VM_PT ["" ]   passthrough devices, e.g. "0000:00:02.0 0000:03:00.0"
 #   PT_DRIVER [pci-stub with ACRN, vfio-pci otherwise]
 #   VM_LOGGER ["console=4 kmsg=3"]   VM_MONITOR [/run/acrn-pydm/<name>.sock]
@@ -133,6 +136,18 @@ create_tap() {
     run ip link set dev "${tap}" up
 }
 
+service_vm_mac() {
+    # The MAC of the Service VM's first wired port, as ACRN's generated scripts read it
+    # (mac=$(cat /sys/class/net/e*/address), ${mac:0:17}); nothing if it has none.
+    local addr
+    for addr in /sys/class/net/e*/address; do
+        if [ -r "${addr}" ]; then
+            head -c 17 "${addr}"
+            return 0
+        fi
+    done
+}
+
 delete_taps() {
     local tap
     for tap in "${created_taps[@]}"; do
@@ -215,6 +230,7 @@ add_passthrough_device() {
 
 ACRN_DM=${ACRN_DM:-acrn-pydm}
 VM_NAME=${VM_NAME:-vm1}
+VM_HV=${VM_HV:-}
 VM_MEM=${VM_MEM:-2048M}
 VM_CPUS=${VM_CPUS:-1 2}
 VM_KERNEL=${VM_KERNEL:-}
@@ -223,6 +239,10 @@ VM_BOOTARGS=${VM_BOOTARGS:-console=ttyS0 root=/dev/vda rw}
 VM_OVMF=${VM_OVMF:-/usr/share/acrn/bios/OVMF.fd}
 VM_DISK=${VM_DISK:-/var/lib/acrn-pydm/${VM_NAME}.img}
 VM_TAP=${VM_TAP-acrn_tap_${VM_NAME}}
+if [ -z "${VM_MAC_SEED:-}" ]; then
+    sos_mac=$(service_vm_mac)
+    VM_MAC_SEED="${sos_mac:+${sos_mac}-}${VM_NAME}"
+fi
 VM_PT=${VM_PT:-}
 VM_LOGGER=${VM_LOGGER:-console=4 kmsg=3}
 VM_MONITOR=${VM_MONITOR:-/run/acrn-pydm/${VM_NAME}.sock}
@@ -240,6 +260,9 @@ if [ -n "${VM_PT}" ]; then
     probe_modules
 fi
 
+if [ -n "${VM_HV}" ]; then
+    dm_params+=(--hv "${VM_HV}")
+fi
 read -r -a cpus <<< "${VM_CPUS}"
 add_cpus "${cpus[@]}"
 add_memory "${VM_MEM}"
@@ -256,7 +279,7 @@ add_virtual_device 1:0 lpc
 dm_params+=(-l "com1,stdio")
 add_virtual_device 3 virtio-blk "${VM_DISK}"
 if [ -n "${VM_TAP}" ]; then
-    add_virtual_device 4 virtio-net "tap=${VM_TAP}" || exit 1
+    add_virtual_device 4 virtio-net "tap=${VM_TAP},mac_seed=${VM_MAC_SEED}" || exit 1
 fi
 slot=6
 for bdf in ${VM_PT}; do

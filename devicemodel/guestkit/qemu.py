@@ -191,11 +191,13 @@ def module_load_order(kernel: Kernel) -> list[Path]:
 
 
 def build_initramfs(
-    kernel: Kernel, script: str, out: Path, files: dict[str, Path | bytes] | None = None
+    kernel: Kernel, script: str, out: Path, files: dict[str, Path | bytes] | None = None,
+    init: str = INIT,
 ) -> Path:
     """A gzip'd newc cpio: busybox, the virtio modules, our /init and the test script.
 
-    ``files`` maps guest paths to host files or contents (e.g. a static benchmark binary).
+    ``files`` maps guest paths to host files or contents (e.g. a static benchmark binary);
+    ``init`` replaces the /init that runs the script (``{mark}`` stands for MARK).
     """
     with tempfile.TemporaryDirectory(prefix="initramfs-") as d:
         root = Path(d)
@@ -208,7 +210,7 @@ def build_initramfs(
             shutil.copy2(src, moddir / src.name)
             order.append(src.name)
         (root / "modules.order").write_text("\n".join(order) + "\n")
-        (root / "init").write_text(INIT.replace("{mark}", MARK))
+        (root / "init").write_text(init.replace("{mark}", MARK))
         (root / "init").chmod(0o755)
         (root / "test.sh").write_text(script)
         for path, content in (files or {}).items():

@@ -227,6 +227,13 @@ class VirtioNet(VirtioDevice):
     def close(self) -> None:
         self.tap.close()
 
+    def counters(self) -> dict[str, object]:
+        """For the monitor's ``devices``: the MAC the guest reads (each VM must have its
+        own on a shared bridge), the link and the frame counts."""
+        return {"mac": bytes(self.config[0:6]).hex(":"), "tap": self.tap.name,
+                "link_up": self.link_up, "rx_frames": self.rx_frames,
+                "tx_frames": self.tx_frames, "tx_dropped": self.tx_dropped}
+
     # -- workers -----------------------------------------------------------------------
 
     def on_activate(self) -> None:

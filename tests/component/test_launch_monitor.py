@@ -168,6 +168,23 @@ class FakeBlk:
         pass
 
 
+class FakeNet:
+    def counters(self) -> dict[str, str]:
+        return {"mac": "00:16:3e:01:02:03"}
+
+
+class FakeTransport:
+    """Stands in for VirtioPci: the PCI function that carries a virtio device."""
+
+    name = "virtio-net"
+
+    def __init__(self) -> None:
+        self.device = FakeNet()
+
+    def close(self) -> None:
+        pass
+
+
 def _add_fake(vm, dev_no: int, can_rescan: bool) -> FakeBlk:
     dev = FakeBlk(can_rescan)
     vm.devices[(0, dev_no, 0)] = dev
@@ -202,7 +219,12 @@ async def test_blkrescan(tmp_path):
         devs = (await c.call({"cmd": "devices"}))["result"]["devices"]
         five = [d for d in devs if d["slot"] == "0:5:0"][0]
         assert five["counters"]["reads"] == 3 and isinstance(five["counters"]["odd"], str)
-        for k in ((0, 5, 0), (0, 6, 0)):  # leave the VM as it was built
+        # a transport's counters are those of the virtio device it carries
+        vm.devices[(0, 7, 0)] = FakeTransport()
+        devs = (await c.call({"cmd": "devices"}))["result"]["devices"]
+        seven = [d for d in devs if d["slot"] == "0:7:0"][0]
+        assert seven["counters"] == {"mac": "00:16:3e:01:02:03"}
+        for k in ((0, 5, 0), (0, 6, 0), (0, 7, 0)):  # leave the VM as it was built
             del vm.devices[k]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import subprocess
 import pytest
 
 from devicemodel.config import SlotConfig, parse_args
+from devicemodel.virtio.net import parse_net_options
 from tests.support.paths import ROOT
 
 SCRIPT = os.path.join(ROOT, "scripts", "launch_user_vm.sh")
@@ -49,7 +51,9 @@ def test_dry_run_line_is_a_valid_acrn_dm_line():
     assert [lp.device for lp in cfg.lpc] == ["com1"]
     slots = {(s.dev, s.func): s for s in cfg.slots}
     assert slots[(3, 0)] == SlotConfig(0, 3, 0, "virtio-blk", "/var/lib/acrn-pydm/l1.img")
-    assert slots[(4, 0)].options == "tap=acrn_tap_l1"
+    # ACRN's generated scripts' seed: the first wired port's MAC, then the VM name
+    assert re.fullmatch(r"tap=acrn_tap_l1,mac_seed=([0-9a-f]{2}:){5}[0-9a-f]{2}-linux1|"
+                        r"tap=acrn_tap_l1,mac_seed=linux1", slots[(4, 0)].options)
     # host BDFs become acrn-dm's hex bus/dev/func
     assert slots[(6, 0)] == SlotConfig(0, 6, 0, "passthru", "3/0/1")
     assert slots[(7, 0)] == SlotConfig(0, 7, 0, "passthru", "0/1f/3")
@@ -59,6 +63,25 @@ def test_dry_run_line_is_a_valid_acrn_dm_line():
         in log
     assert "dry-run: ip link delete acrn_tap_l1" in log
     assert log.index("tuntap add") < log.index("link delete")
+
+
+def test_every_vm_gets_its_own_mac():
+    """Two VMs on one Service VM (same slot, same wired port) must not share a MAC."""
+    macs = {}
+    for name in ("vm1", "vm2"):
+        argv, _ = dry_run(VM_NAME=name, VM_KERNEL="/k", VM_MAC_SEED=f"52:54:00:12:34:56-{name}")
+        net = next(s for s in parse_args(argv[1:], check_files=False).slots
+                   if s.emul == "virtio-net")
+        assert net.options == f"tap=acrn_tap_{name},mac_seed=52:54:00:12:34:56-{name}"
+        macs[name] = parse_net_options(net.options, net.dev, net.func).mac
+    assert macs["vm1"] != macs["vm2"]
+    # VM_HV picks acrn-pydm's backend (left to the device model when empty)
+    argv, _ = dry_run(VM_NAME="vm1", VM_KERNEL="/k", VM_HV="sim")
+    assert parse_args(argv[1:], check_files=False).hv == "sim"
+    assert "--hv" not in dry_run(VM_KERNEL="/k")[0]
+    # without VM_MAC_SEED the seed still ends in the VM name
+    argv, _ = dry_run(VM_NAME="vm7", VM_KERNEL="/k")
+    assert "-vm7 " in " ".join(argv) or ",mac_seed=vm7 " in " ".join(argv)
 
 
 def test_dry_run_defaults_to_ovmf_and_pci_stub_under_acrn():
@@ -113,7 +136,8 @@ def test_tap_made_on_the_bridge_and_removed_on_sigterm(tmp_path):
     assert "acrn_tap_t1" in during and "master acrn-br0" in during
     assert "does not exist" in (tmp_path / "tap_after").read_text()  # we made it, we removed it
     args = (tmp_path / "args").read_text().splitlines()
-    assert parse_args(args, check_files=False).slots[-1].options == "tap=acrn_tap_t1"
+    assert parse_args(args, check_files=False).slots[-1].options.startswith(
+        "tap=acrn_tap_t1,mac_seed=")
 
 
 def test_existing_tap_is_kept(tmp_path):

@@ -27,7 +27,7 @@ needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is n
 def _unit_copy(tmp_path) -> str:
     """The unit with ExecStart pointing at a binary that exists here (verify checks it)."""
     exe = shutil.which("acrn-pydm") or sys.executable
-    text = pathlib.Path(UNIT).read_text().replace("/usr/bin/acrn-pydm", exe)
+    text = pathlib.Path(UNIT).read_text().replace("ExecStart=acrn-pydm", f"ExecStart={exe}")
     (tmp_path / "acrn-pydm@.service").write_text(text)
     (tmp_path / "acrn-pydm@vm1.service").symlink_to("acrn-pydm@.service")
     return str(tmp_path / "acrn-pydm@vm1.service")
@@ -79,7 +79,8 @@ def test_unit_contents():
     cp.read_string(text)
     svc = cp["Service"]
     assert svc["Type"] == "notify"
-    assert svc["ExecStart"] == "/usr/bin/acrn-pydm run /etc/acrn-pydm/%i.toml"
+    # by name, so a pip install (/usr/local/bin) and a distribution package both work
+    assert svc["ExecStart"] == "acrn-pydm run /etc/acrn-pydm/%i.toml"
     assert int(svc["WatchdogSec"]) > 0
     assert int(svc["TimeoutStopSec"]) > 60  # above the default shutdown_timeout
     assert svc["KillSignal"] == "SIGTERM"
@@ -90,8 +91,12 @@ def test_unit_contents():
     allowed = [ln.split("=", 1)[1].split()[0] for ln in text.splitlines()
                if ln.startswith("DeviceAllow=")]
     for dev in ("/dev/acrn_hsm", "/dev/acrn_vhm", "/dev/kvm", "/dev/net/tun",
-                "/dev/vfio/vfio", "char-vfio", "/dev/kmsg"):
+                "/dev/vfio/vfio", "char-vfio"):
         assert dev in allowed
+    # ProtectKernelLogs= hides /dev/kmsg whatever DeviceAllow= says (seen under systemd 257)
+    assert svc["ProtectKernelLogs"] == "yes" and "/dev/kmsg" not in allowed
+    # a VM without a file must fail loudly, not be skipped by a condition
+    assert "ConditionPathExists" not in cp["Unit"]
     assert svc["DevicePolicy"] == "closed"
     assert set(svc["CapabilityBoundingSet"].split()) == {
         "CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_IPC_LOCK"}
@@ -352,3 +357,28 @@ async def test_a_stalled_event_loop_stops_the_watchdog_pings(tmp_path):
     assert during == []
     assert sum(1 for t in stamps if t < stall_start) >= 4
     assert any(t > stall_end for t in stamps)  # and they resume with the loop
+
+
+def test_start_error_is_at_error_priority_and_becomes_the_status(tmp_path):
+    """Under systemd a start error is one line at error priority (journalctl -p err) and the
+    unit's status, not the last step before it (seen in the systemd guest, issue 19)."""
+    listener = NotifyListener(tmp_path)
+    missing = tmp_path / "nosuch.toml"
+    script = ("import os, sys\n"
+              "st = os.fstat(2)\n"
+              "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+              "from devicemodel.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    err_path = tmp_path / "stderr"
+    env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET=listener.env_value)
+    try:
+        with open(err_path, "w") as err:
+            res = subprocess.run([sys.executable, "-c", script, "run", str(missing)],
+                                 stderr=err, env=env, timeout=60)
+        assert res.returncode == 2
+        assert err_path.read_text() == (f"<3>acrn-pydm: error: {missing}: no such VM file; "
+                                        "give the path of a .toml VM file\n")
+        status = listener.wait_for("STATUS", timeout=5)["STATUS"]
+        assert status == f"failed: {missing}: no such VM file; give the path of a .toml VM file"
+    finally:
+        listener.close()

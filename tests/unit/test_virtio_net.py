@@ -221,6 +221,8 @@ async def test_link_status_and_config(mem, netns):
     tap, _ = netns
     dev = VirtioNet(parse_net_options(f"tap={TAP},mac=02:11:22:33:44:55"), tap=tap)
     assert dev.read_config(0, 10) == bytes.fromhex("021122334455") + b"\x01\x00\x01\x00"
+    assert dev.counters() == {"mac": "02:11:22:33:44:55", "tap": TAP, "link_up": True,
+                              "rx_frames": 0, "tx_frames": 0, "tx_dropped": 0}
     irq = RecordingInterrupt()
     async with trio.open_nursery() as nursery:
         await nursery.start(dev.run)
@@ -233,6 +235,8 @@ async def test_link_status_and_config(mem, netns):
         assert irq.config_irqs == 2 and dev.read_config(6, 2) == b"\1\0"
         dev.write_config(0, b"\x02\xaa")  # a legacy driver sets its MAC
         assert dev.read_config(0, 2) == b"\x02\xaa"
+        assert dev.counters()["mac"] == "02:aa:22:33:44:55"  # the monitor shows it too
+        assert dev.counters()["link_up"] is True
         dev.write_config(6, b"\0\0")  # status is read-only
         assert dev.read_config(6, 2) == b"\1\0"
         nursery.cancel_scope.cancel()
