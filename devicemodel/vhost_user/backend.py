@@ -155,6 +155,7 @@ class VhostUserBackend:
         #: signals not written, by outcome (peerfd.Sent name): the front end's fd was full
         #: ("pending"), blocked by the front end ("blocked") or broken ("failed")
         self.dropped_signals: dict[str, int] = {}
+        self._fault_fd = -1  # memguard's wake-up while a front end is served
 
     def signal_dropped(self, index: int, which: str, sent: peerfd.Sent) -> None:
         """A call/err signal that was not written (any thread; counted, logged rarely)."""
@@ -167,9 +168,11 @@ class VhostUserBackend:
 
     async def serve(self, conn: Connection) -> None:
         """Handle requests until the front end disconnects or misbehaves; then reset all."""
+        self._fault_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._watch_memory, self._fault_fd, nursery.cancel_scope)
                 try:
                     await self._loop(conn)
                 finally:
@@ -177,6 +180,26 @@ class VhostUserBackend:
         finally:
             self._nursery = None
             await self._reset_all()
+            fd, self._fault_fd = self._fault_fd, -1
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    async def _watch_memory(self, fd: int, scope: trio.CancelScope) -> None:
+        """A mapped region of the front end's memory shrank under us (memguard patched the
+        page with zeros): the device fails (DEVICE_NEEDS_RESET) and the front end is
+        dropped, which unmaps everything it gave us."""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            if peerfd.read_kick(fd) != peerfd.KICK:
+                continue
+            where = self.mem.shrunk() if self.mem is not None else None
+            if where is None:
+                continue  # a map already replaced
+            log.error("%s: the front end truncated its memory under %s; dropping it",
+                      self.device.name, where)
+            self.device.fail(f"guest memory {where} vanished under the device")
+            scope.cancel()
+            return
 
     async def _loop(self, conn: Connection) -> None:
         while True:
@@ -284,7 +307,8 @@ class VhostUserBackend:
         if req == Req.SET_MEM_TABLE:
             table = p.parse_mem_table(body)
             await self._deactivate()
-            new = VhostMemoryMap(table, msg.take_fds())  # closes the fds; ProtocolError if unusable
+            # closes the fds; ProtocolError if unusable
+            new = VhostMemoryMap(table, msg.take_fds(), self._fault_fd)
             if self.mem is not None:
                 self.mem.close()
             self.mem = new
