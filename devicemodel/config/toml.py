@@ -21,6 +21,7 @@ from ..slot import SlotConfig
 from .acrn_args import OBSOLETE_EMULS
 from .logger_setting import LOGGERS, parse_logger_setting
 from .model import (
+    DEFAULT_MONITOR_IDLE_TIMEOUT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     LPC_DEVICES,
     LpcConfig,
@@ -34,6 +35,7 @@ from .values import (
     parse_hv,
     parse_lpc,
     parse_mem,
+    parse_monitor_idle_timeout,
     parse_shutdown_timeout,
     parse_slot_address,
     parse_virtio_poll,
@@ -43,7 +45,8 @@ _STR_KEYS = {"kernel": "kernel", "ramdisk": "ramdisk", "bootargs": "bootargs",
              "elf_file": "elf", "cmd_monitor": "cmd_monitor"}
 _BOOL_KEYS = {"windows": "windows", "debugexit": "debugexit", "virtio_msi": "virtio_msi"}
 TOP_KEYS = ("name", "hv", "memsize", "cpu_affinity", *_STR_KEYS, *_BOOL_KEYS, "virtio_poll",
-            "logger_setting", "logger", "shutdown_timeout", "ovmf", "lpc", "pci_slot")
+            "logger_setting", "logger", "shutdown_timeout", "monitor_idle_timeout", "ovmf",
+            "lpc", "pci_slot")
 _SLOT_KEYS = ("slot", "emul", "options", "boot")
 _LPC_KEYS = ("device", "backend", "port", "irq")
 _OVMF_KEYS = ("code", "vars", "writeback")
@@ -52,6 +55,7 @@ _EXAMPLES = {
     "cpu_affinity": "cpu_affinity = [1, 2]", "virtio_poll": "virtio_poll = 1000000",
     "logger_setting": 'logger_setting = "console,level=4"',
     "shutdown_timeout": "shutdown_timeout = 60",
+    "monitor_idle_timeout": "monitor_idle_timeout = 30",
 }
 
 
@@ -160,6 +164,16 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
         except ConfigError:
             raise ctx.error("shutdown_timeout", t,
                             "expected seconds 0..3600; e.g. shutdown_timeout = 60") from None
+    if "monitor_idle_timeout" in data:
+        t = data["monitor_idle_timeout"]
+        _want(ctx, "monitor_idle_timeout", t, (int, float), "seconds")
+        try:
+            if not math.isfinite(t):
+                raise ConfigError("")
+            cfg.monitor_idle_timeout = parse_monitor_idle_timeout(str(t))
+        except ConfigError:
+            raise ctx.error("monitor_idle_timeout", t, "expected seconds 0..86400 (0: no "
+                            "limit); e.g. monitor_idle_timeout = 30") from None
     _logger(ctx, data, cfg)
     if "ovmf" in data:
         cfg.ovmf = _ovmf(ctx, data["ovmf"])
@@ -496,6 +510,8 @@ def dumps(cfg: VmConfig) -> str:
         lines.append(f"logger_setting = {toml_string(cfg.logger_setting)}")
     if cfg.shutdown_timeout != DEFAULT_SHUTDOWN_TIMEOUT:
         lines.append(f"shutdown_timeout = {toml_value(float(cfg.shutdown_timeout))}")
+    if cfg.monitor_idle_timeout != DEFAULT_MONITOR_IDLE_TIMEOUT:
+        lines.append(f"monitor_idle_timeout = {toml_value(float(cfg.monitor_idle_timeout))}")
     if cfg.ovmf:
         lines += ["", "[ovmf]", f"code = {toml_string(cfg.ovmf.code)}"]
         if cfg.ovmf.vars is not None:
