@@ -128,6 +128,8 @@ class Vm:
         self.lifecycle: Lifecycle | None = None
         #: the guest's power button (the PM device's), once the platform is built
         self.power_button: Callable[[], Any] | None = None
+        #: whether the guest can hear it now (it enabled ACPI)
+        self.power_button_heard: Callable[[], bool] | None = None
 
     @property
     def guest_power(self) -> GuestPower | None:
@@ -172,6 +174,8 @@ class Vm:
         self._cleanups.append(self.platform.close)
         self.platform.install_acpi()
         self.power_button = self.platform.pm.press_power_button
+        pm = self.platform.pm
+        self.power_button_heard = lambda: pm.guest_listens
         regs = self.platform.load_guest()
         if regs is not None:
             self.hv.set_vcpu_regs(0, regs)
