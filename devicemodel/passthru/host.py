@@ -252,8 +252,16 @@ SIM_PM_OFF = 0x40
 SIM_MSI_OFF = 0x50
 SIM_VENDOR_CAP_OFF = 0x68
 SIM_MSIX_OFF = 0x70
+SIM_PCIE_OFF = 0x80
+#: Device Capabilities bit 28: Function Level Reset Capability
+PCIE_DEVCAP_FLR = 1 << 28
+#: Device Control bit 15: Initiate Function Level Reset (reads 0)
+PCIE_DEVCTL_FLR = 1 << 15
+#: offsets inside the PCI Express capability
+PCIE_DEVCAP = 4
+PCIE_DEVCTL = 8
 
-SIM_FEATURES = ("nomask", "32bit", "msix", "nomsi", "allbars")
+SIM_FEATURES = ("nomask", "32bit", "msix", "nomsi", "allbars", "flr")
 
 
 class SimHostDevice(HostPciDevice):
@@ -264,7 +272,8 @@ class SimHostDevice(HostPciDevice):
     vendor capability at 0x68 (so the MSI capability has a next pointer to keep).
     ``features`` make the ineligible variants: ``nomask`` (no per-vector masking),
     ``32bit``, ``msix`` (an MSI-X capability too), ``nomsi``, ``allbars`` (all six BARs
-    implemented).
+    implemented); ``flr`` adds a PCI Express capability (at 0x80) whose Device
+    Capabilities offer Function Level Reset.
     """
 
     def __init__(self, vectors: int = 4, *, bdf: int = 0xFE00,
@@ -319,6 +328,9 @@ class SimHostDevice(HostPciDevice):
         if "msix" in self.features:
             msix = pcaps.msix_cap(self.vectors, bir=0, table_offset=0x800)
             chain.append((SIM_MSIX_OFF, msix.data, msix.wmask))
+        if "flr" in self.features:
+            pcie = pcaps.pcie_cap(dev_caps=PCIE_DEVCAP_FLR)
+            chain.append((SIM_PCIE_OFF, pcie.data, pcie.wmask))
         cs.set8(pc.CAP_PTR, chain[0][0])
         cs.set_status_bits(pc.STATUS_CAP_LIST, True)
         for i, (off, data, wmask) in enumerate(chain):
@@ -363,6 +375,8 @@ class SimHostDevice(HostPciDevice):
         self.bar0[offset : offset + size] = (value & _ONES[size]).to_bytes(size, "little")
 
     def reset(self) -> bool:
+        """A function reset: back to power-on (pending messages are forgotten); the
+        per-message eventfds VFIO gave it stay (the kernel restores MSI after a reset)."""
         self.resets += 1
         self.bar0 = bytearray(SIM_BAR0_SIZE)
         self._build()
@@ -469,6 +483,7 @@ def parse_sim_spec(spec: str, bdf: int) -> SimHostDevice:
 
 
 __all__ = [
-    "HostBar", "HostMsi", "HostPciDevice", "MessageSink", "MsiState", "PassthroughError",
-    "SimHostDevice", "parse_sim_spec",
+    "PCIE_DEVCAP", "PCIE_DEVCAP_FLR", "PCIE_DEVCTL", "PCIE_DEVCTL_FLR", "HostBar", "HostMsi",
+    "HostPciDevice", "MessageSink", "MsiState", "PassthroughError", "SimHostDevice",
+    "parse_sim_spec",
 ]
