@@ -96,21 +96,27 @@ async def test_no_reset_keeps_the_function_as_acrn_dm_does():
         assert dev.host.msi.mask == 0xFF
 
 
-async def _flr(guest: LinuxGuest) -> None:
-    """pcie_flr: set Initiate Function Level Reset in Device Control."""
+async def _flr(guest: LinuxGuest, width: int) -> None:
+    """pcie_flr: set Initiate Function Level Reset in Device Control (a word write, as
+    Linux does; or the register's high byte alone, or the whole dword with Status)."""
     caps = await guest.caps()
     devctl = caps[CAP_PCIE] + PCIE_DEVCTL
-    await guest.cfg_w(devctl, 2, await guest.cfg_r(devctl, 2) | PCIE_DEVCTL_FLR)
+    value = await guest.cfg_r(devctl, 2) | PCIE_DEVCTL_FLR
+    if width == 1:
+        await guest.cfg_w(devctl + 1, 1, value >> 8)
+    else:
+        await guest.cfg_w(devctl, width, value)
 
 
-async def test_a_guest_flr_disables_msix_masks_every_entry_and_resets_the_function():
+@pytest.mark.parametrize("width", [2, 1, 4])
+async def test_a_guest_flr_disables_msix_masks_every_entry_and_resets_the_function(width):
     sim = SimHypervisor()
     async with running(args("vmsix_on_msi", "sim:8:flr"), hypervisor=sim) as vm:
         dev = vm.passthrough(SLOT)
         resets = dev.host.resets
         guest = await _pending_message(sim, vm, 3)
         assert (await guest.caps())[CAP_PCIE] == SIM_PCIE_OFF
-        await _flr(guest)
+        await _flr(guest, width)
         assert dev.host.resets == resets + 1
         assert await guest.cfg_r(0x04, 2) == 0  # the function's registers are at defaults
         await guest.cfg_w(0x04, 2, CMD_MEMORY)  # pci_restore_state turns decoding back on
