@@ -51,8 +51,9 @@ from .host import (
     PassthroughError,
     parse_sim_spec,
 )
+from .kernel_msi import KernelOwnedMsi
 from .msi import PtMsi
-from .remap import remapper_for, remapping_missing
+from .remap import kernel_owns_msi, remapper_for, remapping_missing
 from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible, unused_bars
 
 if TYPE_CHECKING:
@@ -252,6 +253,8 @@ class Passthru(PciDevice):
             if missing:
                 raise PassthroughError(f"passthru {self.host.name}: vmsix_on_msi: {missing}")
             msi, bar = check_eligible(self.host, self.opts.vmsix_bar)
+            if kernel_owns_msi(ctx):
+                msi = KernelOwnedMsi(self.host, msi.offset)
             if self.hv_owned:
                 self._check_hv_bar(bar)
                 # acrn-dm's mode: the BAR only; the hypervisor traps and emulates it
@@ -268,6 +271,8 @@ class Passthru(PciDevice):
             if msi is not None and missing:
                 log.warning("passthru %s: MSI not forwarded: %s", self.host.name, missing)
             elif msi is not None:
+                if kernel_owns_msi(ctx):
+                    msi = KernelOwnedMsi(self.host, msi.offset)
                 self.ptmsi = PtMsi(self.host, msi, self.cfg,
                                    lambda n: remapper_for(ctx, self.host, n))
                 self.watch_config(msi.offset, msi.regs.length,

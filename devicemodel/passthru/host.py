@@ -165,6 +165,9 @@ class HostPciDevice(ABC):
 class HostMsi:
     """A physical MSI capability, programmed as a device driver programs it."""
 
+    #: False: we write the capability (sim backend); True: the host kernel does (VFIO)
+    kernel_owned = False
+
     def __init__(self, host: HostPciDevice, offset: int) -> None:
         self.host = host
         self.offset = offset
@@ -178,6 +181,9 @@ class HostMsi:
     @property
     def count(self) -> int:
         return 1 << self.mmc
+
+    def bind(self, routes: object) -> None:
+        """The emulation's interrupt routes (used when the kernel owns the MSI)."""
 
     @property
     def control(self) -> int:
@@ -293,6 +299,8 @@ class SimHostDevice(HostPciDevice):
         self.name = f"0000:{bdf >> 8:02x}:{(bdf >> 3) & 0x1F:02x}.{bdf & 7}"
         self._sink: MessageSink | None = None
         self._eventfds: list[int] | None = None
+        #: the host kernel's copy of the MSI mask word while VFIO owns the MSI
+        self.kernel_mask = 0
         #: what happened, for tests: messages sent, INTx assertions, resets, lost messages
         self.sent: list[tuple[int, int]] = []
         self.intx_asserts = 0
@@ -380,13 +388,42 @@ class SimHostDevice(HostPciDevice):
         self.resets += 1
         self.bar0 = bytearray(SIM_BAR0_SIZE)
         self._build()
+        if self._eventfds is not None and self._msi is not None:
+            self._kernel_msi(True)  # the kernel restores its MSI state after a reset
         return True
 
     def connect_interrupts(self, sink: MessageSink | None) -> None:
         self._sink = sink
 
     def message_eventfds(self, fds: list[int] | None) -> None:
+        """What VFIO_DEVICE_SET_IRQS does to a real device: the host kernel enables MSI
+        for ``len(fds)`` messages, programs its own message, unmasks them (request_irq)
+        and disables INTx; ``None`` masks, disables MSI and gives INTx back. The kernel's
+        copy of the mask word is ``kernel_mask`` (Linux writes it back whole)."""
         self._eventfds = list(fds) if fds is not None else None
+        if self._msi is not None:
+            self._kernel_msi(fds is not None)
+
+    def _kernel_msi(self, on: bool) -> None:
+        assert self._msi is not None
+        off = self._msi
+        ctrl = self.cs.get16(off + 2) & ~(pcaps.MSI_CTRL_MME_MASK | pcaps.MSI_CTRL_ENABLE)
+        regs = self._regs()
+        n = len(self._eventfds or ())
+        mme = max(0, (n - 1).bit_length()) if on else 0
+        self.kernel_mask = 0 if on else (1 << self.vectors) - 1
+        if regs.mask is not None:
+            self.cs.set32(off + regs.mask, self.kernel_mask)
+        if on:
+            self.cs.set32(off + 4, 0xFEE0_0000)  # the host's own vector, not the guest's
+            self.cs.set16(off + regs.data, 0)
+            self.cs.set16(off + 2, ctrl | mme << pcaps.MSI_CTRL_MME_SHIFT
+                          | pcaps.MSI_CTRL_ENABLE)
+        else:
+            self.cs.set16(off + 2, ctrl)
+        cmd = self.cs.command
+        self.cs.set16(pc.COMMAND, (cmd | pc.CMD_INTX_DISABLE) if on
+                      else (cmd & ~pc.CMD_INTX_DISABLE))
 
     # --- the device's interrupt logic ---------------------------------------------------------
     def fire(self, k: int) -> None:

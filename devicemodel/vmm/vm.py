@@ -25,10 +25,10 @@ from ..config import VmConfig
 from ..context import DeviceChoices, DeviceContext
 from ..errors import ConfigError
 from ..hsm import abi
-from ..hsm.base import Hypervisor, MessageSource, RemapperFactory
+from ..hsm.base import Hypervisor, RemapperFactory
 from ..ioreq import IoreqServer, new_ioreq_page
 from ..irq.backend import BackendInterrupts
-from ..irq.remap import IrqfdRemapper
+from ..irq.remap import IrqfdRemapperFactory
 from ..memory import GuestMemory
 from ..pci.bus import PciBus
 from ..platform.lpc import LpcBridge
@@ -58,11 +58,7 @@ def remapper_of(hv: Hypervisor, irq: BackendInterrupts) -> RemapperFactory | Non
         return own
     if not hv.supports_eventfds:
         return None
-
-    def irqfd_remapper(source: MessageSource, count: int) -> IrqfdRemapper:
-        return IrqfdRemapper(irq, source, count)
-
-    return irqfd_remapper
+    return IrqfdRemapperFactory(irq)
 
 
 def check_one_lpc(slots: Sequence[SlotConfig]) -> None:
