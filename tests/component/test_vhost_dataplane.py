@@ -20,8 +20,8 @@ from devicemodel.memory import GuestMemory, MiB
 from devicemodel.vhost_user import protocol as p
 from devicemodel.vhost_user.frontend import UVA_BASE, RingSetup
 from devicemodel.vhost_user.protocol import Req
-from devicemodel.virtio import blk
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
+from devicemodel.virtio.blk.io import image as blk_image
 from devicemodel.virtio.mock import MockDriver, wait_used
 from tests.support.vhost import (
     NO_EVENT_IDX,
@@ -117,13 +117,13 @@ async def test_call_and_kick_fds_swapped_while_running(tmp_path: Path) -> None:
 async def test_stop_with_requests_in_flight_then_restart(tmp_path: Path, monkeypatch) -> None:
     """GET_VRING_BASE while the thread writes: every request it took is completed
     before the reply, and a restart from that base serves the rest."""
-    real = blk._pwritev_all
+    real = blk_image.pwritev_all
 
     def slow_disk(*args):  # noqa: ANN002 - a batch of 32 takes 0.6 s: the stop lands in one
         time.sleep(0.02)
         return real(*args)
 
-    monkeypatch.setattr(blk, "_pwritev_all", slow_disk)
+    monkeypatch.setattr(blk_image, "pwritev_all", slow_disk)
     img = disk_image(tmp_path, 8 * MiB)
     mem = GuestMemory(256 * MiB)
     dev = VirtioBlk(parse_blk_options(str(img)))  # writethrough: each write is synced
