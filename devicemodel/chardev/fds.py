@@ -11,6 +11,7 @@ we put in raw mode is restored when the end closes; only one end may hold stdio.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -198,6 +199,11 @@ def open_pty(link: str | None = None) -> FdEnd:
 def open_file(path: str, mode: int = 0o644) -> FdEnd:
     """Output appended to ``path`` (created if missing); no input. A FIFO without a
     reader is refused (ENXIO) instead of blocking the open."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK,
-                 mode)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(e.errno, "a FIFO nobody reads (start its reader first)") from None
+        raise
     return FdEnd("file", f"file:{path}", None, fd, owned=(fd,), path=path)

@@ -16,7 +16,7 @@ import os
 import select
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -95,15 +95,19 @@ class SocketEnd(HostEnd):
             self._attach(conn)
 
     async def wait_readable(self) -> None:
+        await self._wait_client(trio.lowlevel.wait_readable)
+
+    async def _wait_client(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        """Until there is a client and ``wait`` on its socket returned."""
         while True:
             conn = self.conn
             if conn is None:
                 await self._have_conn.wait()
                 continue
             try:
-                await trio.lowlevel.wait_readable(conn)
+                await wait(conn)
             except trio.ClosedResourceError:
-                continue  # dropped meanwhile (by the writer): wait for the next
+                continue  # dropped meanwhile (by the other direction): wait for the next
             if conn is self.conn:
                 return
 
@@ -123,17 +127,7 @@ class SocketEnd(HostEnd):
         return None
 
     async def wait_writable(self) -> None:
-        while True:
-            conn = self.conn
-            if conn is None:
-                await self._have_conn.wait()
-                continue
-            try:
-                await trio.lowlevel.wait_writable(conn)
-            except trio.ClosedResourceError:
-                continue
-            if conn is self.conn:
-                return
+        await self._wait_client(trio.lowlevel.wait_writable)
 
     def write_now(self, data: bytes | bytearray | memoryview) -> int | None:
         conn = self.conn

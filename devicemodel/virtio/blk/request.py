@@ -15,6 +15,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..buffers import copy_into
 from ..queue import DescriptorChain, VirtqueueError
 from .io import SECTOR, BlockIo, DiskImage
 
@@ -155,15 +156,8 @@ async def execute(req: Request, image: DiskImage | None, io: BlockIo, *, sync: b
 
 
 def write_ident(views: list[memoryview], ident: bytes) -> int:
-    data = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-    done = 0
-    for v in views:
-        n = min(len(v), len(data) - done)
-        v[:n] = data[done : done + n]
-        done += n
-        if done == len(data):
-            break
-    return done
+    """GET_ID: the serial, zero-padded to 20 bytes (as much as the buffers hold)."""
+    return copy_into(views, ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
 
 
 async def _discard_or_zero(rtype: int, out_views: list[memoryview], image: DiskImage,

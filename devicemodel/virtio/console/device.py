@@ -14,6 +14,7 @@ from collections import deque
 
 import trio
 
+from ..buffers import copy_into
 from ..device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -46,17 +47,6 @@ CTRL_RX, CTRL_TX = 2, 3
 MAX_PENDING_CONTROL = 4 * MAX_PORTS + 16
 
 _CTRL = struct.Struct("<IHH")  # id, event, value
-
-
-def _copy_into(views: list[memoryview], data: memoryview) -> int:
-    done = 0
-    for v in views:
-        n = min(len(v), len(data) - done)
-        v[:n] = data[done : done + n]
-        done += n
-        if done == len(data):
-            break
-    return done
 
 
 class VirtioConsole(VirtioDevice):
@@ -127,7 +117,7 @@ class VirtioConsole(VirtioDevice):
                 if chain is None:
                     await self.wait_kick(q)
                     continue
-                n = _copy_into(chain.writable, data)
+                n = copy_into(chain.writable, data)
                 q.add_used(chain.head, n)
                 data = data[n:]
             self.signal(q)
@@ -178,7 +168,7 @@ class VirtioConsole(VirtioDevice):
                 await self.wait_kick(q)
                 continue
             msg = self._ctrl_out.popleft()
-            n = _copy_into(chain.writable, memoryview(msg))
+            n = copy_into(chain.writable, memoryview(msg))
             q.add_used(chain.head, n)
             self.signal(q)
 

@@ -91,9 +91,9 @@ def open_port(spec: PortSpec) -> PortBackend:
             return PortBackend(listen_unix(spec.path, backlog=4, takeover=True))
         return PortBackend(connect_unix(spec.path))
     except OSError as e:
-        what = f"socket {spec.path}" if spec.backend == "socket" else \
-            f"port {spec.name} ({spec.backend})"
-        raise ConfigError(f"virtio-console: {what}: {e.strerror or e}") from None
+        what = f"{spec.backend} {spec.path}" if spec.path else spec.backend
+        raise ConfigError(f"virtio-console: port {spec.name} ({what}): "
+                          f"{e.strerror or e}") from None
 
 
 class Port:

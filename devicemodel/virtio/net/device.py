@@ -20,6 +20,7 @@ import struct
 
 import trio
 
+from ..buffers import copy_into
 from ..device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -48,17 +49,6 @@ RX_BATCH = 64
 TX_BATCH = 256
 
 _ZERO_HDR = bytes(HDR_LEN)
-
-
-def _scatter_write(views: list[memoryview], data: bytes) -> None:
-    """Write ``data`` at the start of a buffer list, across view boundaries."""
-    done = 0
-    for v in views:
-        n = min(len(v), len(data) - done)
-        v[:n] = data[done : done + n]
-        done += n
-        if done == len(data):
-            return
 
 
 class VirtioNet(VirtioDevice):
@@ -217,7 +207,7 @@ class VirtioNet(VirtioDevice):
         header = bytearray(hdr_len)  # no GUEST_CSUM/GSO negotiated: flags and gso are 0
         if hdr_len == HDR_LEN:
             struct.pack_into("<H", header, 10, used)
-        _scatter_write(views, header)
+        copy_into(views, header)
         q.undo_pop(len(chains) - used)
         remaining = n
         for chain, length in zip(chains[:used], lens, strict=False):

@@ -10,6 +10,7 @@ import os
 
 import trio
 
+from ..buffers import copy_into
 from ..device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -66,13 +67,7 @@ class VirtioRnd(VirtioDevice):
             want = min(chain.writable_len, MAX_PER_REQUEST)
             n = await self._take_budget(want) if want else 0
             data = os.getrandom(n) if n else b""
-            done = 0
-            for v in chain.writable:
-                k = min(len(v), n - done)
-                v[:k] = data[done : done + k]
-                done += k
-                if done == n:
-                    break
+            copy_into(chain.writable, data)
             q.add_used(chain.head, n)
             self.signal(q)
 

@@ -19,7 +19,7 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ....errors import ConfigError
 
@@ -49,31 +49,27 @@ def _advance(views: list[memoryview], n: int) -> None:
             n = 0
 
 
-def preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Fill every view from ``offset`` (OSError if the file ends first)."""
-    if len(views) <= IOV_MAX and os.preadv(fd, views, offset) == sum(map(len, views)):
-        return  # the usual case: one call did it all
+def _transfer_all(op: Callable[[int, list[memoryview], int], int], fd: int,
+                  views: list[memoryview], offset: int, what: str) -> None:
     views = [v for v in views if len(v)]
     while views:
-        n = os.preadv(fd, views[:IOV_MAX], offset)
+        n = op(fd, views[:IOV_MAX], offset)
         if n <= 0:
-            raise OSError(errno.EIO, "short read from the image")
+            raise OSError(errno.EIO, f"short {what} the image")
         offset += n
         _advance(views, n)
+
+
+def preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Fill every view from ``offset`` (OSError if the file ends first)."""
+    if len(views) > IOV_MAX or os.preadv(fd, views, offset) != sum(map(len, views)):
+        _transfer_all(os.preadv, fd, views, offset, "read from")  # rare: start over
 
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int, sync: bool) -> None:
     """Write every view at ``offset``, then ``fdatasync`` if ``sync``."""
-    if len(views) <= IOV_MAX and os.pwritev(fd, views, offset) == sum(map(len, views)):
-        views = []  # the usual case: one call did it all
-    else:
-        views = [v for v in views if len(v)]
-    while views:
-        n = os.pwritev(fd, views[:IOV_MAX], offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write to the image")
-        offset += n
-        _advance(views, n)
+    if len(views) > IOV_MAX or os.pwritev(fd, views, offset) != sum(map(len, views)):
+        _transfer_all(os.pwritev, fd, views, offset, "write to")  # rare: start over
     if sync:
         os.fdatasync(fd)
 
