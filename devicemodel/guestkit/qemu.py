@@ -110,8 +110,11 @@ def _unpacked(root: Path) -> Kernel | None:
     return Kernel(release, images[-1], mods) if mods.is_dir() else None
 
 
-def fetch_kernel(cache: Path | None = None) -> Kernel:
-    """Download (once) and unpack the current cloud kernel, else the generic one.
+def fetch_kernel(cache: Path | None = None,
+                 flavours: Sequence[str] = ("cloud-amd64", "amd64")) -> Kernel:
+    """Download (once) and unpack the current kernel of the first flavour apt knows: by
+    default the cloud kernel (faster to boot), else the generic one. The generic one
+    alone (``flavours=("amd64",)``) has what the cloud one lacks: AHCI, VFIO no-IOMMU.
 
     A kernel already unpacked in the cache is reused without asking apt, so runs work
     offline after the first one.
@@ -120,7 +123,7 @@ def fetch_kernel(cache: Path | None = None) -> Kernel:
     if _apt_kernel_package("amd64") is None and os.geteuid() == 0:
         # a fresh container often ships without package lists
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-    for flavour in ("cloud-amd64", "amd64"):
+    for flavour in flavours:
         pkg = _apt_kernel_package(flavour)
         if pkg is None:
             continue
@@ -145,6 +148,10 @@ def fetch_kernel(cache: Path | None = None) -> Kernel:
         if kernel:
             return kernel
     for root in sorted(cache.glob("linux-image-*")):  # offline: anything unpacked earlier
+        flavour = next((f for f in sorted(flavours, key=len, reverse=True)
+                        if root.name.endswith("-" + f)), None)
+        if flavour is None or (flavour == "amd64" and root.name.endswith("-cloud-amd64")):
+            continue
         kernel = _unpacked(root) if root.is_dir() else None
         if kernel:
             return kernel
@@ -167,10 +174,11 @@ def _depends(ko: Path) -> list[str]:
     return [d.replace("-", "_") for d in out.split(",") if d]
 
 
-def module_load_order(kernel: Kernel) -> list[Path]:
-    """MODULES that exist in this kernel, each after the modules it depends on."""
+def module_load_order(kernel: Kernel, extra: Sequence[str] = ()) -> list[Path]:
+    """MODULES (and ``extra``, paths like MODULES') that exist in this kernel, each after
+    the modules it depends on."""
     paths = {}
-    for rel in MODULES:
+    for rel in (*MODULES, *extra):
         ko = kernel.modules / rel
         if ko.exists():
             paths[ko.stem.replace("-", "_")] = ko
@@ -191,11 +199,13 @@ def module_load_order(kernel: Kernel) -> list[Path]:
 
 
 def build_initramfs(
-    kernel: Kernel, script: str, out: Path, files: dict[str, Path | bytes] | None = None
+    kernel: Kernel, script: str, out: Path, files: dict[str, Path | bytes] | None = None,
+    modules: Sequence[str] = (),
 ) -> Path:
     """A gzip'd newc cpio: busybox, the virtio modules, our /init and the test script.
 
-    ``files`` maps guest paths to host files or contents (e.g. a static benchmark binary).
+    ``files`` maps guest paths to host files or contents (e.g. a static benchmark binary);
+    ``modules`` adds kernel modules (paths under the module tree, loaded in order).
     """
     with tempfile.TemporaryDirectory(prefix="initramfs-") as d:
         root = Path(d)
@@ -204,7 +214,7 @@ def build_initramfs(
         moddir = root / "lib/modules"
         moddir.mkdir(parents=True)
         order = []
-        for src in module_load_order(kernel):
+        for src in module_load_order(kernel, modules):
             shutil.copy2(src, moddir / src.name)
             order.append(src.name)
         (root / "modules.order").write_text("\n".join(order) + "\n")

@@ -207,11 +207,13 @@ class ServedDevice:
         dev.mapper = None  # from now on the client places the BARs
         self.pci: PciDevice = dev
         self.name = getattr(dev, "name", emul)
+        self._pm_off = self._cap_offset(pcaps.CAP_ID_PM)
         self._msi_off = self._cap_offset(pcaps.CAP_ID_MSI)
         self._msix_off = self._cap_offset(pcaps.CAP_ID_MSIX)
         self._msix_table: tuple[int, int, int] | None = None  # (bar, start, end)
         self.irq_counts = self._irq_counts()
         self._take_over_msix_table()
+        self._orphans: list[tuple[DmaRegion, list[tuple[int, int]]]] = []
         self._rl = RateLimitedLog(log)
 
     # --- capabilities ----------------------------------------------------------------------
@@ -322,12 +324,34 @@ class ServedDevice:
                 self._write1(index, off + 4, 4, value >> 32)
                 return
             self.bus.cfg_write(0, self.slot.dev, 0, off, size, value)
+            self._remember_power_state(off, size, value)
             return
         if self._in_table(index, off, size):
             return
         bar = self.pci.bar(index)
         assert bar is not None
         bar.write(off, size, value)
+
+    def _remember_power_state(self, off: int, size: int, value: int) -> None:
+        """QEMU (10.0 and later) follows the guest's PMCSR PowerState writes to switch a
+        function's BARs off in D3hot, and reads PowerState back from us to decide whether
+        a later D0 write is needed. So the state a guest writes must read back, as on
+        hardware, even where our capability keeps it read-only (passthrough shows a
+        read-only copy of the physical one): D0 and D3hot, the states PMC always allows,
+        are remembered here; D1/D2 only if PMC advertises them."""
+        if self._pm_off is None:
+            return
+        pmcsr = self._pm_off + 4
+        if not (off <= pmcsr < off + size):
+            return
+        cfg = self.pci.cfg
+        state = (value >> (8 * (pmcsr - off))) & 0x3
+        pmc = cfg.get16(self._pm_off + 2)
+        if state in (1, 2) and not pmc & (1 << (8 + state)):
+            return
+        cur = cfg.get16(pmcsr)
+        if cur & 0x3 != state:
+            cfg.set16(pmcsr, (cur & ~0x3) | state)
 
     def _in_table(self, index: int, off: int, size: int) -> bool:
         t = self._msix_table
@@ -340,20 +364,60 @@ class ServedDevice:
         self._take_over_msix_table()
         self.lines._set_level(False)
 
-    def dma_unmapped(self, region: DmaRegion) -> None:
-        """A region left: make sure nothing of the device still points into it. A virtio
-        function with live queues is reset as if its driver wrote status 0, and flagged
-        DEVICE_NEEDS_RESET so the guest driver knows (QEMU unmaps RAM only when the guest
-        changes its memory map, never under a running driver)."""
+    # --- DMA mappings ---------------------------------------------------------------------
+    # QEMU re-describes guest RAM whenever the guest's memory map changes: SeaBIOS' PAM
+    # shadowing of 0xc0000-0xfffff makes it unmap all of low RAM and map it again in
+    # pieces, from the same memfd at the same offsets, while SeaBIOS' own virtio driver
+    # has live rings there. So a region that goes away under a started virtqueue's rings
+    # is not fatal at once: it is "orphaned", and the rings stay as they are if the same
+    # pages are mapped at the same guest addresses again before the client's next
+    # non-DMA command. Otherwise the function is reset as if its driver wrote status 0
+    # and flagged DEVICE_NEEDS_RESET, so nothing touches unmapped memory afterwards.
+
+    def dma_map(self, req: p.DmaMap, fd: int | None) -> None:
+        self.memory.map(req, fd)
+        self._orphans = [(old, rings) for old, rings in self._orphans
+                         if not all(self.memory.covers_same(old, a, n) for a, n in rings)]
+
+    def dma_unmap(self, regions: list[DmaRegion]) -> None:
+        for region in regions:
+            rings = self._rings_in(region)
+            self.memory.unmap(region)
+            if rings:
+                self._orphans.append((region, rings))
+
+    def settle(self) -> None:
+        """Before any non-DMA command: rings whose memory did not come back end here."""
+        if not self._orphans:
+            return
+        old = self._orphans[0][0]
+        self._orphans = []
+        from ..virtio.pci import VirtioPci
+
+        dev = self.pci
+        if isinstance(dev, VirtioPci) and dev.active:
+            log.warning("%s: DMA region %#x+%#x with the rings in it was unmapped and not "
+                        "mapped again: device reset", self.name, old.address, old.size)
+            self._write_status_zero(dev)
+            dev.needs_reset()
+
+    def _rings_in(self, region: DmaRegion) -> list[tuple[int, int]]:
+        """The started virtqueue rings that lie (partly) in ``region``."""
         from ..virtio.pci import VirtioPci
 
         dev = self.pci
         if not region.accessible or not isinstance(dev, VirtioPci) or not dev.active:
-            return
-        log.warning("%s: DMA region %#x+%#x unmapped under a running driver: device reset",
-                    self.name, region.address, region.size)
-        self._write_status_zero(dev)
-        dev.needs_reset()
+            return []
+        start, end = region.address, region.end
+        out = []
+        for q in dev.queues:
+            if not q.started:
+                continue
+            for a, n in ((q.desc_addr, 16 * q.size), (q.avail_addr, 6 + 2 * q.size),
+                         (q.used_addr, 6 + 8 * q.size)):
+                if a < end and start < a + n:
+                    out.append((a, n))
+        return out
 
     @staticmethod
     def _write_status_zero(dev: PciDevice) -> None:
@@ -367,15 +431,11 @@ class ServedDevice:
         if legacy is not None:
             legacy.write(vp.L_STATUS, 1, 0)
 
-    @property
-    def quiescent(self) -> bool:
-        device = getattr(self.pci, "device", None)
-        return bool(getattr(device, "quiescent", True))
-
     def client_gone(self) -> None:
         """The client left: its memory and eventfds go; the device state stays."""
         if self.lines.irqs is not None:
             self.lines.irqs.close()
+        self._orphans = []
         self.memory.clear()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -35,6 +35,8 @@ class DmaRegion:
     flags: int
     offset: int
     mm: mmap.mmap | None = None
+    #: (st_dev, st_ino) of the file it maps, to recognise the same pages mapped again
+    file_id: tuple[int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -78,6 +80,8 @@ class DmaMemory(MemoryMap):
         rw = DMA_READ_FLAG | DMA_WRITE_FLAG
         if fd is not None and req.flags & rw == rw:
             region.mm = self._mmap(fd, req, where)
+            st = os.fstat(fd)
+            region.file_id = (st.st_dev, st.st_ino)
             self.add(RamRegion(gpa=req.address, size=req.size, mm=region.mm))
         elif fd is not None:
             log.info("%s is not read-write (flags %#x): devices may not use it", where,
@@ -105,42 +109,56 @@ class DmaMemory(MemoryMap):
         except (OSError, OverflowError, ValueError) as e:
             raise Refused(errno.EINVAL, f"{where}: cannot map it: {e}") from None
 
-    def find(self, address: int, size: int) -> DmaRegion | None:
-        for m in self.maps:
-            if m.address == address and m.size == size:
-                return m
+    def spans(self) -> None:
+        """No inline fast path: every buffer access goes through :meth:`view`, so an access
+        into a region the client has just unmapped fails instead of using a cached view."""
         return None
 
-    def unmap(self, address: int, size: int) -> DmaRegion:
-        """Remove the mapping that matches exactly (the protocol's rule)."""
-        m = self.find(address, size)
-        if m is None:
-            raise Refused(errno.EINVAL, f"DMA_UNMAP {address:#x}+{size:#x} matches no mapping")
-        self.maps.remove(m)
-        if m.mm is not None:
-            self._drop(m)
-        return m
+    def covers_same(self, old: DmaRegion, start: int, length: int) -> bool:
+        """Whether [start, start+length) is mapped now by one accessible region that shows
+        the same pages ``old`` showed there (same file, same file offset)."""
+        for m in self.maps:
+            if m.accessible and m.address <= start and start + length <= m.end:
+                return (m.file_id == old.file_id and old.file_id is not None
+                        and m.offset - m.address == old.offset - old.address)
+        return False
 
-    def _drop(self, m: DmaRegion) -> None:
+    def within(self, address: int, size: int) -> list[DmaRegion]:
+        """The mappings DMA_UNMAP of [address, address+size) removes: the spec asks for
+        an exact match, QEMU (behind a vIOMMU) invalidates whole ranges, so we follow
+        Linux's type1 rule: every mapping inside the range goes, a range that would
+        split a mapping is refused, a range with nothing in it removes nothing."""
+        if size == 0 or address + size > _LIMIT:
+            raise Refused(errno.EINVAL, f"DMA_UNMAP {address:#x}+{size:#x}: bad range")
+        end = address + size
+        inside = []
+        for m in self.maps:
+            if m.address < end and address < m.end:
+                if not (address <= m.address and m.end <= end):
+                    raise Refused(errno.EINVAL, f"DMA_UNMAP {address:#x}+{size:#x} would "
+                                  f"split the mapping {m.address:#x}+{m.size:#x}")
+                inside.append(m)
+        return inside
+
+    def unmap(self, m: DmaRegion) -> None:
+        """Remove a mapping: no new access reaches it. Views taken before (a started
+        queue's rings) keep the pages mapped until they are dropped; the caller stops
+        whatever might still use them first (ServedDevice.release)."""
+        self.maps.remove(m)
+        if m.mm is None:
+            return
         i = self._starts.index(m.address)
-        view = self._views.pop(i)
-        self._regions.pop(i)
-        self._starts.pop(i)
+        del self._views[i], self._regions[i], self._starts[i]
         try:
-            view.release()
-        except BufferError:
-            pass  # a slice of it is still alive: the mapping goes with the last one
-        try:
-            assert m.mm is not None
             m.mm.close()
         except BufferError:
-            pass
+            pass  # a view is alive: the mapping goes with the last one
         m.mm = None
 
     def clear(self) -> None:
         """Forget every mapping (the client went away)."""
         for m in list(self.maps):
-            self.unmap(m.address, m.size)
+            self.unmap(m)
 
     def close(self) -> None:
         self.clear()

@@ -25,8 +25,6 @@ from .protocol import Cmd, Fatal, Refused
 
 log = logging.getLogger(__name__)
 
-#: how long DMA_UNMAP waits for a reset device's in-flight I/O before it replies anyway
-QUIESCE_S = 5.0
 #: VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP / _ALL
 UNMAP_DIRTY_BITMAP = 1 << 0
 UNMAP_ALL = 1 << 1
@@ -125,7 +123,9 @@ class Session:
 
     async def _handle(self, command: int, msg: Message) -> bytes:
         if command == Cmd.DMA_UNMAP:
-            return await self._dma_unmap(msg)
+            return self._dma_unmap(msg)
+        if command != Cmd.DMA_MAP:
+            self.served.settle()
         handler = self._handlers.get(command)  # type: ignore[call-overload]
         if handler is None:
             if command in (Cmd.DMA_READ, Cmd.DMA_WRITE):
@@ -188,26 +188,18 @@ class Session:
             for fd in fds:
                 os.close(fd)
             raise Refused(errno.EINVAL, f"DMA_MAP with {len(fds)} file descriptors")
-        self.served.memory.map(req, fds[0] if fds else None)
+        self.served.dma_map(req, fds[0] if fds else None)
         return b""
 
-    async def _dma_unmap(self, msg: Message) -> bytes:
+    def _dma_unmap(self, msg: Message) -> bytes:
         if msg.fds:
             raise Refused(errno.EINVAL, "DMA_UNMAP carries no file descriptors")
         argsz, flags, address, size = p.parse_dma_unmap(msg.payload)
         if flags & UNMAP_DIRTY_BITMAP or flags & ~(UNMAP_DIRTY_BITMAP | UNMAP_ALL):
             raise Refused(errno.ENOTSUP, f"DMA_UNMAP flags {flags:#x} (no dirty tracking)")
         memory = self.served.memory
-        if flags & UNMAP_ALL:
-            gone = list(memory.maps)
-            memory.clear()
-        else:
-            gone = [memory.unmap(address, size)]
-        for region in gone:
-            self.served.dma_unmapped(region)
-        with trio.move_on_after(QUIESCE_S):
-            while not self.served.quiescent:
-                await trio.sleep(0.001)
+        gone = list(memory.maps) if flags & UNMAP_ALL else memory.within(address, size)
+        self.served.dma_unmap(gone)
         return p.dma_unmap_payload(argsz, flags, address, size)
 
     # --- device, regions, IRQs ------------------------------------------------------------------
