@@ -18,6 +18,7 @@ import trio
 
 from devicemodel.pci import caps as pcaps
 from devicemodel.vfio_user import protocol as p
+from devicemodel.vfio_user.cli import main as cli_main
 from devicemodel.vfio_user.device import ServedDevice
 from devicemodel.vfio_user.server import serve
 from devicemodel.virtio.device import STATUS_DEVICE_NEEDS_RESET
@@ -318,10 +319,11 @@ async def test_disconnect_keeps_the_device_and_drops_the_clients_resources(
     assert open_fds() - before == set()
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "devicemodel", "vfio-user", *args],
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        code = cli_main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
 
     for args, words in ((["dummy"], "--socket-path"),
                         (["--socket-path", "x"], "device spec"),
@@ -337,6 +339,11 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         assert words in lines[0], (words, r.stderr)
     assert not (tmp_path / "x").exists()
     assert "vfio-user-pci" in run("--help").stdout
+    # and the real entry point says the same
+    r = subprocess.run([sys.executable, "-m", "devicemodel", "vfio-user", "lpc", "--socket-path",
+                        str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "LPC bridge" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_cli_serves_an_inherited_socket_until_sigterm(tmp_path: Path) -> None:
