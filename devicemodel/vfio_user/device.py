@@ -392,14 +392,21 @@ class ServedDevice:
             return
         old = self._orphans[0][0]
         self._orphans = []
+        if self._stop_queues():
+            log.warning("%s: DMA region %#x+%#x with the rings in it was unmapped and not "
+                        "mapped again: device reset", self.name, old.address, old.size)
+            self.pci.needs_reset()  # type: ignore[attr-defined]
+
+    def _stop_queues(self) -> bool:
+        """Reset a virtio function with live queues as its driver would (status 0), so
+        its rings' views into client memory are dropped. True if it had live queues."""
         from ..virtio.pci import VirtioPci
 
         dev = self.pci
-        if isinstance(dev, VirtioPci) and dev.active:
-            log.warning("%s: DMA region %#x+%#x with the rings in it was unmapped and not "
-                        "mapped again: device reset", self.name, old.address, old.size)
-            self._write_status_zero(dev)
-            dev.needs_reset()
+        if not isinstance(dev, VirtioPci) or not any(q.started for q in dev.queues):
+            return False
+        self._write_status_zero(dev)
+        return True
 
     def _rings_in(self, region: DmaRegion) -> list[tuple[int, int]]:
         """The started virtqueue rings that lie (partly) in ``region``."""
@@ -432,10 +439,13 @@ class ServedDevice:
             legacy.write(vp.L_STATUS, 1, 0)
 
     def client_gone(self) -> None:
-        """The client left: its memory and eventfds go; the device state stays."""
+        """The client left: its memory and eventfds go; the device state stays, except
+        that a virtio function with live queues is reset first (as if its driver wrote
+        status 0): its rings were in the memory that goes, and nothing may keep it."""
         if self.lines.irqs is not None:
             self.lines.irqs.close()
         self._orphans = []
+        self._stop_queues()
         self.memory.clear()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

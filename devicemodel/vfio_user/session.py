@@ -82,7 +82,9 @@ class Session:
             except Disconnected:
                 return
             except Fatal as e:
-                log.warning("%s: %s; closing the connection", self.served.name, e)
+                # str(e): a record holding the exception would keep its frames (and the
+                # client's memory) alive for as long as the record lives
+                log.warning("%s: %s; closing the connection", self.served.name, str(e))
                 if e.header is not None:
                     await self._send(p.error_reply(e.header, errno.EINVAL))
                 return
@@ -113,7 +115,7 @@ class Session:
             payload = await self._handle(h.command, msg)
         except Refused as e:
             self.errors += 1
-            self._rl.warning("%s: command %d refused: %s", self.served.name, h.command, e)
+            self._rl.warning("%s: command %d refused: %s", self.served.name, h.command, str(e))
             if not h.no_reply:
                 await self._send(p.error_reply(h, e.errno))
             return

@@ -122,7 +122,28 @@ def _message(rnd: random.Random) -> Msg:
 MSIX_CTRL = {SPECS[0]: 0x5A, SPECS[1]: 0x42, SPECS[2]: 0x52}
 
 
-def _start(spec: str) -> list[Msg]:
+def _w(region: int, offset: int, size: int, value: int) -> Msg:
+    return (p.Cmd.REGION_WRITE, 0, p.region_access_payload(
+        offset, region, size, value.to_bytes(size, "little")), [], 0)
+
+
+def _rnd_driver(rnd: random.Random) -> list[Msg]:
+    """Linux's modern virtio init of the rnd function's queue 0 through BAR4's common
+    config, rings somewhere in (or around) the random memory, then a kick: the device
+    then walks whatever the random bytes say."""
+    base = rnd.choice([0x1000, 0x2000, SHM - 0x1000, SHM, _int(rnd, 0, 2**64 - 1)])
+    desc, avail, used = base, base + 0x100, base + rnd.choice([0x200, 0x1000, 0x101])
+    msgs = [_w(4, 20, 1, 0), _w(4, 20, 1, 3), _w(4, 8, 4, 1), _w(4, 12, 4, 1),
+            _w(4, 20, 1, 11), _w(4, 22, 2, 0), _w(4, 24, 2, rnd.choice([8, 16, 3, 0]))]
+    for off, addr in ((32, desc), (40, avail), (48, used)):
+        msgs += [_w(4, off, 4, addr & 0xFFFF_FFFF), _w(4, off + 4, 4, addr >> 32)]
+    msgs += [_w(4, 26, 2, rnd.choice([1, 0, 0xFFFF])), _w(4, 28, 2, 1), _w(4, 20, 1, 15),
+             _w(4, 0x3000, 2, 0)]
+    return msgs
+
+
+def _start(spec: str, rnd: random.Random | None = None) -> list[Msg]:
+    rings = _rnd_driver(rnd) if rnd is not None and spec == SPECS[1] else []
     return [
         (p.Cmd.VERSION, 0, p.version_payload(0, 0, {"max_msg_fds": 16,
                                                     "write_multiple": True}), [], 0),
@@ -132,6 +153,7 @@ def _start(spec: str) -> list[Msg]:
          [], 0),
         (p.Cmd.DEVICE_SET_IRQS, 0, p.irq_set_payload(TRIGGER, 2, 0, 2), ["event"] * 2, 0),
         (p.Cmd.DEVICE_SET_IRQS, 0, p.irq_set_payload(TRIGGER, 0, 0, 1), ["event"], 0),
+        *rings,
     ]
 
 
@@ -140,7 +162,7 @@ def _expand(seed: int) -> tuple[str, list[Msg], bytes]:
     rnd = random.Random(seed)
     spec = SPECS[seed % len(SPECS)]
     n = min(12, int(rnd.expovariate(1 / 5))) if rnd.randrange(4) else rnd.randrange(13)
-    msgs = (_start(spec) if rnd.randrange(2) else []) + [_message(rnd) for _ in range(n)]
+    msgs = (_start(spec, rnd) if rnd.randrange(2) else []) + [_message(rnd) for _ in range(n)]
     k = rnd.randrange(4)
     shm = bytes(256) if k == 0 else bytes(rnd.choices([0, 1, 2, 8, 0xFF], k=256)) if k == 1 \
         else rnd.randbytes(256)
@@ -222,6 +244,8 @@ async def _session(spec: str, msgs: list[Msg], shm: bytes) -> None:
                     want = {0xBEEF}
                     await trio.testing.wait_all_tasks_blocked()
                     assert _drain(theirs, want) and not want, "the server stopped answering"
+                if getattr(served.pci, "active", False):
+                    count("vfio_user.active")  # a virtio queue ran on the random memory
                 theirs.close()
                 with trio.fail_after(LIMIT_S):
                     while not ended:
