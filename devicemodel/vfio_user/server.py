@@ -74,11 +74,12 @@ async def serve(served: ServedDevice, *, socket_path: str | None = None, fd: int
 async def serve_client(served: ServedDevice, conn: trio.socket.SocketType) -> Session:
     """One client, start to end; the connection is closed afterwards."""
     log.info("%s: client connected", served.name)
-    session = Session(served, Channel(conn))
+    channel = Channel(conn)
+    session = Session(served, channel)
     try:
         await session.serve()
     finally:
-        conn.close()
+        channel.close()
     log.info("%s: client disconnected (%d commands, %d refused)", served.name,
              session.handled, session.errors)
     return session

@@ -51,9 +51,8 @@ async def _rnd_request(drv: ModernVirtio, q: object, n: int = 32) -> bytes:
     head = q.add_chain(writable=[n])  # type: ignore[attr-defined]
     await drv.kick(0)
     with trio.fail_after(5):
-        while q.used_idx() == 0:  # type: ignore[attr-defined]
+        while not (used := q.get_used()):  # type: ignore[attr-defined]
             await trio.sleep(0.001)
-    used = q.get_used()  # type: ignore[attr-defined]
     assert used[0][0] == head
     return q.written(head, used[0][1])  # type: ignore[attr-defined]
 
