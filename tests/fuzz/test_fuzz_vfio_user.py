@@ -132,7 +132,8 @@ def _rnd_driver(rnd: random.Random) -> list[Msg]:
     config, rings somewhere in (or around) the random memory, then a kick: the device
     then walks whatever the random bytes say."""
     base = rnd.choice([0x1000, 0x2000, SHM - 0x1000, SHM, _int(rnd, 0, 2**64 - 1)])
-    desc, avail, used = base, base + 0x100, base + rnd.choice([0x200, 0x1000, 0x101])
+    desc, avail, used = (a & (2**64 - 1) for a in (base, base + 0x100,
+                                                 base + rnd.choice([0x200, 0x1000, 0x101])))
     msgs = [_w(4, 20, 1, 0), _w(4, 20, 1, 3), _w(4, 8, 4, 1), _w(4, 12, 4, 1),
             _w(4, 20, 1, 11), _w(4, 22, 2, 0), _w(4, 24, 2, rnd.choice([8, 16, 3, 0]))]
     for off, addr in ((32, desc), (40, avail), (48, used)):
