@@ -50,7 +50,6 @@ from ..pci import config as pc
 from ..pci.bus import PciBus
 from ..pci.device import BarKind, PciDevice
 from ..pci.registry import factory_for
-from ..ratelimit import RateLimitedLog
 from ..slot import SlotConfig
 from . import protocol as p
 from .dma import DmaMemory, DmaRegion
@@ -95,7 +94,6 @@ class ClientLines:
         self._routes: dict[int, tuple[int, int]] = {}
         self._watchers: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
-        self._rl = RateLimitedLog(log)
 
     # --- MSI / MSI-X ----------------------------------------------------------------------
     def inject_msi(self, address: int, data: int) -> None:
@@ -214,7 +212,6 @@ class ServedDevice:
         self.irq_counts = self._irq_counts()
         self._take_over_msix_table()
         self._orphans: list[tuple[DmaRegion, list[tuple[int, int]]]] = []
-        self._rl = RateLimitedLog(log)
 
     # --- capabilities ----------------------------------------------------------------------
     def _cap_offset(self, cap_id: int) -> int | None:
