@@ -65,6 +65,11 @@ for d in /sys/bus/pci/devices/*; do
   info "pci $(basename $d) $(cat $d/vendor):$(cat $d/device) ${drv:--} \
 $(od -An -tx1 -v -N 256 $d/config | tr -d ' \n')"
 done
+for d in /sys/bus/pci/devices/*; do
+  case "$(cat $d/vendor)" in 0x1af4|0x1b36) ;; *) continue;; esac
+  s=$(basename $d | cut -d: -f3 | cut -d. -f1)
+  lspci -vvv -xxx -nn -s 00:$s.0 2>&1 | while IFS= read -r l; do info "lspci $s $l"; done
+done
 for v in /sys/bus/virtio/devices/virtio*; do
   n=$(basename $v)
   irqs=$(grep -aE " $n(-[^ ,]+)?(,|$)" /proc/interrupts | awk '{print $2 ":" $3}' | tr '\n' ,)
@@ -154,6 +159,11 @@ class Boot:
                 out[int(m.group(1), 16)] = (m.group(2), m.group(3), bytes.fromhex(m.group(4)))
         return out
 
+    def lspci(self, slot: int) -> str:
+        """What ``lspci -vvv -xxx -nn`` printed in the guest for the function in ``slot``."""
+        tag = f"lspci {slot:02x} "
+        return "\n".join(line[len(tag):] for line in self.run.info if line.startswith(tag))
+
     def virtio(self) -> dict[int, tuple[int, str, str, list[tuple[int, str]]]]:
         """slot -> (virtio id, features, driver's interrupt lines as (count, kind))."""
         out = {}
@@ -204,20 +214,36 @@ class ConsolePeer:
         return self.got
 
 
+def _lspci_files() -> dict[str, Path]:
+    """The host's pciutils lspci and the libraries it links, for the guest's initramfs
+    (busybox has no lspci -vvv): the guest then runs the real one on its own sysfs."""
+    exe = shutil.which("lspci")
+    assert exe is not None
+    files = {"/bin/lspci": Path(exe)}
+    for line in subprocess.run(["ldd", exe], capture_output=True, text=True,
+                               check=True).stdout.splitlines():
+        m = re.search(r"(/\S+) \(0x", line)
+        if m:
+            files[m.group(1)] = Path(os.path.realpath(m.group(1)))
+    return files
+
+
 def _why_not() -> str | None:
     return (g.can_run_guests() or trixie.why_not()
             or (None if os.geteuid() == 0 else "needs root (a network namespace and a tap)")
-            or (None if shutil.which("gcc") else "gcc is not installed"))
+            or (None if shutil.which("gcc") else "gcc is not installed")
+            or (None if shutil.which("lspci") else "pciutils is not installed"))
 
 
 def _boot(name: str, script: str, specs: dict[str, str], slots: dict[str, int], *,
-          append: str = "", machine: tuple[str, ...] = (), work_files: dict | None = None,
+          append: str = "", machine: tuple[str, ...] = (),
+          work_files: dict[str, Path] | None = None,
           modules: tuple[str, ...] = (), image: Path | None = None,
           console: str | None = None) -> Boot:
     qemu = trixie.ensure_qemu()
     kernel = g.fetch_kernel()
     with qemu.workdir() as work:
-        files = {k: v(work) if callable(v) else v for k, v in (work_files or {}).items()}
+        files = {**_lspci_files(), **(work_files or {})}
         g.build_initramfs(kernel, script + INVENTORY, work / "initrd.gz", files=files,
                           modules=modules)
         specs = {k: v.replace("{work}", str(work)) for k, v in specs.items()}
@@ -449,28 +475,40 @@ def _lspci(cfg: bytes, work: Path, name: str) -> str:
                           text=True, check=True).stdout
 
 
-def _compare(boot: Boot, dev: str, tmp_path: Path) -> tuple[bytes, str]:
-    guest = boot.pci()[boot.slots[dev]][2]
+def _hexdump(text: str) -> bytes:
+    """The config bytes in an ``lspci -xxx`` listing."""
+    rows = re.findall(r"^([0-9a-f]{2}): ((?:[0-9a-f]{2} ?){16})$", text, re.M)
+    return b"".join(bytes.fromhex(r[1]) for r in rows)
+
+
+def _compare(boot: Boot, dev: str, tmp_path: Path) -> str:
+    """The guest's ``lspci -vvv -xxx`` of ``dev``, after checking that its config bytes
+    are ours (acrn-pydm lspci, same -s line) outside the VIRTUALIZED fields."""
+    slot = boot.slots[dev]
+    text = boot.lspci(slot)
+    guest = _hexdump(text)
+    assert guest == boot.pci()[slot][2], f"lspci -xxx and sysfs disagree:\n{text}"
     ours = boot.ours[dev]
-    assert len(guest) == len(ours) == 256
+    assert len(guest) == len(ours) == 256, text
     mask = _programmable(ours)
     differ = [off for off in range(256) if (guest[off] ^ ours[off]) & ~mask[off] & 0xFF]
-    text = _lspci(guest, tmp_path, "guest")
     assert not differ, (f"{dev}: config bytes differ outside the virtualized fields at "
-                        f"{[hex(o) for o in differ]}\n--- guest ---\n{text}\n--- acrn-pydm "
-                        f"lspci ---\n{_lspci(ours, tmp_path, 'ours')}")
-    return guest, text
+                        f"{[hex(o) for o in differ]}\n--- the guest's lspci ---\n{text}\n"
+                        f"--- acrn-pydm lspci ---\n{_lspci(ours, tmp_path, 'ours')}")
+    return text
 
 
 @pytest.mark.parametrize("dev", ["blk", "net", "rnd", "con"])
 def test_lspci_msix_boot(msix: Boot, dev: str, tmp_path: Path) -> None:
-    _, text = _compare(msix, dev, tmp_path)
+    text = _compare(msix, dev, tmp_path)
     assert re.search(r"MSI-X: Enable\+ Count=\d+ Masked-", text), text
+    assert "Kernel driver in use: virtio-pci" in text, text
 
 
 @pytest.mark.parametrize("dev", ["blk", "rnd"])
 def test_lspci_intx_boot(intx: Boot, dev: str, tmp_path: Path) -> None:
-    _, text = _compare(intx, dev, tmp_path)
+    text = _compare(intx, dev, tmp_path)
+    assert "Kernel driver in use: virtio-pci" in text, text
     assert "MSI-X: Enable-" in text and re.search(r"Interrupt: pin A routed to IRQ 1[01]", text), \
         text
 
@@ -478,7 +516,7 @@ def test_lspci_intx_boot(intx: Boot, dev: str, tmp_path: Path) -> None:
 def test_lspci_vmsix_boot(vmsix: Boot, tmp_path: Path) -> None:
     """The guest's lspci -vvv: an MSI-X capability with the emulated table size (8) in the
     emulated BAR, and no MSI capability."""
-    _, text = _compare(vmsix, "pt", tmp_path)
+    text = _compare(vmsix, "pt", tmp_path)
     assert f"MSI-X: Enable- Count={VMSIX_VECTORS} Masked-" in text, text
     assert "Vector table: BAR=1 offset=00000000" in text and "PBA: BAR=1 offset=00000800" in text
     assert "MSI:" not in text, text
