@@ -16,9 +16,10 @@ own PciDevice objects, the same the ACRN path uses. Three boots of the Debian ke
   program (tests/support/guest_vfio_msix.c) enables all 8 MSI-X vectors and rings the
   device's doorbell for each, and each must arrive on its own eventfd.
 
-Every function's 256 config bytes as the guest reads them are compared with
-``acrn-pydm lspci`` for the same ``-s`` line; the fields QEMU's client virtualizes are
-listed in VIRTUALIZED with the reason.
+The guest runs the real ``lspci -vvv -xxx`` (pciutils and its libraries copied into the
+initramfs) on each of our functions; its hex dump is compared with ``acrn-pydm lspci``
+for the same ``-s`` line, and the fields that may differ (what QEMU's client virtualizes
+and what the guest programs) are listed in VIRTUALIZED with the reason.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
  * eventfd fired. Output lines, parsed by tests/integration/test_integration_vfio_user.py:
  *
  *   msix-count N          what VFIO_DEVICE_GET_IRQ_INFO says for the MSI-X index
+ *   enabled N             N vectors enabled through VFIO_DEVICE_SET_IRQS
  *   vector K fired F      after ringing K: F = the eventfd that fired (-1: none in 5 s)
  *   error WHAT: ERRNO
  *
@@ -105,12 +106,7 @@ int main(int argc, char **argv)
     memcpy(set->data, fds, nvec * sizeof(int));
     if (ioctl(dev, VFIO_DEVICE_SET_IRQS, set) < 0)
         return fail("SET_IRQS MSI-X");
-    printf("enabled %d bar0 offset %llx size %llx flags %x\n", nvec,
-           (unsigned long long)bar0.offset, (unsigned long long)bar0.size, bar0.flags);
-    uint32_t probe = 0xabcd, back = 0;
-    ssize_t w = pwrite(dev, &probe, 4, bar0.offset + 8);
-    ssize_t r = pread(dev, &back, 4, bar0.offset + 8);
-    printf("probe w %zd r %zd back %x\n", w, r, back);
+    printf("enabled %d\n", nvec);
     fflush(stdout);
 
     for (int k = 0; k < nvec; k++) {
