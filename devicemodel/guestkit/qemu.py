@@ -115,11 +115,8 @@ def _unpacked(root: Path) -> Kernel | None:
     return Kernel(release, images[-1], mods) if mods.is_dir() else None
 
 
-def fetch_kernel(cache: Path | None = None,
-                 flavours: Sequence[str] = ("cloud-amd64", "amd64")) -> Kernel:
-    """Download (once) and unpack the current kernel of the first flavour apt knows: by
-    default the cloud kernel (faster to boot), else the generic one. The generic one
-    alone (``flavours=("amd64",)``) has what the cloud one lacks: AHCI, VFIO no-IOMMU.
+def fetch_kernel(cache: Path | None = None) -> Kernel:
+    """Download (once) and unpack the current cloud kernel, else the generic one.
 
     A kernel already unpacked in the cache is reused without asking apt, so runs work
     offline after the first one.
@@ -128,7 +125,7 @@ def fetch_kernel(cache: Path | None = None,
     if _apt_kernel_package("amd64") is None and os.geteuid() == 0:
         # a fresh container often ships without package lists
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-    for flavour in flavours:
+    for flavour in ("cloud-amd64", "amd64"):
         pkg = _apt_kernel_package(flavour)
         if pkg is None:
             continue
@@ -153,10 +150,6 @@ def fetch_kernel(cache: Path | None = None,
         if kernel:
             return kernel
     for root in sorted(cache.glob("linux-image-*")):  # offline: anything unpacked earlier
-        flavour = next((f for f in sorted(flavours, key=len, reverse=True)
-                        if root.name.endswith("-" + f)), None)
-        if flavour is None or (flavour == "amd64" and root.name.endswith("-cloud-amd64")):
-            continue
         kernel = _unpacked(root) if root.is_dir() else None
         if kernel:
             return kernel
