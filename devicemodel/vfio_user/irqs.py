@@ -10,13 +10,15 @@ client is written against:
   eventfd.
 * MSI and MSI-X: vector ``i`` of the device signals trigger eventfd ``i``. The client
   owns the message address/data (QEMU emulates the MSI and MSI-X capabilities and the
-  MSI-X table itself), so only the vector number crosses the socket.
+  MSI-X table itself), so only the vector number crosses the socket. The device raises
+  them through the interrupt layer's ``EventfdVectors`` (any thread); the fds a SET_IRQS
+  installs go there before the ones they replace are closed.
 * ERR and REQ: one eventfd each, never signalled by our emulated devices.
 
 DATA_EVENTFD with no fds de-assigns the vectors named (the protocol's stand-in for fd -1);
 DATA_NONE with count 0 disables the whole index; DATA_NONE/DATA_BOOL with TRIGGER makes
-us signal the vectors (a loopback test the client may run). Signalling happens on the
-event loop's thread, the same thread that swaps the fds.
+us signal the vectors (a loopback test the client may run). INTx, ERR/REQ and the
+loopback triggers are signalled on the event loop's thread, the one that swaps the fds.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
 
+from ..irq.delivery import EventfdVectors
 from . import protocol as p
 from .protocol import IrqSet, Refused
 
@@ -95,14 +98,17 @@ class ClientIrqs:
     """Every IRQ index of one device, and what a SET_IRQS does to them.
 
     ``on_unmask_fd`` is called when the INTx unmask eventfd changes (the session watches
-    it); ``intx_level`` tells whether the device's INTx line is up now.
+    it); ``intx_level`` tells whether the device's INTx line is up now; ``vectors`` are
+    the per-index ``EventfdVectors`` the device raises MSI / MSI-X vectors through.
     """
 
     def __init__(self, counts: dict[int, int], intx_level: Callable[[], bool],
-                 on_unmask_fd: Callable[[int | None], None] | None = None) -> None:
+                 on_unmask_fd: Callable[[int | None], None] | None = None,
+                 vectors: Mapping[int, EventfdVectors] | None = None) -> None:
         self.indexes = [IrqIndex(i, counts.get(i, 0)) for i in range(p.NUM_IRQS)]
         self._intx_level = intx_level
         self._on_unmask_fd = on_unmask_fd
+        self._vectors = dict(vectors or {})
 
     # --- signalling (from the device) ---------------------------------------------------
     def signal(self, index: int, vector: int) -> bool:
@@ -189,9 +195,13 @@ class ClientIrqs:
         if data == p.SET_DATA_EVENTFD:
             if req.index in (p.INTX_IRQ, p.ERR_IRQ, p.REQ_IRQ) and (req.start or req.count > 1):
                 raise Refused(errno.EINVAL, f"{what}: one vector only (start 0, count 1)")
+            new: list[int | None] = list(fds) if fds else [None] * req.count
+            vectors = self._vectors.get(req.index)
+            if vectors is not None:  # the device signals the new fds from now on
+                vectors.set_fds(req.start, new)
             for i in range(req.count):
                 old = irq.triggers[req.start + i]
-                irq.triggers[req.start + i] = fds[i] if fds else None
+                irq.triggers[req.start + i] = new[i]
                 if old is not None:
                     os.close(old)
             if req.index == p.INTX_IRQ:
@@ -221,6 +231,9 @@ class ClientIrqs:
         irq = self.indexes[index]
         if irq.unmask_fd is not None:
             self._set_unmask_fd(irq, None)
+        vectors = self._vectors.get(index)
+        if vectors is not None:
+            vectors.set_fds(0, [None] * irq.count)
         irq.close()
         irq.masked = False
 

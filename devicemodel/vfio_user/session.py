@@ -41,7 +41,7 @@ class Session:
         self.negotiated = False
         self.write_multiple = False
         self.irqs = ClientIrqs(served.irq_counts, lambda: served.lines.level,
-                               self._unmask_fd_changed)
+                               self._unmask_fd_changed, served.vectors)
         self._unmask_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.handled = 0

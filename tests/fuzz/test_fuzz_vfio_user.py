@@ -28,6 +28,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devicemodel.pci import caps as pcaps
 from devicemodel.vfio_user import protocol as p
 from devicemodel.vfio_user.device import ServedDevice
 from devicemodel.vfio_user.server import serve_client
@@ -287,7 +288,8 @@ def test_start_prefix_turns_msix_on() -> None:
     for spec in SPECS:
         served = ServedDevice(spec)
         try:
-            assert served._msix_off is not None and served._msix_off + 2 == MSIX_CTRL[spec]
+            cap = pcaps.find(served.pci.cfg.data, pcaps.CAP_ID_MSIX)
+            assert cap is not None and cap.offset + 2 == MSIX_CTRL[spec]
         finally:
             served.close()
     before = open_fds()

@@ -218,6 +218,20 @@ class VirtioFunction(PciDevice):
         delivery = self.msix.delivery if self.msix is not None else None
         return delivery.sent if isinstance(delivery, IrqfdDelivery) else 0
 
+    # --- queries for a server whose guest memory can change under it ---------------------
+    def ring_ranges(self) -> list[tuple[int, int]]:
+        """(guest address, bytes) of the descriptor table, available ring and used ring
+        of every started queue: the guest memory the device reads and writes on its own.
+        A vfio-user server asks before its client unmaps memory (the rings may be in it)
+        and, if any, stops the device as the driver's status 0 would (``reset_device``)."""
+        out = []
+        for q in self.queues:
+            if q.started:
+                n = q.size
+                out += [(q.desc_addr, 16 * n), (q.avail_addr, 6 + 2 * n),
+                        (q.used_addr, 6 + 8 * n)]
+        return out
+
     # --- helpers the register interfaces share ------------------------------------------
     def selected_queue(self) -> Virtqueue | None:
         sel = self.queue_sel
