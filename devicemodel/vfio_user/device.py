@@ -41,6 +41,7 @@ from ..pci import config as pc
 from ..pci.bus import PciBus
 from ..pci.device import PciDevice
 from ..pci.msix import VectorSignal
+from ..ratelimit import RateLimitedLog
 from ..registry import create_pci, vfio_user_kind
 from ..slot import SlotConfig
 from ..virtio.pci import VirtioPci
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: where the function sits in its -s form (the slot changes nothing QEMU shows)
 DEFAULT_SLOT = 3
+#: how long the client's next command waits for a status-0 reset to complete
+RESET_WAIT_S = 2.0
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 
 
@@ -94,6 +97,7 @@ class ServedDevice:
                                msi=self.vectors.get(p.MSI_IRQ), intx=Line(self.lines, 0))
         self._unmask_foreign_msix_table()
         self._orphans: list[tuple[DmaRegion, list[tuple[int, int]]]] = []
+        self._rl = RateLimitedLog(log)
 
     # --- capabilities and interrupts -------------------------------------------------------
     def _cap_offset(self, cap_id: int) -> int | None:
@@ -203,6 +207,18 @@ class ServedDevice:
         bar = self.pci.bar(index)
         assert bar is not None
         bar.write(off, size, value)
+
+    async def writes_done(self) -> None:
+        """After a region write or a reset, before the client's next command: a virtio
+        function's status-0 reset completes first (a legacy driver reads status once
+        right after writing 0 and must see 0)."""
+        dev = self.pci
+        if isinstance(dev, VirtioPci) and dev.resetting:
+            with trio.move_on_after(RESET_WAIT_S):
+                await dev.wait_reset_done()
+            if dev.resetting:  # a worker stuck in the host: the driver polls, as on ACRN
+                self._rl.warning("%s: reset still completing after %.0f s", self.name,
+                                 RESET_WAIT_S)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def reset(self) -> None:

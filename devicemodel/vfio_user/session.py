@@ -30,6 +30,8 @@ UNMAP_DIRTY_BITMAP = 1 << 0
 UNMAP_ALL = 1 << 1
 #: VFIO_DEVICE_FEATURE_*: we offer none (no migration, no DMA logging); Linux's answer
 FEATURE_UNSUPPORTED = errno.ENOTTY
+#: commands after which the device's reaction completes before the next command
+_WRITES = frozenset({Cmd.REGION_WRITE, Cmd.REGION_WRITE_MULTI, Cmd.DEVICE_RESET})
 
 
 class Session:
@@ -138,9 +140,12 @@ class Session:
         if command not in (Cmd.DMA_MAP, Cmd.DEVICE_SET_IRQS) and msg.fds:
             raise Refused(errno.EINVAL, f"command {command} carries no file descriptors")
         try:
-            return handler(msg)
+            payload = handler(msg)
         except GuestMemoryError as e:  # a device handler touched unmapped memory
             raise Refused(errno.EFAULT, str(e)) from None
+        if command in _WRITES:
+            await self.served.writes_done()
+        return payload
 
     async def _send(self, data: bytes) -> None:
         try:

@@ -39,8 +39,10 @@ RING = 0x1_0000
 
 
 @pytest.fixture
-def served(request: pytest.FixtureRequest) -> Iterator[ServedDevice]:
-    dev = ServedDevice(getattr(request, "param", "virtio-rnd,modern"))
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServedDevice]:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    dev = ServedDevice(getattr(request, "param", "virtio-rnd,modern").format(img=img))
     try:
         yield dev
     finally:
@@ -292,6 +294,26 @@ async def test_reset_restores_power_on_state(served: ServedDevice) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+@pytest.mark.parametrize("served", ["virtio-blk,{img},modern", "virtio-rnd,modern"],
+                         indirect=True)
+async def test_status_reads_zero_right_after_a_reset(served: ServedDevice) -> None:
+    """A legacy driver writes status 0 and reads it back once (it does not poll): the
+    reset has completed by the client's next command, workers of the device included."""
+    ram = ClientRam()
+    async with connected(served) as (c, _):
+        await ram.map_to(c)
+        drv = ModernVirtio(c, ram)
+        await drv.probe()
+        await drv.init(nvectors=2)
+        await drv.setup_queue(0, RING, 16, vector=1)
+        await drv.driver_ok()
+        assert served.pci.active  # type: ignore[attr-defined]
+        await drv.common_write(20, 1, 0)
+        assert await drv.common_read(20, 1) == 0
+        drv.close()
+    ram.close()
 
 
 async def test_rings_survive_the_same_pages_mapped_again(served: ServedDevice) -> None:

@@ -163,6 +163,22 @@ class VirtioFunction(PciDevice):
         else:
             self._drain_status = None
 
+    @property
+    def resetting(self) -> bool:
+        """A status write of 0 is still completing (a worker of the past activation runs):
+        device_status reads back non-zero until it is done."""
+        if self._drain_status is not None and self.device.quiescent:
+            self._drain_status = None
+        return self._drain_status is not None
+
+    async def wait_reset_done(self) -> None:
+        """Return once a status-0 reset has completed (device_status then reads 0). A
+        server that can hold its peer's next access until then (vfio-user) does, because
+        a legacy driver does not poll: it reads status once after writing 0 and ORs its
+        ACKNOWLEDGE into whatever it got."""
+        while self.resetting:
+            await self.device.wait_quiescent()
+
     def reset(self) -> None:
         """VM reset: the virtio device reset, power-on config space and BARs."""
         self.reset_device()
