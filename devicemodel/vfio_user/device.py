@@ -73,6 +73,7 @@ class ServedDevice:
         self.lines = ClientLines()
         #: the client's MSI-X and MSI vectors (by IRQ index), as SET_IRQS set them
         self.vectors: dict[int, EventfdVectors] = {}
+        #: the remappers a passthrough device asked for (each counts what it dropped)
         self.remappers: list[ClientRemapper] = []
         ctx = standalone(self.memory, msi=self.lines, lines=self.lines,
                          passthrough=ClientPassthrough(), remapper=self._remapper,
