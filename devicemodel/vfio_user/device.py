@@ -36,6 +36,7 @@ from ..hsm.base import InterruptRemapper, MessageSource
 from ..irq.delivery import EventfdVectors
 from ..irq.msix import ENTRY_SIZE
 from ..irq.services import Line, NoInterrupts
+from ..passthru.device import Passthru
 from ..pci import caps as pcaps
 from ..pci import config as pc
 from ..pci.bus import PciBus
@@ -90,6 +91,7 @@ class ServedDevice:
         dev.mapper = None  # from now on the client places the BARs
         self.pci: PciDevice = dev
         self.name = dev.name
+        self._msi_off = self._cap_offset(pcaps.CAP_ID_MSI)
         self.irq_counts = self._irq_counts()
         for index in (p.MSIX_IRQ, p.MSI_IRQ):
             if self.irq_counts.get(index):
@@ -123,16 +125,20 @@ class ServedDevice:
         return remapper
 
     def _passthrough_vectors(self) -> VectorSignal | None:
-        """A passthrough function shows MSI-X (vMSI-X on MSI) or MSI, never both."""
-        return self.vectors.get(p.MSIX_IRQ) or self.vectors.get(p.MSI_IRQ)
+        """The index a passthrough function's messages go to: MSI while the guest has
+        its (virtualized) MSI on, else MSI-X (vMSI-X on MSI replaces the MSI capability)."""
+        msi = self._msi_off
+        if msi is not None and self.pci.cfg.get16(msi + 2) & pcaps.MSI_CTRL_ENABLE:
+            return self.vectors.get(p.MSI_IRQ)
+        return self.vectors.get(p.MSIX_IRQ)
 
     def _unmask_foreign_msix_table(self) -> None:
-        """An MSI-X table that is not the function's own ``Msix`` (passthrough's vMSI-X
-        on MSI, whose entries drive the physical vector masks): every entry k gets
-        message data k and is unmasked, as a guest would program it through the BAR,
-        so each physical message the client's table lets through can fire."""
+        """Passthrough's vMSI-X on MSI: its table's entries drive the physical vector
+        masks, and the client's table never reaches it, so every entry k gets message
+        data k and is unmasked, as a guest would program it through the BAR; each
+        physical message the client's own table lets through can then fire."""
         off = self._cap_offset(pcaps.CAP_ID_MSIX)
-        if off is None or self.pci.msix is not None:
+        if off is None or not isinstance(self.pci, Passthru) or self.pci.vmsix is None:
             return
         table = self.pci.cfg.get32(off + 4)
         bar = self.pci.bar(table & pcaps.MSIX_BIR_MASK)
