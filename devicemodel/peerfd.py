@@ -105,26 +105,33 @@ NOTHING = 0  # nothing there (another reader took it, or a spurious wake-up)
 CLOSED = -1  # end of file or an error: the peer's end is gone, stop watching
 
 
+def read_nowait(fd: int, buf: bytearray) -> int | None:
+    """One read into ``buf`` that never waits, whatever the fd's flags say: the byte count
+    (0 at end of file), or None when nothing is there. Other errors raise OSError."""
+    try:
+        return os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    n = _guarded_read(fd, buf)  # an older kernel without RWF_NOWAIT for this kind of fd
+    if n is not None and n < 0:
+        raise OSError(errno.EIO, "read failed")
+    return n
+
+
 def read_kick(fd: int) -> int:
     """Consume what a kick fd holds without ever blocking: KICK, NOTHING or CLOSED.
 
     Any amount counts as a kick (a pipe may hold a partial 8-byte value)."""
-    buf = bytearray(8)
     try:
-        n = os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return NOTHING
-    except InterruptedError:
-        return NOTHING
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            return CLOSED
-        n = _guarded_read(fd, buf)  # an older kernel without RWF_NOWAIT for this fd
-        if n is None:
-            return NOTHING
-    if n <= 0:
+        n = read_nowait(fd, bytearray(8))
+    except OSError:
         return CLOSED
-    return KICK
+    if n is None:
+        return NOTHING
+    return KICK if n > 0 else CLOSED
 
 
 def _guarded_read(fd: int, buf: bytearray) -> int | None:
@@ -284,4 +291,4 @@ def guard_fired() -> int:
 
 
 __all__ = ["ACCEPTED", "CLOSED", "KICK", "NOTHING", "PeerFdError", "Sent", "adopt",
-           "fd_kind", "guard_fired", "read_kick", "signal_fd"]
+           "fd_kind", "guard_fired", "read_kick", "read_nowait", "signal_fd"]
