@@ -57,6 +57,9 @@ TYPES: tuple[DeviceType, ...] = (
     DeviceType(("dummy",), pci="devicemodel.pci.dummy:create"),
     DeviceType(("passthru",), pci="devicemodel.passthru.device:create"),
     DeviceType(("lpc",), pci="devicemodel.platform.lpc:create"),
+    DeviceType(("igd-lpc",), pci="devicemodel.pci.igd_lpc:create"),
+    DeviceType(("ivshmem",), pci="devicemodel.pci.ivshmem:create"),
+    DeviceType(("uart",), pci="devicemodel.pci.vuart:create"),
     DeviceType(("virtio-blk",), virtio=VirtioKind(
         "devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci")),
     DeviceType(("virtio-net",), virtio=VirtioKind(
