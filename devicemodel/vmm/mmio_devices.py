@@ -59,8 +59,9 @@ class GpaWindow:
         return base
 
 
-def iomem_range(name: str, path: str = PROC_IOMEM) -> tuple[int, int] | None:
+def iomem_range(name: str, path: str | None = None) -> tuple[int, int] | None:
     """(start, size) of the first /proc/iomem line that names ``name``."""
+    path = path or PROC_IOMEM
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -82,8 +83,9 @@ def iomem_range(name: str, path: str = PROC_IOMEM) -> tuple[int, int] | None:
     return None
 
 
-def host_tpm2_table(path: str = TPM2_TABLE) -> tuple[int, int, int, int]:
+def host_tpm2_table(path: str | None = None) -> tuple[int, int, int, int]:
     """(control address, start method, log length, log address) of the host's TPM2 table."""
+    path = path or TPM2_TABLE
     try:
         with open(path, "rb") as f:
             data = f.read()
