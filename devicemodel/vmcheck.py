@@ -26,7 +26,8 @@ from .errors import ConfigError
 from .hostinfo import host_mem_total
 from .memory import GiB, MiB
 from .passthru.device import PassthruOptions
-from .passthru.host import parse_sim_spec
+from .passthru.host import SimHostDevice, parse_sim_spec
+from .passthru.igd import RTVM_REFUSAL, is_intel_graphics
 from .pci.dummy import parse_options as parse_dummy_options
 from .pci.ivshmem import parse_ivshmem_options
 from .pci.vuart import parse_uart_options
@@ -91,7 +92,9 @@ def check_vm(cfg: VmConfig, *, source: str | None = None) -> None:
     names = known()
     for index, slot in enumerate(cfg.slots):
         try:
-            _check_slot(slot, names)
+            parsed = _check_slot(slot, names)
+            if cfg.rtvm and isinstance(parsed, SimHostDevice) and is_intel_graphics(parsed):
+                raise ConfigError(f"passthru {parsed.name}: {RTVM_REFUSAL}")
         except ConfigError as e:
             raise _placed(e, slot, index, source) from None
     try:
@@ -100,7 +103,7 @@ def check_vm(cfg: VmConfig, *, source: str | None = None) -> None:
         raise ConfigError(f"{source}: {e}" if source else str(e)) from None
 
 
-def _check_slot(slot: SlotConfig, names: list[str]) -> None:
+def _check_slot(slot: SlotConfig, names: list[str]) -> object:
     if slot.emul not in names:
         if slot.emul in OUT_OF_SCOPE:
             raise ConfigError(f"not supported by acrn-pydm: -s {slot.emul} "
@@ -110,8 +113,7 @@ def _check_slot(slot: SlotConfig, names: list[str]) -> None:
         raise ConfigError(f"-s {slot.to_arg()}: unknown emulation {slot.emul!r}; "
                           f"known: {', '.join(sorted(names))}")
     check = DEVICE_OPTIONS.get(slot.emul)
-    if check is not None:
-        check(slot)
+    return check(slot) if check is not None else None
 
 
 def _placed(e: ConfigError, slot: SlotConfig, index: int, source: str | None) -> ConfigError:

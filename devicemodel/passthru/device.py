@@ -34,7 +34,7 @@ from ..pci import caps as pcaps
 from ..pci import config as pc
 from ..pci.device import BarKind, PciDevice
 from .host import HostBar, HostPciDevice, PassthroughError, parse_sim_spec
-from .igd import IgdPlan, host_lpc_config, is_intel_graphics
+from .igd import RTVM_REFUSAL, IgdPlan, host_lpc_config, is_intel_graphics
 from .igd import plan as igd_plan
 from .msi import PtMsi
 from .remap import remapper_for, remapping_missing
@@ -307,8 +307,7 @@ class Passthru(PciDevice):
         from ..slot import SlotConfig as Slot
 
         if ctx.choices.rtvm:
-            raise PassthroughError(f"passthru {self.host.name}: a real-time VM cannot have a "
-                                   "passed-through GPU (acrn-dm: RTVM doesn't support GVT-d)")
+            raise PassthroughError(f"passthru {self.host.name}: {RTVM_REFUSAL}")
         lpc_slot = Slot(0, 31, 0, "igd-lpc")
         self.companions.append((lpc_slot, IgdLpc(ctx, lpc_slot, host_lpc_config(self.host))))
         self.quirk = True

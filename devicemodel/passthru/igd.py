@@ -27,6 +27,9 @@ from .host import HostPciDevice
 
 log = logging.getLogger(__name__)
 
+#: the refusal of a passed-through GPU in a real-time VM (the validator says it too)
+RTVM_REFUSAL = "a real-time VM cannot have a passed-through GPU (acrn-dm: RTVM doesn't " \
+    "support GVT-d)"
 GPU_DSM_GPA = 0x7C00_0000  # pre-gen-11 guests find the stolen memory here
 GPU_OPREGION_SIZE = 0x5000
 GGC, BDSM, BDSM_GEN11_LO, BDSM_GEN11_HI, ASLS = 0x50, 0x5C, 0xC0, 0xC4, 0xFC
@@ -120,5 +123,5 @@ def host_lpc_config(host: HostPciDevice) -> bytes:
     return read_host_lpc()
 
 
-__all__ = ["GPU_DSM_GPA", "GPU_OPREGION_SIZE", "IgdPlan", "dsm_size", "host_lpc_config",
-           "igd_gen", "is_intel_graphics", "plan"]
+__all__ = ["GPU_DSM_GPA", "GPU_OPREGION_SIZE", "RTVM_REFUSAL", "IgdPlan", "dsm_size",
+           "host_lpc_config", "igd_gen", "is_intel_graphics", "plan"]
