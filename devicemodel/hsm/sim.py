@@ -469,6 +469,8 @@ class SimHypervisor(Hypervisor):
         off = abi.slot_offset(vcpu)
         page[off : off + abi.SLOT_PROCESSED_OFF] = bytes(abi.SLOT_PROCESSED_OFF)
         abi.SLOT_U32.pack_into(page, off + abi.SLOT_TYPE_OFF, rtype)
+        if self.vm_flag & abi.GUEST_FLAG_IO_COMPLETION_POLLING:  # as ACRN marks the slot
+            abi.SLOT_U32.pack_into(page, off + abi.SLOT_POLLING_OFF, 1)
         abi.SLOT_ADDR_REQ.pack_into(page, off + abi.SLOT_REQS_OFF, direction, 0, address, size)
         if rtype == abi.IOREQ_TYPE_MMIO:
             abi.SLOT_U64.pack_into(page, off + abi.SLOT_VALUE_OFF, value & _MASK.get(size, ~0))
