@@ -125,7 +125,11 @@ class Ring:
     def layout(self, bs: int) -> None:
         self.bs = bs
         m = self.mem
-        m[self.desc : self.tables + 48 * QD] = bytes(self.tables + 48 * QD - self.desc)
+        # descriptors, headers and tables afresh; the avail and used rings stay as they
+        # are: the device's indices carry on from the previous phase, and zeroing them
+        # under it made a stale interrupt read a used index of 0 (a spurious failure)
+        m[self.desc : self.avail] = bytes(self.avail - self.desc)
+        m[self.hdrs : self.tables + 48 * QD] = bytes(self.tables + 48 * QD - self.hdrs)
         for s in range(QD):
             hdr = self.hdrs + 32 * s
             if self.direct:

@@ -1,10 +1,11 @@
 """A 16550A UART: the register file a Linux 8250 driver probes, with a real 16-byte FIFO.
 
 The register model is synchronous (port handlers answer while the vCPU waits); the host
-side (stdio, a pty, a file, a Unix or TCP socket) is served by trio tasks in
-``uart_backend``.  Transmission is instantaneous, so THRE and TEMT always read set, as in
-acrn-dm; reception is paced by the FIFO: the backend reader only takes as many bytes from
-the host as the FIFO has room for, so nothing typed is ever lost to an overrun.
+side (stdio, a pty, a file, a Unix or TCP socket: ``devicemodel.chardev``'s host ends,
+shared with virtio-console) is served by trio tasks in ``uart_backend``.  Transmission
+is instantaneous, so THRE and TEMT always read set, as in acrn-dm; reception is paced by
+the FIFO: the backend reader only takes as many bytes from the host as the FIFO has room
+for, so nothing typed is ever lost to an overrun.
 
 Interrupts: an ISA UART drives an edge-triggered line.  We model its INTR output as a
 level (any enabled reason pending) and send the hypervisor a rising pulse on every 0→1

@@ -11,6 +11,13 @@ the request in progress) before it changes or unmaps anything the thread uses.
 
 The thread is the only user of its queue while it runs. A kick that reaches the loop
 anyway (the front end replaced the kick fd) is forwarded with :meth:`Dataplane.poke`.
+
+The front end chooses the kick fd, so it may be anything: the thread polls it only if it
+is an event source (an eventfd or another anonymous inode, a pipe, a socket), takes any
+bytes it holds as one kick (a pipe may hold a partial value), and stops polling it once it
+hangs up or fails. A regular file or device is never polled (it is always readable: the
+thread would spin). Either way the ring is then served on pokes only, as the loop's own
+kick watcher does with such an fd.
 """
 
 from __future__ import annotations
@@ -18,12 +25,41 @@ from __future__ import annotations
 import logging
 import os
 import select
+import stat
 import threading
 from collections.abc import Callable
 
+from ..ratelimit import RateLimitedLog
 from .queue import Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
+glog = RateLimitedLog(log)
+
+_DRAIN_READS = 16  # reads per wake-up at most: a peer that floods a pipe is served in turn
+
+
+def pollable_kick(fd: int) -> bool:
+    """Whether ``fd`` can wake a thread the way an eventfd does: an anonymous inode
+    (eventfd), a pipe or a socket. Regular files and devices always poll readable."""
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+    return kind in (0, stat.S_IFIFO, stat.S_IFSOCK)
+
+
+def drain_kick(fd: int) -> bool:
+    """Consume what a kick fd holds (an eventfd's counter, or any bytes); False once it
+    hung up or failed (nothing more will come from it)."""
+    for _ in range(_DRAIN_READS):
+        try:
+            if not os.read(fd, 4096):
+                return False  # end of file: the writer is gone
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+    return True
 
 
 class Dataplane:
@@ -70,24 +106,32 @@ class Dataplane:
 
     def _run(self) -> None:
         q = self.q
+        kick, wake = self._kick, self._wake
         poller = select.poll()
-        poller.register(self._kick, select.POLLIN)
-        poller.register(self._wake, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        if pollable_kick(kick):
+            poller.register(kick, select.POLLIN)
+        else:
+            self._kick_lost("is not an eventfd, pipe or socket")
         try:
             while not self._stopping:
                 if self._serve(q):
                     continue
                 if q.enable_notification():  # more arrived while we re-armed kicks
                     continue
-                poller.poll()
-                for fd in (self._kick, self._wake):
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass
+                for fd, _ in poller.poll():
+                    if fd == wake:
+                        drain_kick(wake)
+                    elif not drain_kick(kick):
+                        poller.unregister(kick)
+                        self._kick_lost("hung up")
                 q.disable_notification()
         except VirtqueueError as e:
             self._fail(str(e))
         except Exception as e:  # a bug must stop this device, not the process
             log.exception("%s crashed", threading.current_thread().name)
             self._fail(f"internal error: {e!r}")
+
+    def _kick_lost(self, why: str) -> None:
+        glog.warning("%s: the kick fd %s; serving kicks that reach the loop only",
+                     threading.current_thread().name, why)

@@ -18,12 +18,19 @@ import trio
 
 from devicemodel.memory import GuestMemory, MiB
 from devicemodel.vhost_user import protocol as p
-from devicemodel.vhost_user.frontend import RingSetup
+from devicemodel.vhost_user.frontend import UVA_BASE, RingSetup
 from devicemodel.vhost_user.protocol import Req
-from devicemodel.virtio import blk
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
-from devicemodel.virtio.mock import wait_used
-from tests.support.vhost import NO_EVENT_IDX, disk_image, frontend, served, start
+from devicemodel.virtio.blk.io import image as blk_image
+from devicemodel.virtio.mock import MockDriver, wait_used
+from tests.support.vhost import (
+    NO_EVENT_IDX,
+    RING_BASE,
+    disk_image,
+    frontend,
+    served,
+    start,
+)
 
 BLK_IN, BLK_OUT = 0, 1
 
@@ -110,13 +117,13 @@ async def test_call_and_kick_fds_swapped_while_running(tmp_path: Path) -> None:
 async def test_stop_with_requests_in_flight_then_restart(tmp_path: Path, monkeypatch) -> None:
     """GET_VRING_BASE while the thread writes: every request it took is completed
     before the reply, and a restart from that base serves the rest."""
-    real = blk._pwritev_all
+    real = blk_image.pwritev_all
 
     def slow_disk(*args):  # noqa: ANN002 - a batch of 32 takes 0.6 s: the stop lands in one
         time.sleep(0.02)
         return real(*args)
 
-    monkeypatch.setattr(blk, "_pwritev_all", slow_disk)
+    monkeypatch.setattr(blk_image, "pwritev_all", slow_disk)
     img = disk_image(tmp_path, 8 * MiB)
     mem = GuestMemory(256 * MiB)
     dev = VirtioBlk(parse_blk_options(str(img)))  # writethrough: each write is synced
@@ -194,3 +201,55 @@ async def test_front_end_leaves_in_the_middle_of_io(tmp_path: Path) -> None:
     finally:
         dev.close()
         mem.close()
+
+
+async def test_a_kick_pipe_that_hangs_up_leaves_the_ring_served(tmp_path: Path) -> None:
+    """A front end whose kick fd is a pipe: a partial value, then the writer hangs up.
+    The thread neither stops the device nor spins; kicks on a new kick fd are served."""
+    mem = GuestMemory(128 * MiB)
+    dev = VirtioBlk(parse_blk_options(str(disk_image(tmp_path))))
+    r, w = os.pipe()
+    try:
+        async with served(dev, tmp_path / "s"), frontend(tmp_path / "s") as fe:
+            await fe.negotiate(NO_EVENT_IDX)
+            assert await fe.set_mem_table(mem) == 0
+            drv = MockDriver(mem, RING_BASE, 64)
+            await fe.send(Req.SET_VRING_NUM, p.VRING_STATE.pack(0, 64))
+            await fe.send(Req.SET_VRING_BASE, p.VRING_STATE.pack(0, 0))
+            await fe.send(Req.SET_VRING_ADDR, p.VRING_ADDR.pack(
+                0, 0, UVA_BASE + drv.desc_addr, UVA_BASE + drv.used_addr,
+                UVA_BASE + drv.avail_addr, 0))
+            fe.call[0] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            await fe.send(Req.SET_VRING_KICK, p.U64.pack(0), [r])  # the pipe, from the start
+            await fe.send(Req.SET_VRING_CALL, p.U64.pack(0), [fe.call[0]])
+            await fe.send(Req.SET_VRING_ENABLE, p.VRING_STATE.pack(0, 1))
+            await _eventually(lambda: _dataplanes() == ["virtio-blk-q0"], "the thread")
+            os.write(w, b"\1\0\0")  # three bytes of an eventfd value
+            os.close(w)
+            w = -1
+            await trio.sleep(0.2)
+            assert dev.failure is None
+            cpu = _thread_cpu_seconds("virtio-blk-q0")
+            await trio.sleep(0.3)
+            assert _thread_cpu_seconds("virtio-blk-q0") - cpu < 0.1, "the thread spins"
+            fe.kick[0] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            await fe.send(Req.SET_VRING_KICK, p.U64.pack(0), [fe.kick[0]])
+            head = _write(drv, 0, b"k" * 512)
+            fe.kick_ring(0)
+            await fe.wait_call(0)
+            assert await wait_used(drv, 1) == [(head, 1)]
+            assert dev.failure is None
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        dev.close()
+        mem.close()
+
+
+def _thread_cpu_seconds(name: str) -> float:
+    """User + system CPU time of the live thread called ``name`` (from /proc)."""
+    (t,) = [t for t in threading.enumerate() if t.name == name]
+    with open(f"/proc/self/task/{t.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

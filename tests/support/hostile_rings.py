@@ -191,7 +191,7 @@ def check_data_plane(dev: VirtioBlk, r: dict) -> None:
     try:
         q.start(event_idx=r["event_idx"], indirect=r["indirect"])
         for _ in range(SIZE + 2):
-            if not dev._serve_blocking(q):
+            if not dev.serve_blocking(q):
                 break
     except VirtqueueError:
         pass  # the device would be marked NEEDS_RESET

@@ -14,123 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.import_graph import cycles
+from tests.support.import_graph import import_graph as walk_imports
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "devicemodel"
 MAX_LINES = 600
-#: modules other branches of the redesign step are splitting right now
-BEING_SPLIT = {
-    "devicemodel/hsm/kvm.py": "branch h3-kvm splits hsm/kvm.py by concern",
-    "devicemodel/virtio/blk.py": "branch h4-virtio moves virtio/blk.py into virtio/blk/",
-}
-#: cycles another branch of the redesign step breaks (drop the entry when it has landed)
-BROKEN_ELSEWHERE = {
-    frozenset({"devicemodel.hsm", "devicemodel.hsm.acrn"}):
-        "branch h3-kvm breaks hsm <-> hsm.acrn (HSM_NODES)",
-}
-
-
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-
-
-def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The devicemodel modules ``name`` imports (``from pkg import sub`` counts as
-    importing the submodule ``pkg.sub`` when there is one)."""
-    tree = ast.parse(path.read_text(), str(path))
-    is_package = path.name == "__init__.py"
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                target = alias.name
-                while target and target not in known:
-                    target = target.rpartition(".")[0]
-                if target:
-                    out.add(target)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = name.split(".")
-                if not is_package:
-                    base.pop()
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if not target.startswith("devicemodel"):
-                continue
-            for alias in node.names:
-                sub = f"{target}.{alias.name}"
-                if sub in known:
-                    out.add(sub)
-                elif target in known:
-                    out.add(target)
-    out.discard(name)
-    return out
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = _modules()
-    known = set(modules)
-    return {name: _imports(name, path, known) for name, path in modules.items()}
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan), each
-    with one cycle through it spelled out."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in sorted(graph.get(v, ())):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                found.append(_one_cycle(graph, set(component)))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return found
-
-
-def _one_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
-    """A shortest cycle through the component's first module (breadth-first)."""
-    start = min(component)
-    paths = {start: [start]}
-    queue = [start]
-    while queue:
-        v = queue.pop(0)
-        for w in sorted(graph[v] & component):
-            if w == start:
-                return paths[v] + [start]
-            if w not in paths:
-                paths[w] = paths[v] + [w]
-                queue.append(w)
-    return sorted(component)
+    return walk_imports(ROOT, "devicemodel")
 
 
 def test_the_walk_sees_every_kind_of_import() -> None:
@@ -141,18 +34,13 @@ def test_the_walk_sees_every_kind_of_import() -> None:
     assert "devicemodel.hsm.abi" in graph["devicemodel.irq.backend"]  # from ..hsm import abi
     assert "devicemodel.vmm.vm" in graph["devicemodel.lspci"]  # inside a function
     assert "devicemodel.context" in graph["devicemodel.pci.device"]  # under TYPE_CHECKING
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_no_import_cycle_in_devicemodel() -> None:
     found = cycles(import_graph())
-    elsewhere = [BROKEN_ELSEWHERE[frozenset(c)] for c in found
-                 if frozenset(c) in BROKEN_ELSEWHERE]
-    mine = [c for c in found if frozenset(c) not in BROKEN_ELSEWHERE]
-    assert not mine, "import cycles (each: one path round it):\n" + "\n".join(
-        " -> ".join(c) for c in mine)
-    if elsewhere:
-        pytest.xfail("; ".join(elsewhere))
+    assert not found, "import cycles (the modules of each):\n" + "\n".join(
+        " -> ".join(c) for c in found)
 
 
 def _sizes() -> list[tuple[str, int]]:
@@ -160,11 +48,7 @@ def _sizes() -> list[tuple[str, int]]:
             for p in sorted(PACKAGE.rglob("*.py"))]
 
 
-@pytest.mark.parametrize("path,lines", [
-    pytest.param(path, lines, marks=pytest.mark.xfail(reason=BEING_SPLIT[path], strict=False))
-    if path in BEING_SPLIT else (path, lines)
-    for path, lines in _sizes()
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("path,lines", _sizes(), ids=lambda v: v if isinstance(v, str) else "")
 def test_no_module_over_600_lines(path: str, lines: int) -> None:
     assert lines <= MAX_LINES, f"{path}: {lines} lines; split it by concern"
 

@@ -31,6 +31,7 @@ from devicemodel.virtio.blk import (
     VirtioBlk,
     parse_blk_options,
 )
+from devicemodel.virtio.blk.io import image as blk_image
 from devicemodel.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -101,16 +102,16 @@ async def test_out_of_range_and_misaligned_give_ioerr_not_a_crash(mem, image):
 
 async def test_host_io_error_becomes_ioerr(mem, image, tmp_path):
     async with rig(mem, image) as r:
-        good = r.dev.fd
-        r.dev.fd = os.open(tmp_path, os.O_RDONLY)  # preadv on a directory: EISDIR
+        good = r.dev.image.fd
+        r.dev.image.fd = os.open(tmp_path, os.O_RDONLY)  # preadv on a directory: EISDIR
         try:
             status, _, length = await r.do(VIRTIO_BLK_T_IN, 0, in_len=512)
             assert (status, length) == (VIRTIO_BLK_S_IOERR, 1)
             assert (await r.do(VIRTIO_BLK_T_OUT, 0, out=b"x" * 512))[0] == VIRTIO_BLK_S_IOERR
             assert r.dev.failure is None
         finally:
-            os.close(r.dev.fd)
-            r.dev.fd = good
+            os.close(r.dev.image.fd)
+            r.dev.image.fd = good
         assert (await r.do(VIRTIO_BLK_T_IN, 0, in_len=512))[0] == VIRTIO_BLK_S_OK
 
 
@@ -219,7 +220,7 @@ def _cache_miss(fd, views, offset):
 async def test_many_requests_in_flight(mem, image, monkeypatch):
     async with rig(mem, image) as r:
         peak = 0
-        real = blk._preadv_all
+        real = blk_image.preadv_all
 
         def slow_preadv(fd, views, offset):
             nonlocal peak
@@ -227,8 +228,8 @@ async def test_many_requests_in_flight(mem, image, monkeypatch):
             time.sleep(0.05)
             real(fd, views, offset)
 
-        monkeypatch.setattr(blk, "_preadv_nowait", _cache_miss)  # as if nothing is cached
-        monkeypatch.setattr(blk, "_preadv_all", slow_preadv)
+        monkeypatch.setattr(blk_image, "preadv_nowait", _cache_miss)  # as if nothing is cached
+        monkeypatch.setattr(blk_image, "preadv_all", slow_preadv)
         heads = [r.request(VIRTIO_BLK_T_IN, 8 * i, in_len=4096) for i in range(32)]
         t0 = trio.current_time()
         used = await wait_used(r.drv, 32)
@@ -251,7 +252,7 @@ async def test_cached_reads_skip_the_thread_pool(mem, image, monkeypatch):
         def no_threads(*args):
             raise AssertionError("went to a thread")
 
-        monkeypatch.setattr(blk, "_preadv_all", no_threads)
+        monkeypatch.setattr(blk_image, "preadv_all", no_threads)
         status, data, _ = await r.do(VIRTIO_BLK_T_IN, 40, in_len=4096)
         assert (status, data) == (VIRTIO_BLK_S_OK, payload)
 
@@ -261,16 +262,16 @@ async def test_file_system_without_nowait_falls_back(mem, image, monkeypatch):
         def unsupported(fd, views, offset):
             raise OSError(errno.EOPNOTSUPP, "no")
 
-        monkeypatch.setattr(blk, "_preadv_nowait", unsupported)
+        monkeypatch.setattr(blk_image, "preadv_nowait", unsupported)
         with open(image, "rb") as f:
             want = f.read(512)
         assert (await r.do(VIRTIO_BLK_T_IN, 0, in_len=512))[:2] == (VIRTIO_BLK_S_OK, want)
-        assert not r.dev._nowait_read
+        assert not r.dev.image.nowait_read
 
 
 async def test_reset_in_the_middle_of_io(mem, image):
     async with rig(mem, image) as r:
-        real = blk._pwritev_all
+        real = blk_image.pwritev_all
         gate = trio.Event()
         token = trio.lowlevel.current_trio_token()
 
@@ -279,7 +280,7 @@ async def test_reset_in_the_middle_of_io(mem, image):
             time.sleep(0.1)
             real(fd, views, offset, sync)
 
-        blk._pwritev_all = slow_write
+        blk_image.pwritev_all = slow_write
         try:
             for i in range(4):
                 r.request(VIRTIO_BLK_T_OUT, 8 * i, out=b"z" * 4096)
@@ -296,7 +297,7 @@ async def test_reset_in_the_middle_of_io(mem, image):
             assert len(r.irq.queue_irqs) == irqs_before
             assert r.dev.failure is None and r.irq.reset_requests == 0
         finally:
-            blk._pwritev_all = real
+            blk_image.pwritev_all = real
         # the device comes back: a fresh driver on a fresh ring works
         drv2 = MockDriver(mem, 0x900000, 64)
         r.dev.activate(r.dev.device_features, [drv2.queue()], r.irq)

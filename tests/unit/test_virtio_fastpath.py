@@ -30,6 +30,7 @@ from devicemodel.virtio.blk import (
     VirtioBlk,
     parse_blk_options,
 )
+from devicemodel.virtio.blk.io import image as blk_image
 from devicemodel.virtio.mock import GuardedMemory, MockDriver, RecordingInterrupt, wait_used
 from devicemodel.virtio.queue import Virtqueue, VirtqueueError
 from tests.support import hostile_rings as h
@@ -214,13 +215,13 @@ def test_plain_reads_at_the_edges(image, reads, sequential):
 
 async def test_merged_sequential_reads_fill_every_buffer(image, monkeypatch):
     calls: list[int] = []
-    real = blk._preadv_nowait
+    real = blk_image.preadv_nowait
 
     def counting(fd, views, offset):
         calls.append(len(views))
         return real(fd, views, offset)
 
-    monkeypatch.setattr(blk, "_preadv_nowait", counting)
+    monkeypatch.setattr(blk_image, "preadv_nowait", counting)
     mem = GuestMemory(128 * MiB)
     try:
         async with rig(mem, image) as r:
@@ -472,7 +473,7 @@ def test_writeback_writes_inline_or_on_the_pool(tmp_path, monkeypatch, nowait):
             raise OSError(errno.EOPNOTSUPP, "not here")
         return os.pwritev(fd, views, offset)
 
-    monkeypatch.setattr(blk, "_pwritev_nowait", fake_nowait)
+    monkeypatch.setattr(blk_image, "pwritev_nowait", fake_nowait)
     path = tmp_path / "disk.img"
     path.write_bytes(os.urandom(1 * MiB))
     requests = [(blk.VIRTIO_BLK_T_OUT, 0, 256, "scattered", True, "ok"),
@@ -484,7 +485,7 @@ def test_writeback_writes_inline_or_on_the_pool(tmp_path, monkeypatch, nowait):
     assert (calls[::2] == [256, 24] and 1 < calls[1] < 200) if nowait else calls == [256]
 
 
-# -- big sequential reads, copied on two CPUs (virtio/copier.py) -------------------------
+# -- big sequential reads, copied on two CPUs (virtio/blk/io/copier.py) -------------------------
 
 @pytest.fixture(scope="module")
 def big_image(tmp_path_factory) -> str:
@@ -516,7 +517,7 @@ async def _read_all(image: str, reqs: list[tuple[int, int]]) -> None:
 def _copier_calls(monkeypatch, result=None) -> list[tuple[str, int]]:
     """Record (thread name, bytes asked) of every copy the copier thread makes; with
     ``result`` set, each returns that instead of reading (a page-cache miss: -1)."""
-    from devicemodel.virtio import copier
+    from devicemodel.virtio.blk.io import copier
 
     calls: list[tuple[str, int]] = []
     real = copier.preadv_nowait

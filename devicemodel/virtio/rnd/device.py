@@ -1,20 +1,17 @@
 """virtio-rnd, the entropy device (virtio 1.2 §5.4): guest buffers filled from getrandom.
 
-acrn-dm's ``virtio-rnd`` takes no options; we add an optional rate limit with QEMU's
-names, ``virtio-rnd[,max-bytes=<n>][,period=<ms>]`` (default: unlimited; period 1000 ms),
-so one guest cannot drain the host's entropy pool or CPU. The device may return fewer
-bytes than a buffer holds, so a spent budget shortens replies and then waits.
+The device may return fewer bytes than a buffer holds, so a spent budget (options.py's
+rate limit) shortens replies and then waits.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import trio
 
-from ..errors import ConfigError
-from .device import (
+from ..buffers import copy_into
+from ..device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
@@ -22,38 +19,11 @@ from .device import (
     PciIds,
     VirtioDevice,
 )
-from .queue import Virtqueue
+from ..queue import Virtqueue
+from .options import RndOptions, parse_rnd_options
 
 QUEUE_SIZE = 64
 MAX_PER_REQUEST = 64 * 1024  # getrandom() hands out at most 32 MiB; guests ask for little
-
-
-@dataclass(frozen=True)
-class RndOptions:
-    max_bytes: int | None = None
-    period_ms: int = 1000
-
-
-def parse_rnd_options(text: str) -> RndOptions:
-    max_bytes: int | None = None
-    period = 1000
-    for tok in filter(None, text.split(",")):
-        key, eq, val = tok.partition("=")
-        if key in ("max-bytes", "period") and eq:
-            try:
-                n = int(val, 10)
-            except ValueError:
-                raise ConfigError(f"virtio-rnd: {tok}: expected a decimal number") from None
-            if n <= 0:
-                raise ConfigError(f"virtio-rnd: {tok}: must be positive")
-            if key == "max-bytes":
-                max_bytes = n
-            else:
-                period = n
-        else:
-            raise ConfigError(f"virtio-rnd: unknown option {tok!r}; "
-                              "use max-bytes=<n>,period=<ms>")
-    return RndOptions(max_bytes, period)
 
 
 class VirtioRnd(VirtioDevice):
@@ -97,13 +67,7 @@ class VirtioRnd(VirtioDevice):
             want = min(chain.writable_len, MAX_PER_REQUEST)
             n = await self._take_budget(want) if want else 0
             data = os.getrandom(n) if n else b""
-            done = 0
-            for v in chain.writable:
-                k = min(len(v), n - done)
-                v[:k] = data[done : done + k]
-                done += k
-                if done == n:
-                    break
+            copy_into(chain.writable, data)
             q.add_used(chain.head, n)
             self.signal(q)
 

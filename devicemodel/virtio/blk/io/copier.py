@@ -1,12 +1,13 @@
 """A second CPU for page-cache copies the event loop would otherwise do alone.
 
-virtio-blk serves reads the page cache holds (``RWF_NOWAIT``) on the loop, where a
-sequential stream is one memcpy after another: the loop's CPU is the limit. When a batch
-holds two big read groups, the loop hands one ``preadv`` to this thread, does the other
-itself and then waits for the pair. The thread's call is non-blocking too (it fails with
--1 instead of waiting for the disk), so the loop never waits longer than for one copy
-it could have done inline; and since it always waits before the batch completes, no call
-is in flight once the loop moves on (guest memory cannot go away under one).
+The loop serves reads the page cache holds (``RWF_NOWAIT``, nowait.py) itself, where a
+sequential stream is one memcpy after another: the loop's CPU is the limit. For two big
+reads at once (or one big read in halves) the loop hands one ``preadv`` to this thread,
+does the other itself and then waits for the pair. The thread's call is non-blocking too
+(it fails with -1 instead of waiting for the disk), so the loop never waits longer than
+for one copy it could have done inline; and since it always waits before it completes
+the requests, no call is in flight once the loop moves on (guest memory cannot go away
+under one).
 """
 
 from __future__ import annotations

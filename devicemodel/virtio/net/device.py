@@ -1,8 +1,6 @@
-"""virtio-net (virtio 1.2 §5.1) over a Linux tap device.
+"""virtio-net (virtio 1.2 §5.1) over a Linux tap device (tap.py).
 
-The tap is opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; if no interface of that name
-exists the kernel creates it, non-persistent, so it disappears when we close it. Frames
-move between the tap and guest buffers with ``os.readv``/``os.writev`` on guest-RAM
+Frames move between the tap and guest buffers with ``os.readv``/``os.writev`` on guest-RAM
 memoryviews; only the 10/12-byte virtio-net header is rewritten on the way, because we
 offer no checksum or segmentation offloads and so must hand the driver plain headers
 (and the host plain frames) whatever the other side wrote.
@@ -11,35 +9,19 @@ rx waits for the tap with ``trio.lowlevel.wait_readable`` (no polling) and, when
 ring is empty, for the driver's kick; with VIRTIO_NET_F_MRG_RXBUF a frame may span
 several chains (``num_buffers``). tx drains the ring in batches and interrupts once per
 batch.
-
-Options, in acrn-dm's syntax (acrn-facts §4.2)::
-
-    virtio-net,tap=<name>[,vhost][,mac=XX:XX:XX:XX:XX:XX|mac_seed=<string>]
-
-The older form ``virtio-net,<name>`` (``tap0``, ``tap_WaaG``: a first option without ``=``
-that contains "tap" or starts with "vmnet", acrn-dm's rule before 3.0) names the tap
-the same way, with a warning.
-
-Without ``mac=``, the MAC is acrn-dm's: 00:16:3e followed by the first three bytes of
-MD5("<slot>-<func>[-<mac_seed>]"). ``vhost`` is accepted and, as acrn-dm does when
-vhost-net is unavailable, falls back to this user-space data path.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
-import hashlib
 import logging
 import os
-import socket
 import struct
-from dataclasses import dataclass
 
 import trio
 
-from ..errors import ConfigError
-from .device import (
+from ..buffers import copy_into
+from ..device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
@@ -47,7 +29,9 @@ from .device import (
     PciIds,
     VirtioDevice,
 )
-from .queue import Virtqueue, VirtqueueError
+from ..queue import Virtqueue, VirtqueueError
+from .options import NetOptions, parse_net_options
+from .tap import TapBackend
 
 log = logging.getLogger(__name__)
 
@@ -64,135 +48,7 @@ LEGACY_HDR_LEN = 10
 RX_BATCH = 64
 TX_BATCH = 256
 
-TUNSETIFF = 0x400454CA
-TUNSETPERSIST = 0x400454CB
-TUNSETOFFLOAD = 0x400454D0
-TUNSETVNETHDRSZ = 0x400454D8
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-SIOCGIFMTU = 0x8921
-IFNAMSIZ = 16
-
 _ZERO_HDR = bytes(HDR_LEN)
-
-
-@dataclass(frozen=True)
-class NetOptions:
-    tap: str
-    mac: bytes
-    vhost: bool = False
-    #: given in the pre-3.0 form ``virtio-net,<tap name>``
-    legacy_form: bool = False
-
-
-def derive_mac(slot: int, func: int, seed: str | None) -> bytes:
-    """acrn-dm's default MAC: 00:16:3e + MD5("<slot>-<func>[-<seed>]")[0:3]."""
-    text = f"{slot}-{func}-{seed}" if seed is not None else f"{slot}-{func}"
-    digest = hashlib.md5(text.encode(), usedforsecurity=False).digest()
-    return bytes([0x00, 0x16, 0x3E]) + digest[:3]
-
-
-def parse_mac(text: str) -> bytes:
-    parts = text.split(":")
-    try:
-        mac = bytes(int(p, 16) for p in parts) if len(parts) == 6 and all(
-            1 <= len(p) <= 2 for p in parts) else b""
-    except ValueError:
-        mac = b""
-    if len(mac) != 6:
-        raise ConfigError(f"virtio-net: mac={text}: expected six hex bytes like 00:16:3e:01:02:03")
-    if mac[0] & 1:
-        raise ConfigError(f"virtio-net: mac={text}: a multicast address cannot be a NIC's MAC")
-    if mac == bytes(6):
-        raise ConfigError(f"virtio-net: mac={text}: the zero address is not a valid MAC")
-    return mac
-
-
-def parse_net_options(text: str, slot: int = 0, func: int = 0) -> NetOptions:
-    tap: str | None = None
-    mac: bytes | None = None
-    seed: str | None = None
-    vhost = legacy = False
-    tokens = text.split(",")
-    first = tokens[0]
-    if "=" not in first and first != "vhost" and ("tap" in first or first.startswith("vmnet")):
-        tokens[0], legacy = f"tap={first}", True  # acrn-dm before 3.0: the device name
-    for tok in tokens:
-        key, eq, val = tok.partition("=")
-        if key == "tap" and eq:
-            if not val or len(val.encode()) >= IFNAMSIZ or "/" in val or " " in val:
-                raise ConfigError(f"virtio-net: {tok}: a tap name is 1..15 characters")
-            tap = val
-        elif key == "mac" and eq:
-            mac = parse_mac(val)
-        elif key == "mac_seed" and eq:
-            seed = val
-        elif tok == "vhost":
-            vhost = True
-        elif tok:
-            raise ConfigError(f"virtio-net: unknown option {tok!r}; "
-                              "use tap=<name>[,vhost][,mac=<mac>|mac_seed=<str>]")
-    if tap is None:
-        raise ConfigError("virtio-net: tap=<name> is required, e.g. -s 4,virtio-net,tap=tap0")
-    return NetOptions(tap, mac if mac is not None else derive_mac(slot, func, seed), vhost,
-                      legacy)
-
-
-class TapBackend:
-    """An open tap queue. ``created`` is True if opening it created the interface."""
-
-    def __init__(self, fd: int, name: str, created: bool, mtu: int) -> None:
-        self.fd = fd
-        self.name = name
-        self.created = created
-        self.mtu = mtu
-
-    @classmethod
-    def open(cls, name: str) -> TapBackend:
-        """Open (creating if absent) tap ``name`` in the calling thread's network namespace."""
-        try:
-            socket.if_nametoindex(name)
-            created = False
-        except OSError:
-            created = True
-        try:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise ConfigError(f"virtio-net: tap={name}: cannot open /dev/net/tun: "
-                              f"{e.strerror}") from None
-        try:
-            ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-            fcntl.ioctl(fd, TUNSETIFF, ifr)
-            if created:
-                fcntl.ioctl(fd, TUNSETPERSIST, 0)  # gone when we close it
-            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)  # plain frames only: we offer no offloads
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                res = fcntl.ioctl(s, SIOCGIFMTU, struct.pack("16si20x", name.encode(), 0))
-                mtu = struct.unpack_from("16si", res)[1]
-        except OSError as e:
-            os.close(fd)
-            raise ConfigError(f"virtio-net: tap={name}: {e.strerror}") from None
-        return cls(fd, name, created, mtu)
-
-    def set_vnet_hdr_len(self, n: int) -> None:
-        fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", n))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _scatter_write(views: list[memoryview], data: bytes) -> None:
-    """Write ``data`` at the start of a buffer list, across view boundaries."""
-    done = 0
-    for v in views:
-        n = min(len(v), len(data) - done)
-        v[:n] = data[done : done + n]
-        done += n
-        if done == len(data):
-            return
 
 
 class VirtioNet(VirtioDevice):
@@ -358,7 +214,7 @@ class VirtioNet(VirtioDevice):
         header = bytearray(hdr_len)  # no GUEST_CSUM/GSO negotiated: flags and gso are 0
         if hdr_len == HDR_LEN:
             struct.pack_into("<H", header, 10, used)
-        _scatter_write(views, header)
+        copy_into(views, header)
         q.undo_pop(len(chains) - used)
         remaining = n
         for chain, length in zip(chains[:used], lens, strict=False):

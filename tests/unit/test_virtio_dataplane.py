@@ -1,0 +1,183 @@
+"""A data-plane thread (virtio/dataplane.py) survives any kick fd a peer hands over.
+
+A vhost-user front end chooses the kick fd. QEMU sends an eventfd; a hostile or broken
+one may send a pipe that hangs up, a socket, a regular file, or a pipe holding fewer than
+eight bytes. None of these may stop the device, make the thread spin on a descriptor
+that is always readable, or keep it from stopping; kicks that reach the loop (``poke``)
+must still be served.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from devicemodel.virtio.dataplane import Dataplane
+
+SETTLE_S = 0.3
+#: A thread waiting as it should serves a handful of times in SETTLE_S; a spinning one
+#: serves (and polls) tens of thousands of times.
+MAX_IDLE_SERVES = 20
+
+
+class _Ring:
+    """Stands in for a Virtqueue: counts the thread's serve calls, never has work."""
+
+    def __init__(self) -> None:
+        self.serves = 0
+        self.lock = threading.Lock()
+
+    def serve(self, _q: object) -> bool:
+        with self.lock:
+            self.serves += 1
+        return False
+
+    def enable_notification(self) -> bool:
+        return False
+
+    def disable_notification(self) -> None:
+        pass
+
+
+def _eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@contextmanager
+def _dataplane(kick: int) -> Iterator[tuple[Dataplane, _Ring, list[str]]]:
+    ring = _Ring()
+    failures: list[str] = []
+    dp = Dataplane("test-dataplane", ring, kick, ring.serve, failures.append)  # type: ignore[arg-type]
+    try:
+        yield dp, ring, failures
+    finally:
+        t0 = time.monotonic()
+        dp.stop()
+        assert time.monotonic() - t0 < 2, "stop() waited on the thread"
+        assert not any(t.name == "test-dataplane" for t in threading.enumerate())
+
+
+def _pipe_hung_up(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    r, w = os.pipe()
+    return r, lambda: os.close(w)
+
+
+def _pipe_partial(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    r, w = os.pipe()
+    return r, lambda: os.write(w, b"\1\0\0")  # three of an eventfd value's eight bytes
+
+
+def _pipe_partial_then_hung_up(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    r, w = os.pipe()
+
+    def act() -> None:
+        os.write(w, b"\1\0\0")
+        os.close(w)
+
+    return r, act
+
+
+def _socket_partial(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    a, b = socket.socketpair()
+    _keep.append(b)
+    return a.detach(), lambda: b.send(b"\1\0")
+
+
+def _socket_hung_up(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    a, b = socket.socketpair()
+    return a.detach(), b.close
+
+
+def _listening_socket(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(tmp_path / "kick.sock"))
+    s.listen(1)
+
+    def connect() -> None:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(tmp_path / "kick.sock"))
+        _keep.append(c)
+
+    return s.detach(), connect
+
+
+def _regular_file(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    path = tmp_path / "kick"
+    path.write_bytes(b"")
+    return os.open(path, os.O_RDONLY), lambda: None
+
+
+def _regular_file_with_data(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    path = tmp_path / "kick"
+    path.write_bytes(b"\1" * 4096 * 64)
+    return os.open(path, os.O_RDONLY), lambda: None
+
+
+def _dev_zero(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    return os.open("/dev/zero", os.O_RDONLY), lambda: None
+
+
+def _pipe_write_end(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    r, w = os.pipe()
+    return w, lambda: os.close(r)
+
+
+_keep: list[socket.socket] = []
+
+KINDS = {
+    "pipe that hung up": _pipe_hung_up,
+    "pipe with a partial value": _pipe_partial,
+    "pipe with a partial value, then hung up": _pipe_partial_then_hung_up,
+    "socket with a partial value": _socket_partial,
+    "socket whose peer hung up": _socket_hung_up,
+    "listening socket": _listening_socket,
+    "empty regular file": _regular_file,
+    "regular file with data": _regular_file_with_data,
+    "/dev/zero": _dev_zero,
+    "write end of a pipe without a reader": _pipe_write_end,
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_any_kick_fd_leaves_the_thread_serving(tmp_path: Path, kind: str) -> None:
+    kick, act = KINDS[kind](tmp_path)
+    try:
+        with _dataplane(kick) as (dp, ring, failures):
+            _eventually(lambda: ring.serves >= 1, "the first serve")
+            act()
+            time.sleep(SETTLE_S)
+            assert failures == [], f"the device was stopped: {failures}"
+            with ring.lock:
+                idle = ring.serves
+            assert idle <= MAX_IDLE_SERVES, f"the thread spun: {idle} serves in {SETTLE_S}s"
+            dp.poke()  # a kick that came through the loop is still served
+            _eventually(lambda: ring.serves > idle, "a poked serve")
+    finally:
+        for s in _keep:
+            s.close()
+        _keep.clear()
+
+
+def test_an_eventfd_kick_is_served_each_time() -> None:
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    peer = os.dup(kick)
+    try:
+        with _dataplane(kick) as (_, ring, failures):
+            _eventually(lambda: ring.serves >= 1, "the first serve")
+            for n in range(2, 6):
+                os.eventfd_write(peer, 1)
+                _eventually(lambda n=n: ring.serves >= n, f"serve {n}")
+            time.sleep(0.05)
+            assert ring.serves <= 6 and failures == []
+    finally:
+        os.close(peer)
