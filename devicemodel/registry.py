@@ -63,6 +63,11 @@ TYPES: tuple[DeviceType, ...] = (
     DeviceType(("passthru",), pci="devicemodel.passthru.device:create"),
     DeviceType(("lpc",), pci="devicemodel.platform.lpc:create",
                vm_only="the LPC bridge carries the VM's own ISA platform (UART, RTC)"),
+    DeviceType(("igd-lpc",), pci="devicemodel.pci.igd_lpc:create",
+               vm_only="igd-lpc comes with a passed-through Intel GPU at 31:0"),
+    DeviceType(("ivshmem",), pci="devicemodel.pci.ivshmem:create"),
+    DeviceType(("uart",), pci="devicemodel.pci.vuart:create",
+               vm_only="the vUART is emulated by the ACRN hypervisor (CREATE_VDEV)"),
     DeviceType(("virtio-blk",), virtio=VirtioKind(
         "devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci")),
     DeviceType(("virtio-net",), virtio=VirtioKind(

@@ -226,4 +226,8 @@ class VirtioNet(VirtioDevice):
 
 def create(options: str, slot: int = 0, func: int = 0) -> VirtioNet:
     """The ``-s <slot>,virtio-net,<options>`` device; slot/func seed the default MAC."""
-    return VirtioNet(parse_net_options(options, slot, func))
+    opts = parse_net_options(options, slot, func)
+    if opts.legacy_form:
+        log.warning("virtio-net,%s: the form before acrn-dm 3.0; read as tap=%s", options,
+                    opts.tap)
+    return VirtioNet(opts)
