@@ -463,6 +463,15 @@ class Passthru(PciDevice):
             self.host.close()
 
 
+def check_options(slot: SlotConfig, options: str) -> object:
+    """The validator's check: the options, and a synthetic device built (it is pure data),
+    a real one's BDF parsed but not opened."""
+    opts = PassthruOptions(options, slot.slot_text)
+    if opts.phys_bdf is None:
+        return parse_sim_spec(opts.device, 0xFE00 | slot.dev << 3 | slot.func)
+    return opts
+
+
 def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Passthru:
     """``-s <slot>,passthru,<bdf>[,options]``."""
     opts = PassthruOptions(options, slot.slot_text)

@@ -191,6 +191,11 @@ def hv_spec(opts: IvshmemOptions):
     return build
 
 
+def check_options(slot: SlotConfig, options: str) -> object:
+    """The validator's check: what ``create`` parses, without opening the memory."""
+    return parse_ivshmem_options(options)
+
+
 def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> PciDevice:
     opts = parse_ivshmem_options(options)
     for msg in opts.warnings:

@@ -143,7 +143,7 @@ BAD_UART_SPECS = ["bogus", "file:", "socket:", "tcp:", "tcp:0", "tcp:65536", "tc
 
 @pytest.mark.parametrize("spec", BAD_UART_SPECS)
 def test_uart_backend_syntax_matches_open_backend(spec):
-    """check_uart_backend is a copy of open_backend's syntax until chardev/ exposes it."""
+    """The validator and open_backend refuse a bad -l backend in the same words."""
     with pytest.raises(ConfigError) as opened:
         open_backend(spec)
     with pytest.raises(ConfigError) as checked:
