@@ -57,6 +57,7 @@ TYPES: tuple[DeviceType, ...] = (
     DeviceType(("dummy",), pci="devicemodel.pci.dummy:create"),
     DeviceType(("passthru",), pci="devicemodel.passthru.device:create"),
     DeviceType(("lpc",), pci="devicemodel.platform.lpc:create"),
+    DeviceType(("ahci", "ahci-hd", "ahci-cd"), pci="devicemodel.ahci:create"),
     DeviceType(("virtio-blk",), virtio=VirtioKind(
         "devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci")),
     DeviceType(("virtio-net",), virtio=VirtioKind(

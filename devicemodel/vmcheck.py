@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .ahci.options import parse_ahci_options
 from .config import ACRN_EMULS, VmConfig
 from .errors import ConfigError
 from .hostinfo import host_mem_total
@@ -67,6 +68,8 @@ DEVICE_OPTIONS: dict[str, OptionCheck] = {
     "virtio-rnd": _virtio(lambda text, slot: parse_rnd_options(text)),
     "passthru": _passthru,
     "dummy": lambda slot: parse_dummy_options(slot.options),
+    **{emul: (lambda slot: parse_ahci_options(slot.options, slot.emul))
+       for emul in ("ahci", "ahci-hd", "ahci-cd")},
 }
 
 
