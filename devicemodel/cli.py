@@ -40,6 +40,7 @@ usage: acrn-pydm [options] <vm name>
        acrn-pydm config --from-args [options] <vm name> | --to-args <vm.toml> | --check <vm.toml>
        acrn-pydm lspci [options] <vm name>
        acrn-pydm vhost-user <device spec> --socket-path PATH | --fd N | --print-capabilities
+       acrn-pydm vfio-user <device spec> --socket-path PATH | --fd N
 
 acrn-dm compatible options:
   -m, --memsize <size>{K|M|G}    guest memory, 128M..254G in 2M steps (default 256M)
@@ -310,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         from .vhost_user.cli import main as vhost_user_main
 
         return vhost_user_main(args[1:])
+    if args[0] == "vfio-user":
+        from .vfio_user.cli import main as vfio_user_main
+
+        return vfio_user_main(args[1:])
     if args[0] == "run":
         return _cmd_run(args[1:])
     if args[0] == "config":

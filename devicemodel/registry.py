@@ -1,10 +1,11 @@
 """Every device type, once: the table every front door reads.
 
-``-s`` (the VM's PCI functions), ``acrn-pydm lspci``, ``acrn-pydm vhost-user`` and the
-coming vfio-user server all look a device up here. An entry gives its ``-s`` names, its
+``-s`` (the VM's PCI functions), ``acrn-pydm lspci``, ``acrn-pydm vhost-user`` and
+``acrn-pydm vfio-user`` all look a device up here. An entry gives its ``-s`` names, its
 PCI factory ``(context, slot, options) -> PciDevice`` and, for a virtio device, the
 module whose ``create(options, slot, func)`` builds the ``VirtioDevice`` alone, with what
-vhost-user says about it (the vhost-user.json back-end type, how QEMU attaches it).
+vhost-user says about it (the vhost-user.json back-end type, how QEMU attaches it); for
+a function that belongs to a VM's own platform, why vfio-user cannot serve it alone.
 
 Device modules are imported when a device of theirs is built, not when the table is
 read, so each front door loads only what it serves.
@@ -49,14 +50,19 @@ class DeviceType:
     names: tuple[str, ...]
     pci: str | None = None
     virtio: VirtioKind | None = None
+    #: why ``acrn-pydm vfio-user`` cannot serve this function outside its VM (None: it can)
+    vm_only: str | None = None
 
 
 TYPES: tuple[DeviceType, ...] = (
-    DeviceType(("hostbridge",), pci="devicemodel.pci.hostbridge:create"),
-    DeviceType(("amd_hostbridge",), pci="devicemodel.pci.hostbridge:create_amd"),
+    DeviceType(("hostbridge",), pci="devicemodel.pci.hostbridge:create",
+               vm_only="the host bridge belongs to the VM's own PCI root"),
+    DeviceType(("amd_hostbridge",), pci="devicemodel.pci.hostbridge:create_amd",
+               vm_only="the host bridge belongs to the VM's own PCI root"),
     DeviceType(("dummy",), pci="devicemodel.pci.dummy:create"),
     DeviceType(("passthru",), pci="devicemodel.passthru.device:create"),
-    DeviceType(("lpc",), pci="devicemodel.platform.lpc:create"),
+    DeviceType(("lpc",), pci="devicemodel.platform.lpc:create",
+               vm_only="the LPC bridge carries the VM's own ISA platform (UART, RTC)"),
     DeviceType(("ahci", "ahci-hd", "ahci-cd"), pci="devicemodel.ahci:create"),
     DeviceType(("virtio-blk",), virtio=VirtioKind(
         "devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci")),
@@ -117,6 +123,28 @@ def _virtio_pci(ctx: DeviceContext, slot: SlotConfig, options: str,
         raise
 
 
+# --- a whole PCI function outside a VM (vfio-user) ------------------------------------------
+def servable() -> list[str]:
+    """The emulations ``acrn-pydm vfio-user`` can serve."""
+    return sorted(name for name, t in _BY_NAME.items() if t.vm_only is None)
+
+
+def vfio_user_kind(spec: str) -> tuple[str, str]:
+    """``<emul>[,<options>]`` of ``acrn-pydm vfio-user`` → (emul, options); ConfigError
+    (one line) for a name that is unknown or whose function belongs to a VM's platform.
+    The function is then built with ``create_pci`` like any ``-s`` one."""
+    emul, _, options = spec.partition(",")
+    if not emul:
+        raise ConfigError("give a device spec, e.g. virtio-blk,/path/disk.img")
+    dtype = _BY_NAME.get(emul)
+    if dtype is None:
+        raise ConfigError(f"vfio-user: unknown emulation {emul!r}; choose one of "
+                          f"{', '.join(servable())}")
+    if dtype.vm_only is not None:
+        raise ConfigError(f"vfio-user: {emul} cannot be served: {dtype.vm_only}")
+    return emul, options
+
+
 # --- a virtio device alone (vhost-user, tests) -------------------------------------------
 def _module(kind: VirtioKind) -> Any:
     return importlib.import_module(kind.module)
@@ -153,5 +181,6 @@ def make_vhost_device(spec: str) -> VirtioDevice:
 
 __all__ = [
     "DeviceType", "PciFactory", "TYPES", "VIRTIO_KINDS", "VirtioKind", "create_pci",
-    "create_virtio", "known", "make_vhost_device", "pci_factory", "vhost_kind",
+    "create_virtio", "known", "make_vhost_device", "pci_factory", "servable",
+    "vfio_user_kind", "vhost_kind",
 ]

@@ -16,7 +16,12 @@ Who owns config space depends on the backend:
 * sim and KVM: the device model owns the guest's view. IDs, class and capabilities are
   copied from the device (read-only), BARs are virtual and their accesses forwarded,
   command-register decode/bus-master bits go to the device, MSI is virtualized through
-  interrupt remapping (passthru/msi.py) or replaced by vMSI-X (vmsix_on_msi.py).
+  interrupt remapping (passthru/msi.py) or replaced by vMSI-X (vmsix_on_msi.py). The
+  power management capability's PowerState reads back as the guest wrote it (D0, D3hot,
+  and D1/D2 where the capability offers them), as on hardware: QEMU's vfio client (10.0
+  and later) writes D3hot and reads it back before it writes D0. The physical device
+  stays in D0: its MSI programming is what remapping relies on, and a D3hot→D0 cycle
+  would reset it behind our back.
 
 The BDF is hex, as acrn-dm parses it; ``sim:<vectors>[:<feature>...]`` instead of a BDF
 uses the synthetic SimHostDevice (tests, and trying vMSI-X without the hardware).
@@ -50,6 +55,11 @@ UNSUPPORTED = ("enable_ptm", "romfile", "dsdt", "gpu")
 PAGE = 4096
 #: command bits that reach the physical device (decode and bus mastering)
 CMD_FORWARDED = pc.CMD_IO | pc.CMD_MEM | pc.CMD_MASTER
+#: the power management capability: PMC and PMCSR offsets, the bits we use
+PMC = 2
+PMCSR = 4
+PMC_D1_SUPPORT = 1 << 9  # D2: bit 10
+PMCSR_POWER_STATE = 0x3
 
 
 class PassthruOptions:
@@ -173,6 +183,11 @@ class Passthru(PciDevice):
         self._copy_config()
         self._declare_bars()
         self._setup_interrupts(ctx)
+        #: the PM capability's offset (guest-writable PowerState), its state as written
+        self._pm: int | None = None
+        self._power_state = 0
+        if not self.hv_owned:
+            self._setup_power_state()
         map_dma = getattr(host, "map_dma", None)
         if not self.hv_owned and map_dma is not None:
             # the device's DMA lands in guest RAM (ACRN's hypervisor does this itself)
@@ -266,6 +281,27 @@ class Passthru(PciDevice):
             log.info("passthru %s: INTx is not forwarded on the %s backend; the guest "
                      "must use MSI", self.host.name, ctx.backend)
 
+    def _setup_power_state(self) -> None:
+        """The guest's PowerState (PMCSR bits 1:0) is writable in its view only."""
+        pm = next((c for c in self.capabilities if c.cap_id == pcaps.CAP_ID_PM), None)
+        if pm is None:
+            return
+        self._pm = pm.offset
+        self._power_state = self.cfg.get16(pm.offset + PMCSR) & PMCSR_POWER_STATE
+        self.cfg.set_wmask(pm.offset + PMCSR, 2, PMCSR_POWER_STATE)
+        self.watch_config(pm.offset + PMCSR, 2, on_write=self._power_state_written)
+
+    def _power_state_written(self, reg: int, size: int) -> None:
+        """D1 and D2 only where PMC says the function supports them; else no change."""
+        assert self._pm is not None
+        pmcsr = self.cfg.get16(self._pm + PMCSR)
+        state = pmcsr & PMCSR_POWER_STATE
+        pmc = self.cfg.get16(self._pm + PMC)
+        if state in (1, 2) and not pmc & (PMC_D1_SUPPORT << (state - 1)):
+            self.cfg.set16(self._pm + PMCSR, (pmcsr & ~PMCSR_POWER_STATE) | self._power_state)
+            return
+        self._power_state = state
+
     def _check_hv_bar(self, bar: int) -> None:
         first = unused_bars(self.host.bars())[0]
         if bar != first:
@@ -324,6 +360,8 @@ class Passthru(PciDevice):
     # --- lifecycle ------------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
+        if self._pm is not None:
+            self._power_state = self.cfg.get16(self._pm + PMCSR) & PMCSR_POWER_STATE
         if self.vmsix is not None:
             self.vmsix.reset()
         if self.ptmsi is not None:
