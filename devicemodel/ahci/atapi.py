@@ -64,7 +64,8 @@ class AtapiCd:
             0x1B: self._start_stop, 0x1E: self._prevent_allow, 0x25: self._read_capacity,
             0x28: self._read, 0xA8: self._read, 0x2B: self._seek, 0x43: self._read_toc,
             0x46: self._get_configuration, 0x4A: self._event_status,
-            0x51: self._disc_information, 0x5A: self._mode_sense, 0xBB: self._set_speed,
+            0x51: self._disc_information, 0x52: self._track_information,
+            0x5A: self._mode_sense, 0xBB: self._set_speed,
         }
 
     # --- the medium -----------------------------------------------------------------------
@@ -310,6 +311,15 @@ class AtapiCd:
         if not self.present:
             return self._not_ready()
         return self.reply(cmd, mmc.disc_information(), struct.unpack_from(">H", cdb, 7)[0])
+
+    def _track_information(self, cdb: bytes, cmd: Command) -> Outcome:
+        if not self.present:
+            return self._not_ready()
+        data = mmc.track_information(self.blocks, cdb[1] & 3,
+                                     struct.unpack_from(">I", cdb, 2)[0])
+        if data is None:
+            return self.check(mmc.ILLEGAL_REQUEST, *mmc.INVALID_FIELD)
+        return self.reply(cmd, data, struct.unpack_from(">H", cdb, 7)[0])
 
     def _mode_sense(self, cdb: bytes, cmd: Command) -> Outcome:
         pc, page = cdb[2] >> 6, cdb[2] & 0x3F

@@ -20,7 +20,9 @@ import trio
 from ..memory import MemoryMap
 from ..pci.device import BarKind, PciDevice
 from ..ratelimit import RateLimitedLog
+from ..virtio.blk.io import DiskImage
 from . import regs as r
+from .atapi import AtapiCd
 from .drive import Drive, log
 from .port import Port
 
@@ -199,6 +201,30 @@ class Ahci(PciDevice):
     def reset(self) -> None:
         super().reset()
         self.hba_reset()
+
+    # --- the monitor's media change ------------------------------------------------------
+    def change_medium(self, path: str | None, *, port: int | None = None,
+                      force: bool = False) -> int:
+        """Put the disc ``path`` into a CD-ROM drive, or take its disc out (None): the
+        drive's port (the only CD-ROM drive unless ``port`` says which). ValueError for
+        a port that has no CD-ROM drive, ConfigError for an image that cannot serve,
+        RuntimeError while the guest holds the tray locked and ``force`` is not set."""
+        cds = [p.index for p in self.ports if isinstance(p.drive, AtapiCd)]
+        if port is None:
+            if len(cds) != 1:
+                raise ValueError(f"this controller has {len(cds)} CD-ROM drives "
+                                 f"(ports {cds}); say which port")
+            port = cds[0]
+        if port not in cds:
+            raise ValueError(f"port {port} has no CD-ROM drive (CD-ROM ports: {cds})")
+        drive = self.ports[port].drive
+        assert isinstance(drive, AtapiCd)
+        image = None if path is None else DiskImage.open(path, ro=True,
+                                                         who=f"{self.name} port {port}")
+        drive.change_medium(image, force=force)
+        log.info("%s port %d: %s", self.name, port,
+                 f"disc {path} inserted" if path else "disc removed")
+        return port
 
     def counters(self) -> dict[str, Any]:
         return {f"port{p.index}": p.counters() for p in self.ports if p.drive is not None}

@@ -170,7 +170,25 @@ def disc_information() -> bytes:
     return bytes(data)
 
 
+def track_information(blocks: int, address_type: int, number: int) -> bytes | None:
+    """READ TRACK INFORMATION of the one data track (by LBA inside it, by track number
+    1 or by session number 1); None: no such track."""
+    if address_type == 0 and number >= blocks:
+        return None
+    if address_type in (1, 2) and number != 1:
+        return None
+    if address_type == 3:
+        return None
+    data = bytearray(36)
+    struct.pack_into(">H", data, 0, 34)
+    data[2], data[3] = 1, 1  # track 1, session 1
+    data[5] = 0x04  # a data track, recorded uninterrupted
+    data[6] = 0x01  # data mode 1
+    struct.pack_into(">II", data, 24, blocks, max(blocks - 1, 0))  # size, last recorded
+    return bytes(data)
+
+
 __all__ = ["BLOCK", "EV_EJECT_REQUEST", "EV_MEDIA_REMOVAL", "EV_NEW_MEDIA", "EV_NONE",
            "ILLEGAL_REQUEST", "MEDIUM_ERROR", "NOT_READY", "NO_SENSE", "UNIT_ATTENTION",
            "capacity", "configuration", "disc_information", "inquiry", "media_event",
-           "mode_sense", "msf_of", "sense", "toc"]
+           "mode_sense", "msf_of", "sense", "toc", "track_information"]

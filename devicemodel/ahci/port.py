@@ -314,6 +314,9 @@ class Port:
         the command list halts (the failed slot keeps its PxCI/PxSACT bit)."""
         self.running.pop(command.slot, None)
         self.stats["errors"] += 1
+        log.debug("%s port %d: slot %d: command %#04x failed: status %#04x error %#04x",
+                  self.hba.name, self.index, command.slot, command.opcode, done.status,
+                  done.error)
         self.tfd = done.error << 8 | done.status
         self.halted = True
         if queued:

@@ -141,8 +141,9 @@ class Boot:
         return [line[len(prefix):] for line in self.run.info if line.startswith(prefix)]
 
     def commands(self) -> list[str]:
-        """The ATA/ATAPI opcodes the guest sent, as the device logged them first."""
-        return sorted(set(re.findall(r": first ((?:ATA|ATAPI) 0x[0-9a-f]{2} [^\n\[]*?)"
+        """The ATA/ATAPI opcodes the guest sent, "port N: <kind> <opcode> <name>", as the
+        device logged each the first time."""
+        return sorted(set(re.findall(r"(port \d): first ((?:ATA|ATAPI) 0x[0-9a-f]{2} [^\n\[]*?)"
                                      r"\s*(?:\[|$)", self.log, re.M)))
 
 
@@ -208,6 +209,8 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
         finally:
             g.stop_backend(be)
         log = be.log()
+    if os.environ.get("ACRN_PYDM_AHCI_LOG"):  # for debugging: both logs, whole
+        Path(os.environ["ACRN_PYDM_AHCI_LOG"]).write_text(run.log + "\n---\n" + log)
     yield Boot(run, log, image)
 
 
@@ -275,8 +278,8 @@ def test_commands_linux_sent(boot: Boot) -> None:
     """Every ATA/ATAPI opcode the guest sent; the ones Linux needs for what it did are
     served."""
     seen = boot.commands()
-    print("\n".join(seen))
-    served = {c for c in seen if "(not served)" not in c}
+    print("\n".join(f"{port}: {cmd}" for port, cmd in seen))
+    served = {cmd for _, cmd in seen if "(not served)" not in cmd}
     for must in ("ATA 0xec IDENTIFY DEVICE", "ATA 0xa1 IDENTIFY PACKET DEVICE",
                  "ATA 0x60 READ FPDMA QUEUED", "ATA 0x61 WRITE FPDMA QUEUED",
                  "ATA 0x06 DATA SET MANAGEMENT", "ATA 0xea FLUSH CACHE EXT",
