@@ -55,7 +55,7 @@ def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Ahci:
     drives: list[Drive | None] = []
     try:
         for port, opts in enumerate(parse_ahci_options(options, slot.emul)):
-            drives.append(open_drive(opts, pool.run, f"{slot.emul}: port {port}"))
+            drives.append(open_drive(opts, pool.run, f"{slot.emul}: port {port} ({opts.kind})"))
         return Ahci(ctx, slot, drives, pool)
     except BaseException:
         for d in drives:
