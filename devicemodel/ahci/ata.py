@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ratelimit import RateLimitedLog
-from ..virtio.blk.io import BlockIo, DiskImage
+from ..virtio.blk.io import BlockIo, DiskImage, NowaitIo
 from ..virtio.blk.io.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from . import regs as r
 from .command import Command
@@ -37,6 +37,8 @@ from .identify import (
 )
 
 READ_FPDMA, WRITE_FPDMA = 0x60, 0x61
+#: the largest transfer tried on the event loop from the page cache (as virtio-blk's)
+INLINE_MAX = 2 << 20
 LOG_DIRECTORY, LOG_NCQ_ERROR = 0x00, 0x10
 SF_WC_ON, SF_WC_OFF, SF_XFER = 0x02, 0x82, 0x03
 SF_HARMLESS = {0xAA, 0x55, 0x66, 0xCC}  # look-ahead on/off, revert to defaults on/off
@@ -80,6 +82,8 @@ class AtaDisk:
                  who: str) -> None:
         self.image = image
         self.io = io
+        #: the page cache's data without a thread hand-off (io/nowait.py), when it has it
+        self.nowait = NowaitIo(image, who)
         self.serial = serial
         self.who = who
         self.sector = image.sector_size
@@ -132,6 +136,7 @@ class AtaDisk:
                 "io_errors": self.io_errors, "commands": self.log.as_dict()}
 
     def close(self) -> None:
+        self.nowait.close()
         self.image.close()
 
     # --- reads and writes ---------------------------------------------------------------
@@ -152,8 +157,15 @@ class AtaDisk:
             return aborted()
         length = n * self.sector
         views = cmd.prdt.views(length)
-        return self._move(views, lba * self.sector, length, write=write, sync=sync,
-                          pio=pio)
+        offset = lba * self.sector
+        if length <= INLINE_MAX:  # what the page cache can do at once needs no thread
+            nowait = self.nowait
+            if write:
+                if not sync and nowait.can_write and nowait.write(views, offset, length):
+                    return Done(count=length, pio=pio, to_host=False)
+            elif nowait.can_read and nowait.read(views, offset) == length:
+                return Done(count=length, pio=pio)
+        return self._move(views, offset, length, write=write, sync=sync, pio=pio)
 
     async def _move(self, views: list[memoryview], offset: int, length: int, *,
                     write: bool, sync: bool, pio: bool) -> Done:

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ratelimit import RateLimitedLog
-from ..virtio.blk.io import DiskImage, Runner, ThreadIo
+from ..virtio.blk.io import DiskImage, NowaitIo, Runner, ThreadIo
 from . import mmc
 from . import regs as r
+from .ata import INLINE_MAX
 from .command import Command
 from .drive import CommandLog, Done, Outcome, aborted, log
 from .fis import signature_shadow
@@ -46,6 +47,7 @@ class AtapiCd:
         self.who = who
         self.image: DiskImage | None = None
         self.io: ThreadIo | None = None
+        self.nowait: NowaitIo | None = None
         self.tray_open = False
         self.locked = False
         self.xfer_mode = UDMA6
@@ -80,6 +82,7 @@ class AtapiCd:
     def _set_image(self, image: DiskImage | None) -> None:
         old, self.image = self.image, image
         self.io = ThreadIo(image, self.run) if image is not None else None
+        self.nowait = NowaitIo(image, self.who) if image is not None else None
         if old is not None:
             self._retired.append(old)
             self._close_retired()
@@ -261,9 +264,14 @@ class AtapiCd:
             return self.check(mmc.ILLEGAL_REQUEST, *mmc.LBA_OUT_OF_RANGE)
         if not n:
             return self.ok()
-        views = cmd.prdt.views(n * mmc.BLOCK)
-        return self._read_blocks(views, lba * mmc.BLOCK, n * mmc.BLOCK,
-                                 pio=not cmd.features & 1)
+        length, offset, pio = n * mmc.BLOCK, lba * mmc.BLOCK, not cmd.features & 1
+        views = cmd.prdt.views(length)
+        nowait = self.nowait
+        if (length <= INLINE_MAX and nowait is not None and nowait.can_read
+                and nowait.read(views, offset) == length):  # from the page cache, at once
+            self.sense_data = (mmc.NO_SENSE, 0, 0)
+            return Done(count=length, pio=pio, shadow=self._done_shadow())
+        return self._read_blocks(views, offset, length, pio=pio)
 
     async def _read_blocks(self, views: list[memoryview], offset: int, length: int, *,
                            pio: bool) -> Done:

@@ -52,6 +52,19 @@ MODULES = (
     "drivers/char/hw_random/virtio-rng.ko",
 )
 
+# What an AHCI disk and CD-ROM need in the generic kernel (the cloud one has no AHCI):
+# the SATA and SCSI layers, sd and sr, ISO 9660 and ext4 (which also mounts ext2), and
+# the CRC algorithms they ask the crypto API for (no modprobe in our initramfs).
+AHCI_MODULES = (
+    "crypto/crc32c_generic.ko", "crypto/crct10dif_common.ko", "crypto/crct10dif_generic.ko",
+    "lib/crc-t10dif.ko", "lib/crc64.ko", "crypto/crc64_rocksoft_generic.ko",
+    "lib/crc64-rocksoft.ko", "block/t10-pi.ko", "drivers/scsi/scsi_common.ko",
+    "drivers/scsi/scsi_mod.ko", "drivers/ata/libata.ko", "drivers/ata/libahci.ko",
+    "drivers/ata/ahci.ko", "drivers/scsi/sd_mod.ko", "drivers/cdrom/cdrom.ko",
+    "drivers/scsi/sr_mod.ko", "fs/isofs/isofs.ko", "lib/crc16.ko", "fs/mbcache.ko",
+    "fs/jbd2/jbd2.ko", "fs/ext4/ext4.ko",
+)
+
 INIT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s

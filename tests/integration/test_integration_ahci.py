@@ -46,15 +46,6 @@ GUEST_PATTERN = (b"guest-wrote-this-" * 4000)[:65536]
 CD_FILE = os.urandom(300_000)  # not a multiple of the 2048-byte block
 CD_LABEL = "ACRNPYDM"
 SLOT = 3
-AHCI_MODULES = (
-    "crypto/crc32c_generic.ko", "crypto/crct10dif_common.ko", "crypto/crct10dif_generic.ko",
-    "lib/crc-t10dif.ko", "lib/crc64.ko", "crypto/crc64_rocksoft_generic.ko",
-    "lib/crc64-rocksoft.ko", "block/t10-pi.ko", "drivers/scsi/scsi_common.ko",
-    "drivers/scsi/scsi_mod.ko", "drivers/ata/libata.ko", "drivers/ata/libahci.ko",
-    "drivers/ata/ahci.ko", "drivers/scsi/sd_mod.ko", "drivers/cdrom/cdrom.ko",
-    "drivers/scsi/sr_mod.ko", "fs/isofs/isofs.ko", "lib/crc16.ko", "fs/mbcache.ko",
-    "fs/jbd2/jbd2.ko", "fs/ext4/ext4.ko",
-)
 
 SCRIPT = f"""
 for i in $(seq 50); do [ -b /dev/sda ] && [ -b /dev/sr0 ] && break; sleep 0.1; done
@@ -197,7 +188,7 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
     kernel = g.fetch_kernel(flavours=g.GENERIC)
     with qemu.workdir() as work:
         g.build_initramfs(kernel, SCRIPT, work / "initrd.gz", files=_guest_files(work),
-                          modules=AHCI_MODULES)
+                          modules=g.AHCI_MODULES)
         sock = work / "ahci.sock"
         be = g.start_backend(f"ahci,hd:{image},writeback,cd:{iso}", sock, extra=["-v"],
                              command="vfio-user")

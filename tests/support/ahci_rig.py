@@ -22,6 +22,7 @@ from devicemodel.memory import MemoryMap, RamRegion
 from devicemodel.pci import caps as pcaps
 from devicemodel.registry import create_pci
 from devicemodel.slot import SlotConfig
+from devicemodel.virtio.blk.io import image as image_mod
 from tests.support.ahci_driver import AhciDriver
 
 RAM = 64 << 20
@@ -71,6 +72,17 @@ class Rig:
         self.hba.cfg_write(off + 12, 2, 0x40)
         mme = (messages - 1).bit_length()
         self.hba.cfg_write(off + 2, 2, 1 | mme << 4)
+
+
+def page_cache_misses(monkeypatch) -> None:  # noqa: ANN001 - pytest's fixture
+    """Every non-blocking read and write misses the page cache, so each transfer goes
+    to a thread (where tests can stall it or make it fail)."""
+
+    def miss(*args: object) -> int:
+        raise BlockingIOError
+
+    monkeypatch.setattr(image_mod, "preadv_nowait", miss)
+    monkeypatch.setattr(image_mod, "pwritev_nowait", miss)
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ from devicemodel.ahci.identify import DISK_MODEL, FIRMWARE
 from devicemodel.virtio.blk.io import image as image_mod
 from devicemodel.virtio.blk.options import disk_ident
 from tests.support.ahci_driver import h2d
-from tests.support.ahci_rig import ahci_rig
+from tests.support.ahci_rig import ahci_rig, page_cache_misses
 
 MiB = 1 << 20
 SECTORS = 8 * MiB // 512
@@ -123,6 +123,7 @@ async def test_the_write_cache_decides_when_a_write_is_durable(disk: Path, monke
         return real(fd, views, offset, sync)
 
     monkeypatch.setattr(image_mod, "pwritev_all", record)
+    page_cache_misses(monkeypatch)  # every write through pwritev_all, whatever /tmp is
     fsyncs: list[int] = []
     monkeypatch.setattr(image_mod.os, "fsync", lambda fd: fsyncs.append(fd))
     async with ahci_rig(f"hd:{disk}") as rig:
@@ -139,6 +140,25 @@ async def test_the_write_cache_decides_when_a_write_is_durable(disk: Path, monke
         await d.write(0, 0, b"f" * 512, ncq=True, slot=5)
         assert words(await d.identify(0))[85] & 0x20 == 0
     assert synced == [True, False, True, False, True, True]
+
+
+async def test_the_page_cache_serves_without_a_thread(disk: Path, monkeypatch) -> None:
+    threads: list[str] = []
+    real = image_mod.preadv_all
+
+    def record(fd, views, offset):  # noqa: ANN001, ANN202
+        threads.append("thread")
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(image_mod, "preadv_all", record)
+    async with ahci_rig(f"hd:{disk}") as rig:
+        d = rig.driver
+        d.prepare(0, 2, h2d(0x60, features=8, lba=16, count=2 << 3),
+                  [(d.data_addr(0, 2), 4096)])
+        await d.issue(0, 2, ncq=True)
+        assert await d.prd(0, r.P_SACT) == 0  # done inside the register write
+        assert rig.memory.read(d.data_addr(0, 2), 4096) == disk.read_bytes()[8192:12288]
+    assert threads == []
 
 
 async def test_ncq_commands_run_side_by_side(disk: Path) -> None:
@@ -206,6 +226,7 @@ async def test_errors_set_the_task_file(disk: Path, tmp_path: Path, monkeypatch)
             raise OSError(5, "Input/output error")
 
         monkeypatch.setattr(image_mod, "preadv_all", broken)
+        page_cache_misses(monkeypatch)
         res = await d.read(0, 0, 1)
         assert res.tfes and res.error == r.ER_UNC
         assert rig.hba.counters()["port0"]["io_errors"] == 1

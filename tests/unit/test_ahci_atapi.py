@@ -15,7 +15,7 @@ from devicemodel.ahci.atapi import AtapiCd
 from devicemodel.ahci.identify import CD_MODEL
 from devicemodel.virtio.blk.io import image as image_mod
 from tests.support.ahci_driver import Result, h2d
-from tests.support.ahci_rig import Rig, ahci_rig
+from tests.support.ahci_rig import Rig, ahci_rig, page_cache_misses
 
 BLOCKS = 300
 
@@ -239,6 +239,7 @@ async def test_a_replaced_disc_is_closed_once_its_reads_end(iso: Path, tmp_path:
         return real(fd, views, offset)
 
     monkeypatch.setattr(image_mod, "preadv_all", slow)
+    page_cache_misses(monkeypatch)
     async with ahci_rig(f"cd:{iso}", "ahci-cd") as rig:
         d = rig.driver
         drive = rig.hba.ports[0].drive

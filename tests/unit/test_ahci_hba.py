@@ -15,7 +15,7 @@ from devicemodel.ahci.hba import msi_messages
 from devicemodel.pci import config as pc
 from devicemodel.virtio.blk.io import image as image_mod
 from tests.support.ahci_driver import h2d
-from tests.support.ahci_rig import RAM, ahci_rig
+from tests.support.ahci_rig import RAM, ahci_rig, page_cache_misses
 
 MiB = 1 << 20
 
@@ -184,6 +184,7 @@ async def stalled_reads(monkeypatch):
         return real(fd, views, offset)
 
     monkeypatch.setattr(image_mod, "preadv_all", stalled)
+    page_cache_misses(monkeypatch)
     return gate
 
 
