@@ -79,6 +79,7 @@ class Ahci(PciDevice):
         self.ghc = r.GHC_AE
         self.is_ = 0
         self._resetting = False
+        self._intx_level = False
         self._glog = RateLimitedLog(log)
         self.cfg.set_ids(VENDOR_INTEL, DEVICE_ICH8_AHCI, CLASS_SATA_AHCI)
         self.add_msi(msi_messages(nports))
@@ -180,9 +181,13 @@ class Ahci(PciDevice):
         self._update_intx()
 
     def _update_intx(self) -> None:
-        if self.intx is None:
+        """INTx is asserted while any IS bit is set, interrupts are on and MSI is off
+        (the pin only moves when that changes: this runs after every port write)."""
+        level = bool(self.is_ and self.ghc & r.GHC_IE) and not self._msi_on()
+        if self.intx is None or level == self._intx_level:
             return
-        if self.is_ and self.ghc & r.GHC_IE and not self._msi_on():
+        self._intx_level = level
+        if level:
             self.intx.assert_()
         else:
             self.intx.deassert()
@@ -199,7 +204,8 @@ class Ahci(PciDevice):
                 self.nursery = None
 
     def reset(self) -> None:
-        super().reset()
+        super().reset()  # the pin is idle again
+        self._intx_level = False
         self.hba_reset()
 
     # --- the monitor's media change ------------------------------------------------------

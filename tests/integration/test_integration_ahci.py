@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +116,35 @@ fi
 sync
 """
 
+# ahci-cd,<iso>,hd:<disk>: the CD-ROM on port 0, the disk on port 1
+INTX_SCRIPT = f"""
+for i in $(seq 50); do [ -b /dev/sda ] && [ -b /dev/sr0 ] && break; sleep 0.1; done
+grep -E 'ahci' /proc/interrupts | while IFS= read -r l; do info "irq $l"; done
+d=/sys/bus/pci/devices/0000:00:0{SLOT}.0
+info "config $(od -An -tx1 -v -N 256 $d/config | tr -d ' \\n')"
+pat=$(dd if=/dev/sda bs=65536 skip={PLANTED_AT // 65536} count=1 iflag=direct 2>/dev/null \\
+      | md5sum | cut -d' ' -f1)
+[ "$pat" = {hashlib.md5(PLANTED).hexdigest()} ] && pass planted || fail planted "read [$pat]"
+yes guest-wrote-this- | tr -d '\\n' | head -c 65536 > /tmp/gpat
+dd if=/tmp/gpat of=/dev/sda bs=65536 seek={GUEST_AT // 65536} conv=fsync 2>/dev/null \\
+  && pass write || fail write "dd failed"
+mkdir -p /cdrom
+if mount -t iso9660 -o ro /dev/sr0 /cdrom; then
+  s=$(md5sum /cdrom/readme.bin | cut -d' ' -f1); umount /cdrom
+  [ "$s" = {hashlib.md5(CD_FILE).hexdigest()} ] && pass cd-read || fail cd-read "md5 [$s]"
+else
+  fail cd-read "mount failed"
+fi
+"""
+
 
 @dataclass
 class Boot:
     run: g.GuestRun
     log: str
     image: Path
+    #: the config space ``acrn-pydm lspci`` shows for the same -s line
+    ours: bytes
 
     def check(self, *steps: str) -> None:
         try:
@@ -134,8 +158,9 @@ class Boot:
     def commands(self) -> list[str]:
         """The ATA/ATAPI opcodes the guest sent, "port N: <kind> <opcode> <name>", as the
         device logged each the first time."""
-        return sorted(set(re.findall(r"(port \d): first ((?:ATA|ATAPI) 0x[0-9a-f]{2} [^\n\[]*?)"
-                                     r"\s*(?:\[|$)", self.log, re.M)))
+        return sorted(set(re.findall(r"(port \d+ \((?:hd|cd)\)): first "
+                                     r"((?:ATA|ATAPI) 0x[0-9a-f]{2} [^\n\[]*?)\s*(?:\[|$)",
+                                     self.log, re.M)))
 
 
 def _why_not() -> str | None:
@@ -177,6 +202,40 @@ def _guest_files(work: Path) -> dict[str, Path]:
 
 
 
+def _boot(name: str, spec: str, script: str, image: Path, *, append: str = "") -> Boot:
+    """The generic kernel on ``acrn-pydm vfio-user -v <spec>`` at slot 3."""
+    qemu = trixie.ensure_qemu()
+    kernel = g.fetch_kernel(flavours=g.GENERIC)
+    with qemu.workdir() as work:
+        g.build_initramfs(kernel, script, work / "initrd.gz", files=_guest_files(work),
+                          modules=g.AHCI_MODULES)
+        sock = work / "ahci.sock"
+        be = g.start_backend(spec, sock, extra=["-v"], command="vfio-user")
+        try:
+            cmd = g.qemu_command(qemu.stage_kernel(kernel, work),
+                                 qemu.inner(work / "initrd.gz"),
+                                 g.vfio_user_device_args(qemu.inner(sock), addr=SLOT),
+                                 append=append)
+            run = g.run_qemu(qemu.command(cmd), timeout=300)
+        finally:
+            g.stop_backend(be)
+        log = be.log()
+        ours = _acrn_pydm_config(spec)
+    if os.environ.get("ACRN_PYDM_AHCI_LOG"):  # for debugging: both logs, whole
+        Path(f"{os.environ['ACRN_PYDM_AHCI_LOG']}.{name}").write_text(
+            run.log + "\n---\n" + log)
+    return Boot(run, log, image, ours)
+
+
+def _acrn_pydm_config(spec: str) -> bytes:
+    """The 256 config bytes ``acrn-pydm lspci -s 3,<spec>`` shows."""
+    out = subprocess.run([sys.executable, "-m", "devicemodel", "lspci", "-s", "0:0,hostbridge",
+                          "-s", f"{SLOT},{spec}", "ahci"], cwd=g.REPO, capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    rows = out.split(f"00:0{SLOT}.0", 1)[1].splitlines()[1:17]
+    return bytes.fromhex("".join(row.split(":", 1)[1] for row in rows))
+
+
 @pytest.fixture(scope="module")
 def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
     why = _why_not()
@@ -184,25 +243,18 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("ahci")
     image, iso = _disk(tmp / "disk.img"), _iso(tmp / "cd.iso")
-    qemu = trixie.ensure_qemu()
-    kernel = g.fetch_kernel(flavours=g.GENERIC)
-    with qemu.workdir() as work:
-        g.build_initramfs(kernel, SCRIPT, work / "initrd.gz", files=_guest_files(work),
-                          modules=g.AHCI_MODULES)
-        sock = work / "ahci.sock"
-        be = g.start_backend(f"ahci,hd:{image},writeback,cd:{iso}", sock, extra=["-v"],
-                             command="vfio-user")
-        try:
-            cmd = g.qemu_command(qemu.stage_kernel(kernel, work),
-                                 qemu.inner(work / "initrd.gz"),
-                                 g.vfio_user_device_args(qemu.inner(sock), addr=SLOT))
-            run = g.run_qemu(qemu.command(cmd), timeout=300)
-        finally:
-            g.stop_backend(be)
-        log = be.log()
-    if os.environ.get("ACRN_PYDM_AHCI_LOG"):  # for debugging: both logs, whole
-        Path(os.environ["ACRN_PYDM_AHCI_LOG"]).write_text(run.log + "\n---\n" + log)
-    yield Boot(run, log, image)
+    yield _boot("msi", f"ahci,hd:{image},writeback,cd:{iso}", SCRIPT, image)
+
+
+@pytest.fixture(scope="module")
+def intx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
+    """``pci=nomsi``: the controller's level-triggered INTx, through QEMU's line."""
+    why = _why_not()
+    if why:
+        pytest.skip(why)
+    tmp = tmp_path_factory.mktemp("ahci-intx")
+    image, iso = _disk(tmp / "disk.img"), _iso(tmp / "cd.iso")
+    yield _boot("intx", f"ahci-cd,{iso},hd:{image}", INTX_SCRIPT, image, append="pci=nomsi")
 
 
 def test_boot_finishes(boot: Boot) -> None:
@@ -266,8 +318,9 @@ def test_cdrom(boot: Boot) -> None:
 
 
 def test_commands_linux_sent(boot: Boot) -> None:
-    """Every ATA/ATAPI opcode the guest sent; the ones Linux needs for what it did are
-    served."""
+    """Every ATA/ATAPI opcode the guest (SeaBIOS, then Linux) sent; the ones Linux
+    needs for what it did are served, and the only one refused is the one a disk must
+    refuse: SeaBIOS probes each port with IDENTIFY PACKET DEVICE first."""
     seen = boot.commands()
     print("\n".join(f"{port}: {cmd}" for port, cmd in seen))
     served = {cmd for _, cmd in seen if "(not served)" not in cmd}
@@ -277,3 +330,33 @@ def test_commands_linux_sent(boot: Boot) -> None:
                  "ATA 0xef SET FEATURES", "ATAPI 0x28 READ(10)",
                  "ATAPI 0x00 TEST UNIT READY", "ATAPI 0x1b START STOP UNIT"):
         assert must in served, seen
+    refused = [(port, cmd) for port, cmd in seen if "(not served)" in cmd]
+    assert refused == [("port 0 (hd)", "ATA 0xa1 IDENTIFY PACKET DEVICE (not served)")], seen
+
+
+def test_intx_boot(intx: Boot) -> None:
+    """With MSI off, INTx carries every completion: the drives in the other order
+    (ahci-cd: the CD-ROM on port 0) still read, write and mount."""
+    assert intx.run.done and not intx.run.timed_out, intx.run.report() + intx.log
+    intx.check("planted", "write", "cd-read")
+    assert intx.image.read_bytes()[GUEST_AT : GUEST_AT + 65536] == GUEST_PATTERN
+    irqs = " ".join(intx.info("irq "))
+    assert "IO-APIC" in irqs and "ahci" in irqs, irqs
+
+
+# Config bytes QEMU's client virtualizes or the guest programs (command, latency timer,
+# BAR address, interrupt line, the MSI capability's enable/MME/address/data/mask): the
+# rest must be ours, byte for byte.
+def _ours_outside_the_virtualized(ours: bytes, guest: bytes) -> list[int]:
+    skip = {0x04, 0x05, 0x0D, 0x24, 0x25, 0x26, 0x27, 0x3C}
+    skip |= {0x42} | set(range(0x44, 0x58))
+    return [off for off in range(256) if off not in skip and ours[off] != guest[off]]
+
+
+def test_the_guest_sees_our_config_space(intx: Boot) -> None:
+    (line,) = intx.info("config ")
+    guest = bytes.fromhex(line)
+    assert len(guest) == 256 and len(intx.ours) == 256
+    assert _ours_outside_the_virtualized(intx.ours, guest) == [], (guest.hex(), intx.ours.hex())
+    assert guest[0x42] & 0x0E == intx.ours[0x42] & 0x0E  # 8 messages capable
+    assert guest[0x24] & 0x0F == intx.ours[0x24] & 0x0F  # BAR5: 32-bit memory
