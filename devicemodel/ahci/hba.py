@@ -98,10 +98,15 @@ class Ahci(PciDevice):
         if offset >= r.PORT_BASE:
             index, reg = divmod(offset - r.PORT_BASE, r.PORT_STRIDE)
             return self.ports[index].read(reg) if index < len(self.ports) else 0
+        if offset == r.IS:
+            return self.is_
         if offset == r.GHC:
             return self.ghc | (r.GHC_HR if self._resetting else 0)
-        return {r.CAP: self.cap, r.IS: self.is_, r.PI: self.pi,
-                r.VS: r.VERSION_1_3}.get(offset, 0)
+        if offset == r.CAP:
+            return self.cap
+        if offset == r.PI:
+            return self.pi
+        return r.VERSION_1_3 if offset == r.VS else 0
 
     def abar_write(self, offset: int, size: int, value: int) -> None:
         if size != 4 or offset & 3:

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from .hba import Ahci
 
 _MASK64_LOW = 0xFFFF_FFFF
+#: the registers a read returns as they are (the rest: the halves of CLB/FB, or 0)
+_PLAIN = {r.P_IS: "is_", r.P_IE: "ie", r.P_CMD: "cmd", r.P_TFD: "tfd", r.P_SIG: "sig",
+          r.P_SSTS: "ssts", r.P_SCTL: "sctl", r.P_SERR: "serr", r.P_SACT: "sact",
+          r.P_CI: "ci", r.P_SNTF: "sntf"}
 
 
 class Port:
@@ -107,6 +111,10 @@ class Port:
 
     # --- registers ------------------------------------------------------------------------
     def read(self, offset: int) -> int:
+        name = _PLAIN.get(offset)
+        if name is not None:
+            value: int = getattr(self, name)
+            return value
         if offset == r.P_CLB:
             return self.clb & _MASK64_LOW
         if offset == r.P_CLBU:
@@ -115,11 +123,7 @@ class Port:
             return self.fb & _MASK64_LOW
         if offset == r.P_FBU:
             return self.fb >> 32
-        return {
-            r.P_IS: self.is_, r.P_IE: self.ie, r.P_CMD: self.cmd, r.P_TFD: self.tfd,
-            r.P_SIG: self.sig, r.P_SSTS: self.ssts, r.P_SCTL: self.sctl,
-            r.P_SERR: self.serr, r.P_SACT: self.sact, r.P_CI: self.ci, r.P_SNTF: self.sntf,
-        }.get(offset, 0)
+        return 0
 
     def write(self, offset: int, value: int) -> None:
         running = self.cmd & r.CMD_ST
