@@ -19,7 +19,9 @@ and PxCMD.CR (GHC.HR) stays set until the last one has.
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import trio
 
 from ..memory import MemoryMap
 from ..ratelimit import RateLimitedLog
@@ -28,9 +30,6 @@ from . import regs as r
 from .command import BusError, Command, FisError, ShortBuffer, fetch, set_prdbc, view
 from .drive import Done, Drive, aborted, log
 
-if TYPE_CHECKING:
-    from .hba import Ahci
-
 _MASK64_LOW = 0xFFFF_FFFF
 #: the registers a read returns as they are (the rest: the halves of CLB/FB, or 0)
 _PLAIN = {r.P_IS: "is_", r.P_IE: "ie", r.P_CMD: "cmd", r.P_TFD: "tfd", r.P_SIG: "sig",
@@ -38,10 +37,25 @@ _PLAIN = {r.P_IS: "is_", r.P_IE: "ie", r.P_CMD: "cmd", r.P_TFD: "tfd", r.P_SIG: 
           r.P_CI: "ci", r.P_SNTF: "sntf"}
 
 
+class PortHost(Protocol):
+    """What a port uses of its controller (``hba.Ahci``)."""
+
+    name: str
+    memory: MemoryMap
+    #: where commands that wait for the image run; None until the controller runs
+    nursery: trio.Nursery | None
+
+    def port_interrupt(self, port: Port, bits: int) -> None:
+        """``port`` newly set enabled PxIS ``bits``."""
+
+    def port_idle(self) -> None:
+        """A port's last abandoned command ended."""
+
+
 class Port:
     """Port ``index`` of ``hba``, with ``drive`` (None: nothing attached)."""
 
-    def __init__(self, hba: Ahci, index: int, drive: Drive | None) -> None:
+    def __init__(self, hba: PortHost, index: int, drive: Drive | None) -> None:
         self.hba = hba
         self.index = index
         self.drive = drive
@@ -367,4 +381,4 @@ class Port:
         return out
 
 
-__all__ = ["Port"]
+__all__ = ["Port", "PortHost"]
