@@ -34,7 +34,8 @@ PciFactory = Callable[["DeviceContext", "SlotConfig", str], "PciDevice"]
 class VirtioKind:
     """A virtio device: how to build it alone, and how vhost-user presents it."""
 
-    #: the device module; its ``create(options, slot, func)`` builds the device
+    #: the device module; its ``create(options, slot, func)`` builds the device and its
+    #: ``parse_options(options, slot, func)`` parses them without opening anything
     module: str
     #: the back-end type of vhost-user.json (for --print-capabilities)
     vhost_type: str
@@ -44,8 +45,9 @@ class VirtioKind:
 
 @dataclass(frozen=True)
 class DeviceType:
-    """One device type. ``pci`` is ``"module:function"`` of its PCI factory; a virtio
-    device is put on the virtio-pci transport instead."""
+    """One device type. ``pci`` is ``"module:function"`` of its PCI factory, and that
+    module's ``check_options(slot, options)`` parses its options without touching the host
+    (the validator's check); a virtio device is put on the virtio-pci transport instead."""
 
     names: tuple[str, ...]
     pci: str | None = None
@@ -63,6 +65,11 @@ TYPES: tuple[DeviceType, ...] = (
     DeviceType(("passthru",), pci="devicemodel.passthru.device:create"),
     DeviceType(("lpc",), pci="devicemodel.platform.lpc:create",
                vm_only="the LPC bridge carries the VM's own ISA platform (UART, RTC)"),
+    DeviceType(("igd-lpc",), pci="devicemodel.pci.igd_lpc:create",
+               vm_only="igd-lpc comes with a passed-through Intel GPU at 31:0"),
+    DeviceType(("ivshmem",), pci="devicemodel.pci.ivshmem:create"),
+    DeviceType(("uart",), pci="devicemodel.pci.vuart:create",
+               vm_only="the vUART is emulated by the ACRN hypervisor (CREATE_VDEV)"),
     DeviceType(("ahci", "ahci-hd", "ahci-cd"), pci="devicemodel.ahci:create"),
     DeviceType(("virtio-blk",), virtio=VirtioKind(
         "devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci")),
@@ -101,6 +108,24 @@ def pci_factory(name: str) -> PciFactory:
     module, _, func = dtype.pci.partition(":")
     factory: PciFactory = getattr(importlib.import_module(module), func)
     return factory
+
+
+def check_options(slot: SlotConfig) -> object:
+    """Parse one ``-s`` option's device options as its factory will, opening nothing
+    (vmcheck.py's device check); ConfigError (one line) if they are wrong. Returns what
+    the parser made, or None for a device that takes no options."""
+    dtype = _BY_NAME.get(slot.emul)
+    if dtype is None:
+        raise ConfigError(f"-s: unknown emulation {slot.emul!r}; known: {', '.join(known())}")
+    if dtype.virtio is not None:
+        from .virtio.pci import split_transport_options
+
+        _, rest = split_transport_options(slot.emul, slot.options)
+        return _module(dtype.virtio).parse_options(rest, slot.dev, slot.func)
+    assert dtype.pci is not None
+    check = getattr(importlib.import_module(dtype.pci.partition(":")[0]), "check_options",
+                    None)
+    return check(slot, slot.options) if check is not None else None
 
 
 def create_pci(ctx: DeviceContext, slot: SlotConfig) -> PciDevice:
@@ -180,7 +205,8 @@ def make_vhost_device(spec: str) -> VirtioDevice:
 
 
 __all__ = [
-    "DeviceType", "PciFactory", "TYPES", "VIRTIO_KINDS", "VirtioKind", "create_pci",
+    "DeviceType", "PciFactory", "TYPES", "VIRTIO_KINDS", "VirtioKind", "check_options",
+    "create_pci",
     "create_virtio", "known", "make_vhost_device", "pci_factory", "servable",
     "vfio_user_kind", "vhost_kind",
 ]

@@ -49,6 +49,12 @@ def open_drive(opts: DriveOptions, run: Runner, who: str) -> Drive:
     return disk
 
 
+def check_options(slot: SlotConfig, options: str) -> object:
+    """The validator's check (registry.check_options): the drives ``create`` would open,
+    parsed without opening them."""
+    return parse_ahci_options(options, slot.emul)
+
+
 def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Ahci:
     """``-s <slot>,ahci|ahci-hd|ahci-cd,<drives>``."""
     pool = ThreadPool()
@@ -64,5 +70,5 @@ def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Ahci:
         raise
 
 
-__all__ = ["Ahci", "AtaDisk", "AtapiCd", "DriveOptions", "ThreadPool", "create",
+__all__ = ["Ahci", "AtaDisk", "AtapiCd", "DriveOptions", "ThreadPool", "check_options", "create",
            "open_drive", "parse_ahci_options"]
