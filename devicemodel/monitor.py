@@ -2,8 +2,9 @@
 
 Each request is one JSON object on one line, ``{"cmd": "status", "id": 7}``; each gets one
 reply line, ``{"ok": true, "id": 7, "result": {...}}`` or ``{"ok": false, "error": "..."}``.
-Commands: help, status, pause, resume, poweroff [force], reset, blkrescan slot path,
-devices. acrn-dm HEAD's own dialect is answered too: ``{"command": "destroy"}`` and
+Commands: help, status, pause, resume, poweroff [force], reset, blkrescan slot path
+(a virtio-blk image, or an AHCI CD-ROM's disc: [port], path or eject, [force]), devices.
+acrn-dm HEAD's own dialect is answered too: ``{"command": "destroy"}`` and
 ``{"command": "blkrescan", "arguments": "<slot>,<path>"}``, replied ``{"ack": 0|-1}``, and,
 as acrn-dm reads them, such requests may arrive without a newline, one object per write.
 
@@ -421,16 +422,25 @@ async def _reset(mon: Monitor, req: dict[str, Any]) -> Any:
     return {"state": mon.lifecycle.state, "action": "reset requested"}
 
 
-@command("blkrescan", 'swap a virtio-blk image: "slot": "3", "path": "/new.img"')
+AHCI_EMULS = ("ahci", "ahci-hd", "ahci-cd")
+
+
+@command("blkrescan", 'swap a virtio-blk image: "slot": "3", "path": "/new.img"; or an '
+         'AHCI CD-ROM\'s disc: "slot": "4", "path": "/new.iso" (or "eject": true), with '
+         '"port": N if the controller has several CD-ROM drives, "force": true if the '
+         'guest locked the tray')
 async def _blkrescan(mon: Monitor, req: dict[str, Any]) -> Any:
     slot, dev = mon._slot_arg(req)
+    emul = _emul_at(mon.vm, dev)
+    if emul in AHCI_EMULS:
+        return _cd_medium(slot, dev, req)
     path = req.get("path")
     if not isinstance(path, str) or not path:
         raise MonitorError('give the new image, e.g. "path": "/var/lib/acrn/disk.img"')
-    emul = _emul_at(mon.vm, dev)
     if emul != "virtio-blk":
         raise MonitorError(f"slot {slot} is {emul or 'not a virtio-blk device'}, "
-                           "not virtio-blk; blkrescan swaps virtio-blk images only")
+                           "not virtio-blk; blkrescan swaps virtio-blk images and AHCI "
+                           "CD-ROM discs only")
     if not os.path.isfile(path):
         raise MonitorError(f"{path}: no such image file; give an existing disk image")
     rescan = getattr(dev, "rescan", None)
@@ -445,6 +455,27 @@ async def _blkrescan(mon: Monitor, req: dict[str, Any]) -> Any:
         raise MonitorError(f"blkrescan {path}: {e}") from None
     log.info("slot %s: image swapped to %s", slot, path)
     return {"slot": slot, "path": path}
+
+
+def _cd_medium(slot: str, dev: Any, req: dict[str, Any]) -> Any:
+    """blkrescan on an AHCI controller: a CD-ROM drive's disc changes."""
+    eject, force, port = req.get("eject", False), req.get("force", False), req.get("port")
+    if not isinstance(eject, bool) or not isinstance(force, bool):
+        raise MonitorError('"eject" and "force" must be true or false')
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
+        raise MonitorError('"port" must be a port number, e.g. "port": 1')
+    path = None if eject else req.get("path")
+    if not eject:
+        if not isinstance(path, str) or not path:
+            raise MonitorError('give the new disc, e.g. "path": "/var/lib/acrn/disc.iso", '
+                               'or "eject": true')
+        if not os.path.isfile(path):
+            raise MonitorError(f"{path}: no such image file; give an existing disc image")
+    try:
+        port = dev.change_medium(path, port=port, force=force)
+    except (OSError, ValueError, ConfigError, RuntimeError) as e:
+        raise MonitorError(f"blkrescan: {e}") from None
+    return {"slot": slot, "port": port, "path": path}
 
 
 def _emul_at(vm: Vm, dev: Any) -> str | None:

@@ -70,6 +70,7 @@ TYPES: tuple[DeviceType, ...] = (
     DeviceType(("ivshmem",), pci="devicemodel.pci.ivshmem:create"),
     DeviceType(("uart",), pci="devicemodel.pci.vuart:create",
                vm_only="the vUART is emulated by the ACRN hypervisor (CREATE_VDEV)"),
+    DeviceType(("ahci", "ahci-hd", "ahci-cd"), pci="devicemodel.ahci:create"),
     DeviceType(("virtio-blk",), virtio=VirtioKind(
         "devicemodel.virtio.blk", "block", "-device vhost-user-blk-pci")),
     DeviceType(("virtio-net",), virtio=VirtioKind(

@@ -33,9 +33,7 @@ from .slot import SlotConfig
 
 #: devices acrn-dm has that this project leaves out on purpose (issue 16): refused by name
 OUT_OF_SCOPE: dict[str, str] = {
-    "ahci": "SATA disks are another issue's", "ahci-hd": "SATA disks are another issue's",
-    "ahci-cd": "SATA disks are another issue's", "virtio-gpu": "graphics",
-    "xhci": "USB", "virtio-audio": "audio", "virtio-ipu": "camera",
+    "virtio-gpu": "graphics", "xhci": "USB", "virtio-audio": "audio", "virtio-ipu": "camera",
     "virtio-hyper_dmabuf": "graphics buffer sharing",
 }
 

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(gcc libc6-dev linux-libc-dev pciutils acpica-tools qemu-system-x86 qemu-utils
-              busybox-static cpio kmod iproute2 systemd e2fsprogs shellcheck debootstrap)
+              busybox-static cpio kmod iproute2 systemd e2fsprogs shellcheck debootstrap
+              xorriso)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -172,6 +172,10 @@ def parse_args(argv: list[str], *, check_files: bool = True) -> VmConfig:
     ``check_files`` makes a missing kernel/ramdisk/ELF/OVMF image an error now (acrn-dm
     checks them while parsing too) rather than half-way through building the VM.
     """
+    for arg in argv:  # a real argv cannot hold one; a VM file written from it would refuse it
+        if "\0" in arg:
+            raise ConfigError(f"argument {arg!r} holds a NUL character, which no acrn-dm "
+                              "option can; remove it")
     cfg = VmConfig()
     positional: list[str] = []
     tokens = _tokens(argv)

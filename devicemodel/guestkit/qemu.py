@@ -52,6 +52,19 @@ MODULES = (
     "drivers/char/hw_random/virtio-rng.ko",
 )
 
+# What an AHCI disk and CD-ROM need in the generic kernel (the cloud one has no AHCI):
+# the SATA and SCSI layers, sd and sr, ISO 9660 and ext4 (which also mounts ext2), and
+# the CRC algorithms they ask the crypto API for (no modprobe in our initramfs).
+AHCI_MODULES = (
+    "crypto/crc32c_generic.ko", "crypto/crct10dif_common.ko", "crypto/crct10dif_generic.ko",
+    "lib/crc-t10dif.ko", "lib/crc64.ko", "crypto/crc64_rocksoft_generic.ko",
+    "lib/crc64-rocksoft.ko", "block/t10-pi.ko", "drivers/scsi/scsi_common.ko",
+    "drivers/scsi/scsi_mod.ko", "drivers/ata/libata.ko", "drivers/ata/libahci.ko",
+    "drivers/ata/ahci.ko", "drivers/scsi/sd_mod.ko", "drivers/cdrom/cdrom.ko",
+    "drivers/scsi/sr_mod.ko", "fs/isofs/isofs.ko", "lib/crc16.ko", "fs/mbcache.ko",
+    "fs/jbd2/jbd2.ko", "fs/ext4/ext4.ko",
+)
+
 INIT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -115,8 +128,21 @@ def _unpacked(root: Path) -> Kernel | None:
     return Kernel(release, images[-1], mods) if mods.is_dir() else None
 
 
-def fetch_kernel(cache: Path | None = None) -> Kernel:
-    """Download (once) and unpack the current cloud kernel, else the generic one.
+#: the flavours ``fetch_kernel`` tries, fastest to boot first
+FLAVOURS = ("cloud-amd64", "amd64")
+#: the generic flavour alone: it has the drivers the cloud one leaves out (AHCI, ...)
+GENERIC = ("amd64",)
+
+
+def _of_flavour(root: Path, flavours: Sequence[str]) -> bool:
+    return any(re.fullmatch(r"linux-image-[0-9.]+-[0-9]+-" + re.escape(f), root.name)
+               for f in flavours)
+
+
+def fetch_kernel(cache: Path | None = None, *, flavours: Sequence[str] = FLAVOURS) -> Kernel:
+    """Download (once) and unpack the current kernel of the first of ``flavours`` apt
+    has (the cloud kernel, else the generic one; ``GENERIC`` for drivers only the
+    generic kernel builds, such as AHCI).
 
     A kernel already unpacked in the cache is reused without asking apt, so runs work
     offline after the first one.
@@ -125,7 +151,7 @@ def fetch_kernel(cache: Path | None = None) -> Kernel:
     if _apt_kernel_package("amd64") is None and os.geteuid() == 0:
         # a fresh container often ships without package lists
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-    for flavour in ("cloud-amd64", "amd64"):
+    for flavour in flavours:
         pkg = _apt_kernel_package(flavour)
         if pkg is None:
             continue
@@ -150,13 +176,46 @@ def fetch_kernel(cache: Path | None = None) -> Kernel:
         if kernel:
             return kernel
     for root in sorted(cache.glob("linux-image-*")):  # offline: anything unpacked earlier
-        kernel = _unpacked(root) if root.is_dir() else None
+        kernel = _unpacked(root) if root.is_dir() and _of_flavour(root, flavours) else None
         if kernel:
             return kernel
     raise RuntimeError(
         "no Debian kernel: `apt-get download linux-image-cloud-amd64` found nothing "
         "(run apt-get update?)"
     )
+
+
+def fetch_package(name: str, cache: Path | None = None) -> Path:
+    """Download (once) the Debian package ``name`` and unpack it into the cache (never
+    installed): the folder its files are under, e.g. ``.../usr/sbin/hdparm``."""
+    cache = cache or cache_dir()
+    root = cache / f"pkg-{name}"
+    if root.is_dir():
+        return root
+    debs = sorted(cache.glob(f"{name}_*.deb"))
+    if not debs:
+        subprocess.run(["apt-get", "download", "-q", name], cwd=cache, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        debs = sorted(cache.glob(f"{name}_*.deb"))
+    if not debs:
+        raise RuntimeError(f"apt-get download {name} found nothing (run apt-get update?)")
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".unpack-"))
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
+    tmp.rename(root)
+    return root
+
+
+def with_libraries(exe: Path, guest_path: str) -> dict[str, Path]:
+    """``files`` for ``build_initramfs``: a dynamically linked host program at
+    ``guest_path`` and the shared libraries ``ldd`` says it needs (busybox's guest has
+    no C library of its own)."""
+    files = {guest_path: exe}
+    out = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        m = re.search(r"(/\S+) \(0x", line)
+        if m:
+            files[m.group(1)] = Path(os.path.realpath(m.group(1)))
+    return files
 
 
 def _busybox() -> Path:

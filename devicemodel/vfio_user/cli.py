@@ -20,7 +20,7 @@ usage: acrn-pydm vfio-user <device spec> (--socket-path PATH | --fd N) [--slot N
 device spec: the -s emulation with its options, without the slot, e.g.
   virtio-blk,/path/disk.img[,modern|transitional]    virtio-net,tap=tap0    virtio-rnd
   virtio-console,@socket:con0=/path/con0.sock:server  dummy[,msix=8][,intx]
-  passthru,sim:8,vmsix_on_msi
+  ahci,hd:/path/disk.img[,cd:/path/disc.iso]  passthru,sim:8,vmsix_on_msi
 --fd N: a listening (or connected) UNIX socket handed over by the caller
 --slot N: the slot the -s form would use (default 3); it only changes a virtio-net MAC
 

@@ -41,7 +41,8 @@ LINES = tomllib.loads(CORPUS.read_text())["line"]
 #: lines acrn-dm at the corpus's commit refuses, and the words ours must contain
 ACRN_DM_REFUSES = {
     "-m NoneM": "-m NoneM",  # the generator writes it when a scenario gives no memory size
-    "using_windows_as_user_vm.rst": "VM name is missing",  # the doc's line lost its '\\'
+    # the doc's line as written lost its '\\' (the entry with it restored runs, ahci CDs too)
+    "using_windows_as_user_vm.rst@d61d98cf8:106 -m": "VM name is missing",
     "hv-dev-passthrough.rst": "VM name is missing",  # the doc's example ends without one
     "launch_win.sh@v2.7": "-U",  # acrn-dm 3.x dropped -U (usage error)
     "launch_hard_rt_vm.sh@v2.7": "-U",
@@ -117,9 +118,20 @@ def _rewrite_value(opt: str, value: str, files: dict[str, str]) -> str:
     tokens = opts.split(",") if opts else []
     if emul == "virtio-blk" and tokens:
         tokens[0] = files["disk.img"]
+    elif emul in ("ahci", "ahci-hd", "ahci-cd"):  # each drive's image: hd:<path>, cd:<path>
+        tokens = [_ahci_drive(emul, i, t, files) for i, t in enumerate(tokens)]
     elif emul == "passthru" and tokens:
         tokens[0] = "sim:1:igd" if re.fullmatch(r"0*/0*2/0", tokens[0]) else "sim:1"
     return ",".join([slot, emul, *tokens])
+
+
+def _ahci_drive(emul: str, index: int, token: str, files: dict[str, str]) -> str:
+    kind, colon, path = token.partition(":")
+    if colon and kind in ("hd", "cd"):
+        return f"{kind}:{files['disk.img']}" if path else token
+    if index == 0 and emul != "ahci":  # ahci-hd/ahci-cd: the first drive's path is bare
+        return files["disk.img"]
+    return token
 
 
 class Outcome:

@@ -38,6 +38,8 @@ VALID = [["--hv", "sim"], ["-m", "128M"], ["-s", "0:0,hostbridge"], ["-s", "3,vi
          ["--rtvm"], ["--lapic_pt"], ["--intr_monitor", "10000,10,1,100"],
          ["--mmiodev_pt", "0xfed40000,0x1000"], ["-s", "8,ivshmem,hv:/shm_region_0,2,0"],
          ["-s", "9,ivshmem,dm:/@shm@,2,1"], ["-s", "16,uart,vuart_idx:1"],
+         # issue 17: AHCI (a disk and an empty CD-ROM drive; the CD-ROM form)
+         ["-s", "10,ahci,hd:@img@,cd:"], ["-s", "11,ahci-cd,@img@"],
          ["--logger_setting", "console,level=4;kmsg,level=6"], ["--pm_notify_channel", "uart"],
          ["-s", "2,passthru,sim:1:igd,gpu"], ["-s", "6,passthru,sim:2,enable_ptm,dsdt=/x"]]
 INVALID = [["-h"], ["--help"], ["-v"], ["--version"], ["--bogus"], ["-Z"], ["-Ax"],
@@ -51,6 +53,7 @@ INVALID = [["-h"], ["--help"], ["-v"], ["--version"], ["--bogus"], ["-Z"], ["-Ax
            ["vm\udcff"], ["-s", "4,virtio-blk,/x\udcff"], ["--hv", "\udcff"],
            ["--intr_monitor", "1,0,1,1"], ["--intr_monitor"], ["--mmiodev_pt", "x,1"],
            ["--acpidev_pt", "MSFT0101,00"], ["--acpidev_pt", "FOO"], ["-s", "3,ahci,hd:/x"],
+           ["-s", "12,ahci,hd:@img@,bogus"], ["-s", "12,ahci,cd:,ro"], ["-s", "12,ahci"],
            ["-s", "8,ivshmem,hv:/x,3"], ["-s", "16,uart,vuart_idx"], ["--vtpm2", "x"],
            ["-s", "31,igd-lpc"], ["--pm_notify_channel", "ioc2"], ["-U", "u"],
            ["--logger_setting", "kmsg,level=-1"], ["-s", "5,passthru,sim:1,romfile="]]

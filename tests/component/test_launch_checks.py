@@ -44,7 +44,10 @@ BAD = [
     (["-s", "8,ivshmem,dm:/a/b,2"], True),
     (["-s", "9,uart,stdio"], True),
     (["-s", "9,uart,vuart_idx:x"], True),
-    (["-s", "3,ahci,hd:/x.img"], False),
+    (["-s", "3,ahci,hd:{img},bogus"], True),
+    (["-s", "3,ahci,hd:"], True),
+    (["-s", "3,ahci-cd,{img},writeback"], True),
+    (["-s", "3,ahci"], True),
     (["-s", "3,xhci,1-1"], False),
     (["-s", "7,passthru,sim:3"], True),
     (["-s", "7,passthru,sim:4,frob"], True),
@@ -69,6 +72,7 @@ GOOD = [
     ["-s", "8,ivshmem,hv:/shm_region_0,2,0", "-s", "9,uart,vuart_idx:1"],
     ["--rtvm", "--intr_monitor", "10000,10,1,100", "--mmiodev_pt", "0xfed40000,0x1000"],
     ["-s", "8,dummy,msix=4,intx"],
+    ["-s", "3,ahci,hd:{img},ro,cd:{img},cd:", "-s", "4,ahci-cd,{img}"],
     ["-s", "1,lpc", "-l", "com1", "-l", "com2,file:{log}", "-l", "com5,file:{log}.5,0x2e8,5"],
     ["-l", "com1,bogus"],  # no LPC bridge: -l is ignored with a warning, as in acrn-dm
 ]

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from devicemodel.ahci.options import parse_ahci_options
 from devicemodel.config import ConfigError, HelpRequested, VersionRequested, parse_args
 from devicemodel.config import toml as tomlconfig
 from devicemodel.config.acrn_args import _LONG, _SHORT
@@ -57,6 +58,9 @@ VALUES = [
     "8,ivshmem,hv:/x,3", "16,uart,vuart_idx:1", "16,uart,vuart_idx:²", "31,igd-lpc",
     "4,virtio-net,tap0", "2,passthru,sim:1:igd,gpu", "2,passthru,0/2/0,enable_ptm,dsdt=/x",
     "kmsg,level=6", "kmsg,level=4294967296", "uart,allow_trigger_s5", "ioc",
+    # issue 17: AHCI drives
+    "5,ahci,hd:/x,cd:", "5,ahci,cd:/x.iso,cd:/y.iso", "5,ahci-cd,/x.iso", "5,ahci-hd,/x,ro",
+    "5,ahci,cd:,ro", "5,ahci", "5,ahci,hd:", "5,ahci,hd:/x,sectorsize=4096/²",
 ]
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 token = st.one_of(st.sampled_from(OPTIONS), st.sampled_from(VALUES), text,
@@ -108,6 +112,8 @@ PARSERS = {
     "intr_monitor": parse_intr_monitor,
     "mmiodev_pt": parse_mmiodev_pt,
     "acpidev_pt": parse_acpidev_pt,
+    "ahci": parse_ahci_options,
+    "ahci-cd": lambda t: parse_ahci_options(t, "ahci-cd"),
 }
 opt_words = st.sampled_from([
     "/nonexistent", "ro", "writethru", "writeback", "discard", "nocache", "range=1/2/3",
@@ -120,6 +126,8 @@ opt_words = st.sampled_from([
     "hv:/shm_region_0", "dm:/r", "dm:/", "2", "512", "1024", "3", "vuart_idx:1", "vuart_idx",
     "0xfed40000", "0x5000", "MSFT0101", "romfile=/x.rom", "dsdt=/x", "tap0", "vmnet1",
     "sim:1:igd", "10000",
+    "hd:/x", "hd:", "cd:", "cd:/x.iso", "hd:/y,writeback", "sectorsize=4096", "aio=threads",
+    "aio=io_uring", "range=0/8",
 ])
 opt_text = st.one_of(text, st.lists(st.one_of(opt_words, text), max_size=6).map(",".join))
 

@@ -12,6 +12,7 @@ import pytest
 
 from devicemodel.config import parse_args
 from devicemodel.config import toml as vmtoml
+from devicemodel.errors import ConfigError
 from devicemodel.hostinfo import host_mem_total
 from devicemodel.memory import HIGHMEM_BASE, LOWMEM_LIMIT, MAX_MEMSIZE, GiB, MiB
 from devicemodel.pci.bus import MEM64_BASE
@@ -181,3 +182,11 @@ def test_a_nul_in_a_vm_file_is_one_line(tmp_path, text):
     for mode in (["run", "--hv", "sim"], ["config", "--check"]):
         line = one_error_line(*run_main([*mode, path])[::2])
         assert "a string holds a NUL character" in line
+
+
+@pytest.mark.parametrize("argv", [["-B", "\0"], ["-s", "3,virtio-blk,a\0b"], ["vm\0"]])
+def test_a_nul_in_an_argument_list_is_refused_like_in_a_vm_file(argv):
+    """parse_args is called with lists too (config fuzzing, launch helpers): the VM file it
+    would write must not be one the TOML reader then refuses."""
+    with pytest.raises(ConfigError, match="NUL character"):
+        parse_args(["-m", "64M", *argv])

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from .device import CONFIG_SIZE, QUEUE_SIZE, SEG_MAX, SIZE_MAX, VirtioBlk, create, parse_options
-from .options import BlkOptions, disk_ident, parse_blk_options
+from .options import BlkOptions, disk_ident, parse_blk_options, parse_drive
 from .request import (
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_CONFIG_WCE,
@@ -46,4 +46,5 @@ __all__ = [
     "VIRTIO_BLK_T_DISCARD", "VIRTIO_BLK_T_FLUSH", "VIRTIO_BLK_T_GET_ID", "VIRTIO_BLK_T_IN",
     "VIRTIO_BLK_T_OUT", "VIRTIO_BLK_T_WRITE_ZEROES", "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP",
     "BlkOptions", "VirtioBlk", "create", "parse_options", "disk_ident", "parse_blk_options",
+    "parse_drive",
 ]

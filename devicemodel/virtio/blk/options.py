@@ -38,20 +38,20 @@ class BlkOptions:
     text: str = ""  # the whole option string: the disk id is derived from it
 
 
-def _int(opt: str, value: str) -> int:
+def _int(opt: str, value: str, who: str = "virtio-blk") -> int:
     try:
         n = int(value, 10)
     except ValueError:
-        raise ConfigError(f"virtio-blk: {opt}: {value!r} is not a decimal number") from None
+        raise ConfigError(f"{who}: {opt}: {value!r} is not a decimal number") from None
     if n < 0:
-        raise ConfigError(f"virtio-blk: {opt}: must not be negative")
+        raise ConfigError(f"{who}: {opt}: must not be negative")
     return n
 
 
 def parse_blk_options(text: str) -> BlkOptions:
     """Parse acrn-dm's virtio-blk options; a wrong option is named in the ConfigError."""
     tokens = text.split(",") if text else []
-    kw: dict[str, object] = {"text": text}
+    kw: dict[str, object] = {}
     i = 0
     while i < len(tokens) and (tokens[i].startswith("iothread") or tokens[i].startswith("mq=")):
         tok = tokens[i]
@@ -69,8 +69,19 @@ def parse_blk_options(text: str) -> BlkOptions:
     if i >= len(tokens) or not tokens[i]:
         raise ConfigError("virtio-blk: expected an image path or nodisk, e.g. "
                           "-s 3,virtio-blk,/var/lib/vm/disk.img")
-    kw["path"] = None if tokens[i] == "nodisk" else tokens[i]
-    for tok in tokens[i + 1 :]:
+    path = None if tokens[i] == "nodisk" else tokens[i]
+    opts = parse_drive(path, tokens[i + 1 :], "virtio-blk", text=text, **kw)
+    if opts.path is None and (opts.range_start is not None or opts.discard):
+        raise ConfigError("virtio-blk: nodisk takes no range= or discard option")
+    return opts
+
+
+def parse_drive(path: str | None, tokens: list[str], who: str, *, text: str = "",
+                **kw: object) -> BlkOptions:
+    """The options acrn-dm's block back end (block_if.c) takes after an image path, for
+    every device that opens one (virtio-blk, an AHCI drive); ``who`` starts the messages."""
+    kw["path"], kw["text"] = path, text
+    for tok in tokens:
         key, eq, val = tok.partition("=")
         if tok == "writeback":
             kw["writeback"] = True
@@ -83,32 +94,30 @@ def parse_blk_options(text: str) -> BlkOptions:
             if eq:
                 parts = val.split(":")
                 if len(parts) != 3:
-                    raise ConfigError(f"virtio-blk: {tok}: expected discard="
+                    raise ConfigError(f"{who}: {tok}: expected discard="
                                       "<max_sectors>:<max_seg>:<align>")
-                kw["max_discard_sectors"] = _int(tok, parts[0])
-                kw["max_discard_seg"] = max(1, _int(tok, parts[1]))
-                kw["discard_alignment"] = _int(tok, parts[2])
+                kw["max_discard_sectors"] = _int(tok, parts[0], who)
+                kw["max_discard_seg"] = max(1, _int(tok, parts[1], who))
+                kw["discard_alignment"] = _int(tok, parts[2], who)
         elif key == "sectorsize" and eq:
             s, _, ps = val.partition("/")
-            ss = _int(tok, s)
-            pss = _int(tok, ps) if ps else ss
+            ss = _int(tok, s, who)
+            pss = _int(tok, ps, who) if ps else ss
             if ss < SECTOR or ss & (ss - 1) or pss & (pss - 1) or pss < ss or ss > 4096:
-                raise ConfigError(f"virtio-blk: {tok}: sector sizes must be powers of two, "
+                raise ConfigError(f"{who}: {tok}: sector sizes must be powers of two, "
                                   "512 <= sectorsize <= 4096 and <= the physical size")
             kw["sectorsize"], kw["physical_sectorsize"] = ss, pss
         elif key == "range" and eq:
             start, slash, size = val.partition("/")
             if not slash:
-                raise ConfigError(f"virtio-blk: {tok}: expected range=<start_lba>/<size>")
-            kw["range_start"], kw["range_size"] = _int(tok, start), _int(tok, size)
+                raise ConfigError(f"{who}: {tok}: expected range=<start_lba>/<size>")
+            kw["range_start"], kw["range_size"] = _int(tok, start, who), _int(tok, size, who)
         elif key == "aio" and val == "threads":
             pass
         elif tok in ("nocache", "no_bst_block") or key == "aio":
-            raise ConfigError(f"virtio-blk: option {tok!r} is not supported by acrn-pydm")
+            raise ConfigError(f"{who}: option {tok!r} is not supported by acrn-pydm")
         else:
-            raise ConfigError(f"virtio-blk: unknown option {tok!r}")
-    if kw["path"] is None and (kw.get("range_start") is not None or kw.get("discard")):
-        raise ConfigError("virtio-blk: nodisk takes no range= or discard option")
+            raise ConfigError(f"{who}: unknown option {tok!r}")
     return BlkOptions(**kw)  # type: ignore[arg-type]
 
 

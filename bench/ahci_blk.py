@@ -1,0 +1,154 @@
+"""AHCI beside virtio-blk, both acrn-pydm PCI functions served whole over vfio-user to one
+guest.
+
+    python bench/ahci_blk.py [--reps 3] [--seconds 2] [--tests seqread,seqwrite,rand1,rand8]
+
+Two copies of the same page-cached 512 MiB raw image: /dev/sda on ``acrn-pydm vfio-user
+ahci,hd:<image>,writeback`` (ATA over AHCI: a command list, FISes and PRD tables in
+guest memory, NCQ) and /dev/vda on ``acrn-pydm vfio-user virtio-blk,<image>,writeback,
+modern``. QEMU 11.1 from the Debian 13 root (devicemodel/guestkit/trixie.py), TCG, -smp 1,
+the stock Debian generic kernel (the cloud one has no AHCI driver); the guest program is
+bench/vhost_blk.py's, the two disks' runs interleaved. Prints medians, the ratio
+AHCI / virtio-blk measured in the same run, and each server's CPU time per request.
+No target: a figure for the issue's note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vhost_blk import CLK_TCK, IMAGE_SIZE, TESTS, build_vbench, cpu_ticks  # noqa: E402
+
+from devicemodel.guestkit import qemu as g  # noqa: E402
+from devicemodel.guestkit import trixie  # noqa: E402
+
+NAMES = {"seqread": ("1 MiB O_DIRECT sequential read", "MB/s"),
+         "seqwrite": ("1 MiB O_DIRECT sequential write", "MB/s"),
+         "rand1": ("4 KiB O_DIRECT random read, 1 thread", "IOPS"),
+         "rand8": ("4 KiB O_DIRECT random read, 8 threads", "IOPS")}
+DISKS = ("sda", "vda")  # AHCI, virtio-blk
+
+
+def guest_script(reps: int, seconds: float, tests: tuple[str, ...]) -> str:
+    lines = ["for i in $(seq 100); do [ -b /dev/sda ] && [ -b /dev/vda ] && break; "
+             "sleep 0.1; done",
+             "echo 1 > /proc/sys/vm/drop_caches",
+             "info sda depth $(cat /sys/block/sda/device/queue_depth)"]
+    for dev in DISKS:  # warm-up, not measured
+        lines.append(f"/vbench seqread /dev/{dev} 0.5 >/dev/null")
+    for r in range(reps):
+        for test in tests:
+            for dev in DISKS if r % 2 == 0 else DISKS[::-1]:
+                tag = f"{dev} {test} {r}"
+                lines += [f"info begin {tag}", f"/vbench {test} /dev/{dev} {seconds}",
+                          f"info end {tag}"]
+    lines.append("pass bench")
+    return "\n".join(lines) + "\n"
+
+
+def _image(path: Path, block: bytes) -> Path:
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(block)
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--tests", default=",".join(TESTS))
+    args = ap.parse_args()
+    tests = tuple(t for t in args.tests.split(",") if t)
+    if not tests or set(tests) - set(TESTS):
+        print(f"ahci_blk: --tests takes a subset of {','.join(TESTS)}", file=sys.stderr)
+        return 2
+    why = g.can_run_guests() or trixie.why_not()
+    if why:
+        print(f"ahci_blk: {why}", file=sys.stderr)
+        return 2
+    qemu = trixie.ensure_qemu()
+    kernel = g.fetch_kernel(flavours=g.GENERIC)
+    with qemu.workdir() as work:
+        exe = build_vbench(work)
+        initrd = g.build_initramfs(kernel, guest_script(args.reps, args.seconds, tests),
+                                   work / "initrd.gz", files={"/vbench": exe},
+                                   modules=g.AHCI_MODULES)
+        block = os.urandom(1 << 20)
+        ahci_img, blk_img = _image(work / "ahci.img", block), _image(work / "blk.img", block)
+        ahci = g.start_backend(f"ahci,hd:{ahci_img},writeback", work / "ahci.sock",
+                               command="vfio-user")
+        blk = g.start_backend(f"virtio-blk,{blk_img},writeback,modern", work / "blk.sock",
+                              command="vfio-user")
+        pids = {"sda": ahci.proc.pid, "vda": blk.proc.pid}
+        marks: dict[tuple[str, str, str, int], int] = {}
+        results: dict[tuple[str, str, int], tuple[float, int]] = {}
+        try:
+            devices = (g.vfio_user_device_args(qemu.inner(ahci.socket), addr=3)
+                       + g.vfio_user_device_args(qemu.inner(blk.socket), addr=4))
+            cmd = qemu.command(g.qemu_command(qemu.stage_kernel(kernel, work),
+                                              qemu.inner(initrd), devices))
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            log: list[str] = []
+            current: list[str] = []
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 120 + args.reps * len(tests) * 2 * (args.seconds + 5)
+            for raw in iter(proc.stdout.readline, b""):
+                line = raw.decode(errors="replace").strip()
+                log.append(line)
+                if f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
+                    _, _, rest = line.partition(" INFO ")
+                    edge, dev, test, rep = rest.split()
+                    marks[(edge, dev, test, int(rep))] = cpu_ticks(pids[dev])
+                    current = [dev, test, rep]
+                elif line.startswith("VBENCH ") and current:
+                    parts = line.split()
+                    results[(current[0], current[1], int(current[2]))] = (float(parts[2]),
+                                                                        int(parts[4]))
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    break
+            proc.wait()
+            if f"{g.MARK} PASS bench" not in "\n".join(log):
+                print("\n".join(log[-60:]), file=sys.stderr)
+                print(f"ahci_blk: the guest did not finish\n{ahci.log()[-3000:]}",
+                      file=sys.stderr)
+                return 1
+        finally:
+            g.stop_backend(ahci)
+            g.stop_backend(blk)
+    depth = next((line.rsplit(" ", 1)[1] for line in log if " INFO sda depth " in line), "?")
+    print(f"acrn-pydm over vfio-user in one QEMU 11.1 TCG guest (-smp 1, generic kernel, "
+          f"AHCI NCQ depth {depth}), {args.reps} interleaved repetitions, medians")
+    print(f"{'test':44} {'AHCI':>10} {'virtio-blk':>10} {'ratio':>6}   "
+          f"{'CPU µs/req AHCI':>15} {'virtio':>8}")
+    for test in tests:
+        med, cpu = {}, {}
+        for dev in DISKS:
+            vals = [results[(dev, test, r)][0] for r in range(args.reps)
+                    if (dev, test, r) in results]
+            med[dev] = statistics.median(vals) if vals else float("nan")
+            per_req = [(marks[("end", dev, test, r)] - marks[("begin", dev, test, r)])
+                       * 1e6 / CLK_TCK / max(1, results[(dev, test, r)][1])
+                       for r in range(args.reps)
+                       if (dev, test, r) in results and ("end", dev, test, r) in marks]
+            cpu[dev] = statistics.median(per_req) if per_req else float("nan")
+        title, unit = NAMES[test]
+        ratio = med["sda"] / med["vda"] if med["vda"] else float("nan")
+        print(f"{title + ' (' + unit + ')':44} {med['sda']:10.0f} {med['vda']:10.0f} "
+              f"{ratio:6.2f}   {cpu['sda']:15.1f} {cpu['vda']:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
