@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from devicemodel.vfio_user import protocol as p
+from devicemodel.vfio_user.connection import Disconnected
 from tests.support.paths import ROOT
 from tests.support.vfio_user import Client, ClientRam, ModernVirtio
 
@@ -129,7 +130,10 @@ async def test_memory_truncated_under_a_live_queue_drops_the_client(tmp_path):
         await drv.driver_ok()
         await _rnd(drv, q, 1)
         os.ftruncate(ram.fd, 0)  # neither side may touch the pages from here on
-        await drv.kick(0)
+        try:
+            await drv.kick(0)
+        except (ConnectionError, Disconnected):
+            pass  # the server met the missing pages first (it may look at the ring any time)
         with trio.fail_after(10):  # the server closes the connection
             try:
                 while await c.channel.sock.recv(4096):
