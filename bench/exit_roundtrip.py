@@ -50,6 +50,8 @@ COUNT_PORT = 0xE5
 class Stamps:
     """Port 0xE4 records a timestamp per write; 0xE5 (at offset 1) answers the count."""
 
+    vcpu_safe = True
+
     def __init__(self, count: int) -> None:
         self.count = count
         self.t: list[int] = []

@@ -1,0 +1,72 @@
+"""The loop gate: a lock the trio loop thread holds whenever it runs, and lets go of
+only while it sleeps in its I/O wait.
+
+Device state belongs to the event loop: handlers, buses and tasks all run on its thread,
+so they need no locks among themselves. A request thread (a KVM vCPU thread, the ACRN
+waiter thread) that wants an answer at once can still run a handler itself: it takes the
+gate without waiting, which succeeds only while the loop sleeps, and for that moment it
+*is* the loop as far as device state is concerned. If the loop is busy the thread hands
+the request over as before, so nothing ever waits for the gate but the loop itself
+(which waits at most for the one request a thread is serving).
+
+What may run behind the gate: handlers that never call trio (a trio call from another
+thread corrupts the run) and never block. They mark themselves ``vcpu_safe`` (see
+``bus.py``); everything else is served on the loop.
+
+The gate is a trio instrument (``before_io_wait`` / ``after_io_wait``): trio runs every
+task between those two hooks, so no task runs while a thread holds the gate.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import trio
+
+
+class LoopGate:
+    """Held by the loop thread while it runs; ``try_enter`` from any other thread.
+
+    Closed (not installed, or removed) it stays held, so ``try_enter`` is one
+    non-blocking lock acquire on the hot path and fails whenever no loop gates it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # closed
+        self._open = False
+
+    # --- the loop's side (a trio instrument) ----------------------------------------------
+    def install(self) -> None:
+        """Start gating (call on the loop thread, inside trio.run): the loop holds the
+        gate from now on except while it waits for I/O."""
+        if not self._open:
+            trio.lowlevel.add_instrument(self)
+            self._open = True
+
+    def remove(self) -> None:
+        """Stop gating (call on the loop thread, which holds the gate while it runs): the
+        gate stays held, so ``try_enter`` fails from now on."""
+        if self._open:
+            self._open = False
+            try:
+                trio.lowlevel.remove_instrument(self)
+            except (KeyError, RuntimeError):
+                pass  # trio dropped it already (it does so if a hook ever raises)
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._lock.release()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._lock.acquire()
+
+    # --- a request thread's side ----------------------------------------------------------
+    def try_enter(self) -> bool:
+        """True: the loop sleeps and stays asleep until ``leave``; False: it runs now (or
+        nothing gates), hand the work over instead."""
+        return self._lock.acquire(False)
+
+    def leave(self) -> None:
+        self._lock.release()
+
+
+__all__ = ["LoopGate"]
