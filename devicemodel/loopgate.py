@@ -9,9 +9,11 @@ gate without waiting, which succeeds only while the loop sleeps, and for that mo
 the request over as before, so nothing ever waits for the gate but the loop itself
 (which waits at most for the one request a thread is serving).
 
-What may run behind the gate: handlers that never call trio (a trio call from another
-thread corrupts the run) and never block. They mark themselves ``vcpu_safe`` (see
-``bus.py``); everything else is served on the loop.
+What may run behind the gate: handlers that never call trio directly (a trio call from
+another thread corrupts the run) and never block. They mark themselves ``vcpu_safe``
+(see ``bus.py``); everything else is served on the loop. A handler that must wake a task
+(a UART's writer, the RTC's timer) does it with ``on_loop(fn)``: at once on the loop
+thread, else queued for the loop (trio's ``run_sync_soon``), which runs it when it wakes.
 
 The gate is a trio instrument (``before_io_wait`` / ``after_io_wait``): trio runs every
 task between those two hooks, so no task runs while a thread holds the gate.
@@ -20,8 +22,26 @@ task between those two hooks, so no task runs while a thread holds the gate.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import trio
+
+#: (thread id, token) of the loop that installed a gate last: where ``on_loop`` sends
+_loop: tuple[int, trio.lowlevel.TrioToken] | None = None
+
+
+def on_loop(fn: Callable[[], object]) -> None:
+    """Run ``fn`` (a trio call: ``event.set``) on the event loop: now when called there
+    (or when no gated loop runs), else as soon as the loop wakes (queued once however
+    often it is asked for before then)."""
+    loop = _loop
+    if loop is None or threading.get_ident() == loop[0]:
+        fn()
+        return
+    try:
+        loop[1].run_sync_soon(fn, idempotent=True)
+    except trio.RunFinishedError:
+        pass  # that loop has ended: nobody is left to wake
 
 
 class LoopGate:
@@ -39,9 +59,11 @@ class LoopGate:
     def install(self) -> None:
         """Start gating (call on the loop thread, inside trio.run): the loop holds the
         gate from now on except while it waits for I/O."""
+        global _loop
         if not self._open:
             trio.lowlevel.add_instrument(self)
             self._open = True
+            _loop = (threading.get_ident(), trio.lowlevel.current_trio_token())
 
     def remove(self) -> None:
         """Stop gating (call on the loop thread, which holds the gate while it runs): the

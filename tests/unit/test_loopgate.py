@@ -1,0 +1,172 @@
+"""The loop gate (a request thread serves only while the loop sleeps), ``on_loop``, and the
+request server's ``scan_here``/``serve_here`` over random slot contents."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devicemodel.hsm import abi
+from devicemodel.ioreq import IoreqServer
+from devicemodel.loopgate import LoopGate, on_loop
+from tests.support.ioreq_slots import FakeHv, check_random_slots, slot
+
+
+def in_thread(fn):
+    """``fn()`` on a fresh thread, its result."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_a_gate_nobody_installed_never_lets_a_thread_in():
+    gate = LoopGate()
+    assert in_thread(gate.try_enter) is False
+
+
+async def test_a_thread_gets_in_only_while_the_loop_sleeps():
+    gate = LoopGate()
+    gate.install()
+    try:
+        # the loop runs this task now: it holds the gate
+        assert in_thread(gate.try_enter) is False
+        # while the loop sleeps (here: waiting for that thread) the thread gets in, and
+        # the loop runs no task again until it left
+        def enter_and_leave_later() -> float:
+            assert gate.try_enter()
+            threading.Timer(0.05, gate.leave).start()
+            return time.monotonic()
+
+        entered = await trio.to_thread.run_sync(enter_and_leave_later)
+        assert time.monotonic() - entered >= 0.04
+    finally:
+        gate.remove()
+    assert await trio.to_thread.run_sync(gate.try_enter) is False  # removed: closed
+
+
+async def test_no_task_runs_while_a_thread_is_behind_the_gate():
+    gate = LoopGate()
+    gate.install()
+    ran_inside: list[bool] = []
+    inside = threading.Event()
+    try:
+        async def ticker():
+            while True:
+                ran_inside.append(inside.is_set())
+                await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+
+            def hold():
+                for _ in range(20):
+                    while not gate.try_enter():
+                        time.sleep(0.0005)
+                    inside.set()
+                    time.sleep(0.002)
+                    inside.clear()
+                    gate.leave()
+                    time.sleep(0.001)
+
+            await trio.to_thread.run_sync(hold)
+            nursery.cancel_scope.cancel()
+    finally:
+        gate.remove()
+    assert ran_inside and not any(ran_inside)
+
+
+async def test_on_loop_runs_on_the_loop_thread_once_however_often_asked():
+    gate = LoopGate()
+    gate.install()
+    loop_thread = threading.get_ident()
+    calls: list[int] = []
+
+    def record():
+        calls.append(threading.get_ident())
+
+    try:
+        on_loop(record)  # on the loop: at once
+        assert calls == [loop_thread]
+
+        def from_thread():
+            assert gate.try_enter()
+            try:
+                for _ in range(5):
+                    on_loop(record)
+            finally:
+                gate.leave()
+
+        await trio.to_thread.run_sync(from_thread)
+        with trio.fail_after(5):
+            while len(calls) < 2:
+                await trio.sleep(0.001)
+        await trio.sleep(0.01)
+        assert calls == [loop_thread, loop_thread]
+    finally:
+        gate.remove()
+
+
+class ThreadFakeHv(FakeHv):
+    """The first attach lets a request thread scan (``scan_here``) while the loop sleeps;
+    the loop then scans what is left, and the second attach ends serving. NOTIFY stores
+    COMPLETE as the HSM does, so the loop does not serve a slot the thread finished."""
+
+    completes = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server: IoreqServer | None = None
+        self.here: list[int] = []
+
+    def notify_request_finish(self, vcpu: int) -> None:
+        super().notify_request_finish(vcpu)
+        assert self.server is not None
+        abi.SLOT_U32.pack_into(self.server.page,
+                               abi.slot_offset(vcpu) + abi.SLOT_PROCESSED_OFF,
+                               abi.IOREQ_STATE_COMPLETE)
+
+    def set_inline_server(self, server: IoreqServer | None) -> None:
+        if server is not None:
+            self.server = server
+
+    async def attach_ioreq_client(self) -> bool:
+        self.attached += 1
+        if self.attached == 1 and self.server is not None:
+            server = self.server
+            before = len(self.finished)
+            await trio.to_thread.run_sync(server.scan_here)
+            self.here = self.finished[before:]
+        return self.attached == 1
+
+
+def _serve_in_trio(server: IoreqServer) -> None:
+    async def main():
+        with trio.fail_after(5):
+            await server.serve()
+
+    trio.run(main)
+
+
+@settings(max_examples=100, deadline=None)
+@given(vcpu_num=st.integers(1, 16), slots=st.lists(slot, min_size=16, max_size=16))
+def test_random_slots_split_between_a_request_thread_and_the_loop(vcpu_num, slots):
+    """Whatever the slots hold, each owned slot is completed exactly once, by the thread
+    when its handler is vcpu_safe (PIO at 0x3F8, PCI config reads) and by the loop
+    otherwise, and the state field is never written."""
+    hv = ThreadFakeHv()
+    check_random_slots(vcpu_num, slots, hv, _serve_in_trio, safe_ports=True)
+    assert len(set(hv.finished)) == len(hv.finished)
+    for v in hv.here:  # nothing whose handler is not vcpu_safe was served on the thread
+        s = slots[v]
+        mmio_unsafe = (s["type"] == 1 and s["size"] in (1, 2, 4, 8)
+                       and 0xC000_0000 <= s["address"] <= 0xC000_1000 - s["size"])
+        b, d, f, r = s["bdfr"]
+        pci_write = (s["type"] == 2 and s["direction"] == 1 and s["size"] in (1, 2, 4)
+                     and b <= 0xFF and d <= 0x1F and f <= 7 and r <= 0xFFF)
+        assert not mmio_unsafe and not pci_write, (v, s)
