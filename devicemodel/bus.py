@@ -12,7 +12,7 @@ handler says so with a ``vcpu_safe = True`` attribute, or the caller of ``regist
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -35,10 +35,10 @@ class BusRange:
     handler: IoHandler
     name: str
     vcpu_safe: bool = False
+    end: int = field(init=False)  # base + length (a field: read on every request)
 
-    @property
-    def end(self) -> int:
-        return self.base + self.length
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end", self.base + self.length)
 
 
 class Bus:
@@ -111,6 +111,9 @@ class Bus:
 
     def lookup(self, addr: int, size: int) -> BusRange | None:
         """The range that answers [addr, addr+size): a registered one, else a fallback."""
+        last = self._last  # the last hit, checked here first: every request comes here
+        if last is not None and last.base <= addr and addr + size <= last.end:
+            return last
         return self.find(addr, size) or self._fallback(addr, size)
 
     def read(self, addr: int, size: int) -> int | None:

@@ -255,10 +255,12 @@ class KvmHypervisor(Hypervisor):
             self._vm.requests.destroy_client()
 
     def notify_request_finish(self, vcpu: int) -> None:
-        vm = self._need_vm()
+        vm = self._vm  # (not _need_vm: every request comes here, keep it short)
+        if vm is None:
+            self._need_vm()
         if not 0 <= vcpu < self.vcpu_num:
             raise HypervisorError(f"NOTIFY_REQUEST_FINISH: vcpu {vcpu} invalid", errno.EINVAL)
-        vm.requests.finish(vcpu)
+        vm.requests.finish(vcpu)  # type: ignore[union-attr]
 
     def clear_vm_ioreq(self) -> None:
         vm = self._need_vm()
