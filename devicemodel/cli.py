@@ -40,6 +40,7 @@ usage: acrn-pydm [options] <vm name>
        acrn-pydm config --from-args [options] <vm name> | --to-args <vm.toml> | --check <vm.toml>
        acrn-pydm lspci [options] <vm name>
        acrn-pydm vhost-user <device spec> --socket-path PATH | --fd N | --print-capabilities
+       acrn-pydm vfio-user <device spec> --socket-path PATH | --fd N
 
 acrn-dm compatible options:
   -m, --memsize <size>{K|M|G}    guest memory, 128M..254G in 2M steps (default 256M)
@@ -51,12 +52,17 @@ acrn-dm compatible options:
   --cpu_affinity <id,...>        the CPUs (LAPIC ids, as acrn-dm); their count = vCPUs
   --debugexit                    guest write to port 0xF4 powers the VM off
   --virtio_poll <ns>  --virtio_msi  --windows
+  --rtvm [--lapic_pt]            a real-time VM (LAPIC passthrough, polled I/O completion)
+  --intr_monitor <thr/s>,<period s>,<delay ms>,<duration ms>   interrupt storm monitor
+  --mmiodev_pt <base>,<size>     host MMIO range to the guest (hex)
+  --acpidev_pt MSFT0101[,<uid>]  the host's TPM 2.0 to the guest
   --cmd_monitor <socket>         JSON command monitor (docs/vm-toml.md)
   --logger_setting console,level=N;disk,level=N;kmsg,level=N   (1 error .. 5 debug)
   -h, --help   -v, --version
   ignored as in acrn-dm (obsolete): -A -Y -G -i --vsbl --part_info --mac_seed --pm_by_vuart
-  --iasl (no iasl needed); refused: --enable_trusty --intr_monitor --acpidev_pt --mmiodev_pt
-  --vtpm2 --lapic_pt --rtvm --ssram --pm_notify_channel -U
+  --pm_notify_channel --iasl (no iasl needed); refused: --enable_trusty --vtpm2 --ssram -U
+devices (-s): hostbridge lpc igd-lpc virtio-blk virtio-net virtio-console virtio-rnd
+  passthru ivshmem,{hv|dm}:/<name>,<MiB>[,<id>] uart,vuart_idx:<K> dummy
 our own:
   --hv acrn|kvm|sim              hypervisor backend (default: acrn with /dev/acrn_hsm,
                                  else kvm where /dev/kvm works, else sim)
@@ -310,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         from .vhost_user.cli import main as vhost_user_main
 
         return vhost_user_main(args[1:])
+    if args[0] == "vfio-user":
+        from .vfio_user.cli import main as vfio_user_main
+
+        return vfio_user_main(args[1:])
     if args[0] == "run":
         return _cmd_run(args[1:])
     if args[0] == "config":

@@ -2,7 +2,8 @@
 
 Never the VM config, the hypervisor object or a string-keyed bag (design.md §3): guest
 memory, interrupt services, the backend's interrupt remapper and passthrough service
-where it has them, the VM-wide device choices, and the legacy port bus for the one
+where it has them, the hypervisor calls about guest memory and its own devices, the
+VM-wide device choices, and the legacy port bus for the one
 kind of device that decodes ISA ports itself (the LPC bridge's COM ports).
 
 Assembly (``vmm/``) fills a context from the VM; ``standalone`` makes one for a device
@@ -12,11 +13,12 @@ regions, interrupts = the peer's eventfds, no buses).
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .bus import PortBus
-from .hsm.base import PciDevAssignment, PtdevIntx, RemapperFactory
+from .hsm.base import PciDevAssignment, PtdevIntx, RemapperFactory, VdevSpec
 from .irq.services import Eventfds, IrqLines, MsiSink, NoInterrupts
 from .memory import MemoryMap
 
@@ -34,6 +36,8 @@ class DeviceChoices:
     windows: bool = False
     #: OVMF boots the guest (BAR placement differs, acrn-facts §3.4)
     ovmf: bool = False
+    #: a real-time VM (``--rtvm``): no GPU passthrough, no emulated PIC (acrn-dm)
+    rtvm: bool = False
 
 
 class PassthroughService(Protocol):
@@ -56,6 +60,22 @@ class PassthroughService(Protocol):
     def reset_ptdev_intr(self, intx: PtdevIntx) -> None: ...
 
 
+class HypervisorCalls(Protocol):
+    """The hypervisor calls a device makes about guest memory and the hypervisor's own
+    devices: map host memory into the guest (ivshmem's shared memory, a GPU's stolen
+    memory) and have the hypervisor emulate a function at a reserved slot (CREATE_VDEV)."""
+
+    def set_memseg(self, gpa: int, backing: mmap.mmap, attr: int) -> None: ...
+
+    def map_mmio(self, gpa: int, hpa: int, length: int) -> None: ...
+
+    def unset_mmio(self, gpa: int, length: int) -> None: ...
+
+    def create_vdev(self, vdev: VdevSpec) -> None: ...
+
+    def destroy_vdev(self, vdev: VdevSpec) -> None: ...
+
+
 @dataclass(frozen=True)
 class DeviceContext:
     """Everything a device may use. Assembly builds it; every factory gets it."""
@@ -75,6 +95,8 @@ class DeviceContext:
     remapper: RemapperFactory | None = None
     #: the hypervisor's passthrough calls (None: no passthrough outside a VM)
     passthrough: PassthroughService | None = None
+    #: guest-memory mappings and hypervisor-emulated devices (None: outside a VM)
+    hypervisor: HypervisorCalls | None = None
     #: the legacy port bus, for devices that decode ISA ports (LPC's COM ports)
     ports: PortBus | None = None
 
@@ -94,4 +116,5 @@ def standalone(memory: MemoryMap | None = None, *, msi: MsiSink | None = None,
                          **services)  # type: ignore[arg-type]
 
 
-__all__ = ["DeviceChoices", "DeviceContext", "PassthroughService", "standalone"]
+__all__ = ["DeviceChoices", "DeviceContext", "HypervisorCalls", "PassthroughService",
+           "standalone"]

@@ -25,6 +25,7 @@ from .hsm.base import (
     MessageSource,
     PciDevAssignment,
     PtdevIntx,
+    VdevSpec,
 )
 from .irq.services import NoInterrupts
 from .pci.bus import PciBus
@@ -33,8 +34,9 @@ USAGE = "usage: acrn-pydm lspci [acrn-dm options] <vm name>\n"
 
 
 class Preview:
-    """The passthrough service of a VM that only shows itself: the device model owns the
-    guest view, no real device's interrupts or DMA reach anything, nothing is assigned."""
+    """The hypervisor calls of a VM that only shows itself: the device model owns the
+    guest view, no real device's interrupts or DMA reach anything, nothing is assigned,
+    mapped or created (a hypervisor-emulated device shows what the hypervisor would)."""
 
     emulates_passthrough_config = False
     reaches_host_devices = False
@@ -48,6 +50,21 @@ class Preview:
         raise HypervisorError("lspci: nothing is assigned outside a VM")
 
     reset_ptdev_intr = set_ptdev_intr
+
+    # nothing is mapped and no hypervisor device is made: the devices only show themselves
+    def set_memseg(self, gpa: int, backing: object, attr: int) -> None:
+        pass
+
+    def map_mmio(self, gpa: int, hpa: int, length: int) -> None:
+        pass
+
+    def unset_mmio(self, gpa: int, length: int) -> None:
+        pass
+
+    def create_vdev(self, vdev: VdevSpec) -> None:
+        pass
+
+    destroy_vdev = create_vdev
 
 
 def _no_remapping(source: MessageSource, count: int) -> InterruptRemapper:
@@ -82,8 +99,9 @@ def main(args: list[str]) -> int:
             cfg = parse_args(list(args))
             check_vm(cfg)
             ports, mmio, nothing = PortBus(), MmioBus(), NoInterrupts()
-            ctx = standalone(choices=device_choices(cfg), ports=ports, passthrough=Preview(),
-                             remapper=_no_remapping)
+            preview = Preview()
+            ctx = standalone(choices=device_choices(cfg), ports=ports, passthrough=preview,
+                             remapper=_no_remapping, hypervisor=preview)
             pci = PciBus(ports, mmio, nothing, ovmf=ctx.choices.ovmf)
             build_functions(cfg, ctx, pci, cleanups)
         except HelpRequested:

@@ -251,6 +251,11 @@ class Monitor:
         command = req.get("command")
         args = req.get("arguments", "")
         ok: dict[str, Any] = {"ack": 0}
+        if command == "destroy" and self.vm.config.rtvm:
+            # acrn-dm's user_vm_destroy_handler: a real-time VM is not destroyed from here
+            log.error("destroy: a real-time VM (--rtvm) is not destroyed by the monitor, as "
+                      "in acrn-dm; power it off from inside")
+            return {"ack": -1}
         if command == "destroy":
             lc = self.lifecycle
             ok["_after"] = lambda: lc.request_poweroff("monitor destroy", force=True)

@@ -6,6 +6,8 @@
 # root with QEMU 11.1 from trixie-backports, whose generic vhost-user device can present a
 # console: devicemodel/guestkit/trixie.py), shows the guest's serial console and its
 # virtio-console, then a summary of what the guest found, and cleans up after itself.
+# With QEMU 11.1 a second guest boots at the same time on whole PCI functions of ours
+# (config space, BARs, MSI-X: acrn-pydm's own PciDevice objects) served over vfio-user.
 # Needs root (apt, debootstrap, chroot, tap, network namespace). Without that QEMU (e.g. no
 # network on the first run) it runs on the host's QEMU 7.2, and the console is QEMU's
 # serial port only.
@@ -125,9 +127,11 @@ class NoTerminalCodes:
 
 
 class ConsolePort:
-    """The host end of the guest's hvc0: shows each line as it comes, answers the guest."""
+    """The host end of the guest's hvc0: shows each line as it comes (unless ``echo`` is
+    off), answers the guest."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, echo: bool = True) -> None:
+        self.echo = echo
         deadline = time.monotonic() + 10
         while True:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,10 +163,12 @@ class ConsolePort:
 
     def _line(self, text: str) -> None:
         self.lines.append(text)
-        sys.stdout.write(f"{HVC}{text}\n")
+        if self.echo:
+            sys.stdout.write(f"{HVC}{text}\n")
         if text.endswith(ASK):
             self.sock.sendall(HOST_LINE.encode() + b"\n")
-            sys.stdout.write(f"{SENT}{HOST_LINE}\n")
+            if self.echo:
+                sys.stdout.write(f"{SENT}{HOST_LINE}\n")
         sys.stdout.flush()
         if text == END:
             self.ended.set()
@@ -196,6 +202,102 @@ def find_qemu() -> tuple[trixie.Qemu, str | None]:
     host = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
                           check=False).stdout.splitlines()
     return trixie.Qemu(Path("/"), host[0] if host else "qemu-system-x86_64"), why
+
+
+VFU_NETNS, VFU_TAP = "acrnpydm-demo-vfu", "pydmdemo1"
+VFU_HOST_IP, VFU_GUEST_IP = "10.213.80.1", "10.213.80.2"
+VFU_SLOTS = {"blk": 3, "net": 4, "rnd": 5, "con": 6}
+VFU_REPORT = f"""
+echo "=== PCI functions: slot vendor:device class driver ==="
+for d in /sys/bus/pci/devices/*; do
+  drv=$(basename "$(readlink $d/driver)" 2>/dev/null)
+  id="$(cat $d/vendor):$(cat $d/device)"
+  case $id in 0x1af4:*) what="<- acrn-pydm's whole PCI function over vfio-user";; *) what="";; esac
+  echo "  $(basename $d) $id $(cat $d/class) ${{drv:--}} $what"
+done
+echo "=== disk /dev/vda ==="
+if mke2fs -q /dev/vda >/dev/null && mount /dev/vda /mnt \\
+   && echo "written by the guest" > /mnt/hello && sync && df -h /mnt | tail -1 | sed 's/^/  /' \\
+   && sed 's/^/  /' /mnt/hello && umount /mnt
+then pass disk; else fail disk "mkfs/mount/write failed"; fi
+echo "=== network eth0 (tap {VFU_TAP}) ==="
+ip link set eth0 up && ip addr add {VFU_GUEST_IP}/30 dev eth0
+if ping -c 2 -W 3 {VFU_HOST_IP} > /tmp/ping; then pass network; else fail network "no reply"; fi
+tail -2 /tmp/ping | sed 's/^/  /'
+echo "=== entropy /dev/hwrng ==="
+if dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1; then pass entropy
+else fail entropy "no bytes"; fi
+echo "=== console /dev/hvc0 ==="
+if [ -e /dev/hvc0 ] && exec 3<>/dev/hvc0; then
+  stty raw -echo <&3
+  echo "hello from the vfio-user guest, {ASK}" >&3
+  line=""; read -t 30 line <&3; exec 3<&-
+  echo "  read from hvc0: $line"
+  [ "$line" = "{HOST_LINE}" ] && pass console || fail console "read [$line]"
+else
+  fail console "no /dev/hvc0"
+fi
+echo "=== interrupts: our MSI-X vectors as the guest counts them ==="
+grep -a virtio /proc/interrupts | tr -s ' ' | sed 's/^/ /'
+"""
+
+
+class VfioUserLeg:
+    """The second guest: acrn-pydm vfio-user servers for blk, net, rnd and console, and a
+    QEMU on them, all on a thread (set-up included) while the first guest boots; what it
+    would print is kept for the summary."""
+
+    def __init__(self, qemu, kernel, work: Path) -> None:
+        self.qemu, self.kernel, self.work = qemu, kernel, work / "vfio-user"
+        self.notes: list[str] = []
+        self.run = None
+        self.logs: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        import contextlib
+        try:
+            with contextlib.ExitStack() as stack:
+                self._boot(stack)
+        except BaseException as e:  # reported in the summary, the first guest goes on
+            self.error = e
+
+    def _boot(self, stack) -> None:
+        qemu, kernel, work = self.qemu, self.kernel, self.work
+        work.mkdir()
+        initrd = g.build_initramfs(kernel, VFU_REPORT, work / "initrd.gz")
+        image = work / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
+        specs = {"blk": f"virtio-blk,{image},modern", "net": f"virtio-net,tap={VFU_TAP}",
+                 "rnd": "virtio-rnd",
+                 "con": f"virtio-console,@socket:con0={work / 'con0.sock'}:server"}
+        stack.enter_context(g.netns(VFU_NETNS))
+        be = stack.enter_context(
+            g.backends(specs, work, netns={"net": VFU_NETNS}, command="vfio-user"))
+        for b in be.values():
+            self.notes.append(f"acrn-pydm vfio-user {b.spec} (pid {b.proc.pid}) on {b.socket}")
+        subprocess.run(["ip", "-n", VFU_NETNS, "addr", "add", f"{VFU_HOST_IP}/30", "dev",
+                        VFU_TAP], check=True)
+        subprocess.run(["ip", "-n", VFU_NETNS, "link", "set", VFU_TAP, "up"], check=True)
+        args = []
+        for name, slot in VFU_SLOTS.items():
+            args += g.vfio_user_device_args(qemu.inner(be[name].socket), addr=slot)
+        cmd = qemu.command(g.qemu_command(qemu.stage_kernel(kernel, work),
+                                          qemu.inner(initrd), args, append="edd=off"))
+        self.notes.append(" ".join(cmd))
+        port = ConsolePort(work / "con0.sock", echo=False)
+        try:
+            self.run = g.run_qemu(cmd, timeout=100)
+        finally:
+            port.close()
+            self.logs = {name: b.log() for name, b in be.items()}
+
+    def finish(self):
+        self.thread.join(150)
+        return self.run, self.logs
 
 
 t0 = time.monotonic()
@@ -236,6 +338,7 @@ with qemu.workdir() as work:
                                           qemu.inner(initrd), args, append="edd=off"))
         print("demo: " + " ".join(cmd), flush=True)
         port = ConsolePort(work / "con0.sock") if console else None
+        leg2 = VfioUserLeg(qemu, kernel, work) if console else None
         print("demo: ---------------- guest serial console (QEMU's ttyS0) ----------------")
         if console:
             print(f"demo: '{HVC}' lines: what the guest wrote to /dev/hvc0, acrn-pydm's "
@@ -249,6 +352,7 @@ with qemu.workdir() as work:
             hvc = g.GuestRun.parse(port.close() if port else "", None, False)
         print("demo: ---------------- end of guest output ----------------")
         logs = {name: b.log() for name, b in be.items()}
+        run2, logs2 = leg2.finish() if leg2 else (None, {})
 print(f"\ndemo: the guest {'powered off' if run.done else 'did NOT finish'} "
       f"after {time.monotonic() - t0:.1f} s in all")
 passed, failed = run.passed | hvc.passed, {**run.failed, **hvc.failed}
@@ -274,6 +378,28 @@ for step in ("disk", "network", "entropy"):
     else:
         ok = False
         print(f"  {step:8} FAILED {failed.get(step, '(no result)')}")
+if leg2 is not None and run2 is None:
+    ok = False
+    print(f"  vfio-user leg FAILED: {leg2.error!r}")
+if run2 is not None:
+    print("\ndemo: ---- the second guest, on whole PCI functions of acrn-pydm over vfio-user "
+          "(QEMU's vfio-user-pci), booted alongside ----")
+    for note in leg2.notes:
+        print(f"demo: {note}")
+    for line in run2.log.splitlines():
+        if line.startswith(("===", "  ", " ")) and g.MARK not in line:
+            print(f"vfio | {line}")
+    print(f"demo: the vfio-user guest {'powered off' if run2.done else 'did NOT finish'} "
+          f"(both guests: {time.monotonic() - t0:.1f} s in all)")
+    for step in ("disk", "network", "entropy", "console"):
+        if step in run2.passed:
+            print(f"  {step:8} ok       (vfio-user)")
+        else:
+            ok = False
+            print(f"  {step:8} FAILED   (vfio-user) {run2.failed.get(step, '(no result)')}")
+    logs.update({f"vfio-user {n}": t for n, t in logs2.items()})
+elif leg2 is None:
+    print("  (no vfio-user leg: it needs QEMU 11.1's vfio-user-pci)")
 if not ok:
     for name, text in logs.items():
         print(f"--- {name} back end log ---\n{text}")

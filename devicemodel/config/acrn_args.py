@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .logger_setting import parse_logger_setting
 from .model import VmConfig
+from .rt_options import parse_acpidev_pt, parse_intr_monitor, parse_mmiodev_pt
 from .validate import validate
 from .values import (
     parse_cpu_affinity,
@@ -25,6 +26,10 @@ from .values import (
     parse_slot,
     parse_virtio_poll,
 )
+
+#: acrn-dm's warning, in our words: --lapic_pt needs --rtvm
+LAPIC_PT_ALONE = ("--lapic_pt without --rtvm is ignored: only a real-time VM passes its "
+                  "local APIC through (add --rtvm, which implies it)")
 
 
 class HelpRequested(Exception):  # noqa: N818 - a request, not an error
@@ -59,11 +64,13 @@ _LONG: dict[str, bool] = {
     # ours
     "--hv": True, "--shutdown_timeout": True,
 }
-#: acrn-dm options we do not implement: refused by name
-UNSUPPORTED_OPTIONS = frozenset({
-    "--enable_trusty", "--intr_monitor", "--acpidev_pt", "--mmiodev_pt", "--vtpm2",
-    "--lapic_pt", "--rtvm", "--ssram", "--pm_notify_channel", "-U",
-})
+#: acrn-dm options we do not implement: refused by name (and why, where it is a choice)
+UNSUPPORTED_OPTIONS: dict[str, str] = {
+    "--enable_trusty": "trusty is out of acrn-pydm's scope",
+    "--vtpm2": "the software TPM (vtpm2) is out of acrn-pydm's scope",
+    "--ssram": "software SRAM (vSSRAM) is not implemented",
+    "-U": "acrn-dm no longer takes a UUID either; remove it",
+}
 #: options acrn-dm HEAD itself ignores (or that only concern its C build); we warn and go on
 OBSOLETE_OPTIONS: dict[str, str] = {
     "--acpi": "-A/--acpi is obsolete and ignored: ACPI tables are always built",
@@ -75,7 +82,10 @@ OBSOLETE_OPTIONS: dict[str, str] = {
     "--pm_by_vuart": "--pm_by_vuart is obsolete and ignored",
     "--mac_seed": "--mac_seed is obsolete and ignored; use virtio-net's mac_seed= option",
     "--iasl": "--iasl ignored: acrn-pydm builds its ACPI tables without iasl",
+    "--pm_notify_channel": "--pm_notify_channel is obsolete and ignored",
 }
+#: --pm_notify_channel values acrn-dm accepts (and then ignores)
+PM_NOTIFY_CHANNELS = ("ioc", "power_button", "uart", "uart,allow_trigger_s5")
 #: emulation names acrn-dm ignores as obsolete (with a warning)
 OBSOLETE_EMULS = frozenset({"pci-gvt", "virtio-hdcp", "npk", "virtio-coreu"})
 #: every emulation name acrn-dm HEAD knows (``.class_name`` in devicemodel/hw)
@@ -115,7 +125,8 @@ def _tokens(argv: list[str]) -> list[tuple[str, str | None] | str]:
             text, eq, inline = arg.partition("=")
             name = _long_name(text)
             if name in UNSUPPORTED_OPTIONS:
-                raise ConfigError(f"not supported by acrn-pydm: {name}")
+                raise ConfigError(f"not supported by acrn-pydm: {name} "
+                                  f"({UNSUPPORTED_OPTIONS[name]})")
             if not _LONG[name]:
                 if eq:
                     raise ConfigError(f"{name} takes no value; write {name} alone")
@@ -136,7 +147,8 @@ def _tokens(argv: list[str]) -> list[tuple[str, str | None] | str]:
                     raise ConfigError(f"unknown option -{letter}; see acrn-pydm --help")
                 name, takes = _SHORT[letter]
                 if name in UNSUPPORTED_OPTIONS:
-                    raise ConfigError(f"not supported by acrn-pydm: {name}")
+                    raise ConfigError(f"not supported by acrn-pydm: {name} "
+                                      f"({UNSUPPORTED_OPTIONS[name]})")
                 if not takes:
                     out.append((name, None))
                     continue
@@ -174,10 +186,15 @@ def parse_args(argv: list[str], *, check_files: bool = True) -> VmConfig:
             positional.append(tok)
             continue
         name, val = tok
+        if name == "--pm_notify_channel" and val not in PM_NOTIFY_CHANNELS:
+            raise ConfigError(f"--pm_notify_channel {val}: acrn-dm takes "
+                              f"{', '.join(PM_NOTIFY_CHANNELS)} (and ignores it)")
         if name in OBSOLETE_OPTIONS:
             cfg.warnings.append(OBSOLETE_OPTIONS[name])
             continue
         _apply(cfg, name, val or "")
+    if cfg.lapic_pt and not cfg.rtvm:
+        cfg.warnings.append(LAPIC_PT_ALONE)
 
     if len(positional) != 1:
         raise ConfigError(
@@ -236,11 +253,21 @@ def _apply(cfg: VmConfig, opt: str, val: str) -> None:
         cfg.virtio_msi = True
     elif opt == "--windows":
         cfg.windows = True
+    elif opt == "--rtvm":
+        cfg.rtvm = True
+    elif opt == "--lapic_pt":
+        cfg.lapic_pt = True
+    elif opt == "--intr_monitor":
+        cfg.intr_monitor = parse_intr_monitor(val)
+    elif opt == "--mmiodev_pt":
+        cfg.mmiodev_pt.append(parse_mmiodev_pt(val))
+    elif opt == "--acpidev_pt":
+        cfg.acpidev_pt.append(parse_acpidev_pt(val))
     else:  # every name in _LONG is handled above or refused/ignored before
         raise ConfigError(f"option {opt} is not handled; see acrn-pydm --help")
 
 
 __all__ = [
-    "ACRN_EMULS", "OBSOLETE_EMULS", "OBSOLETE_OPTIONS", "UNSUPPORTED_OPTIONS",
+    "ACRN_EMULS", "LAPIC_PT_ALONE", "OBSOLETE_EMULS", "OBSOLETE_OPTIONS", "UNSUPPORTED_OPTIONS",
     "HelpRequested", "VersionRequested", "parse_args",
 ]

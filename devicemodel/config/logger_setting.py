@@ -10,6 +10,8 @@ from ..errors import ConfigError
 
 LOGGERS = ("console", "disk", "kmsg")
 MAX_LEVEL = 5  # 1 error, 2 warning, 3 notice, 4 info, 5 debug
+#: acrn-dm reads the level as an unsigned 32-bit number (a level above 5 writes everything)
+LEVEL_LIMIT = 0xFFFF_FFFF
 
 
 def parse_logger_setting(text: str) -> dict[str, int]:
@@ -24,13 +26,13 @@ def parse_logger_setting(text: str) -> dict[str, int]:
                               f"use {', '.join(LOGGERS)}")
         key, eq, value = rest.partition("=")
         if key != "level" or not eq or not (value.isascii() and value.isdigit()) or \
-                int(value) > MAX_LEVEL:
-            raise ConfigError(f"--logger_setting {text}: write {name},level=N with N in 0..5 "
-                              "(1 error .. 5 debug)")
-        levels[name] = int(value)
+                int(value) > LEVEL_LIMIT:
+            raise ConfigError(f"--logger_setting {text}: write {name},level=N with N a number "
+                              "(1 error .. 5 debug; above 5 is debug too)")
+        levels[name] = min(int(value), MAX_LEVEL)
     if not levels:
         raise ConfigError(f"--logger_setting {text!r}: empty; write e.g. console,level=4")
     return levels
 
 
-__all__ = ["LOGGERS", "MAX_LEVEL", "parse_logger_setting"]
+__all__ = ["LEVEL_LIMIT", "LOGGERS", "MAX_LEVEL", "parse_logger_setting"]

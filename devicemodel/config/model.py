@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..hostinfo import host_lapic_ids
 from ..memory import GiB, KiB, MiB
 from ..slot import SlotConfig
+from .rt_options import AcpiDevPt, IntrMonitor, MmioDevPt
 
 DEFAULT_MEMSIZE = 256 * MiB
 HYPERVISORS = ("acrn", "kvm", "sim")
@@ -73,6 +74,13 @@ class VmConfig:
     windows: bool = False
     cmd_monitor: str | None = None
     logger_setting: str | None = None
+    #: a real-time VM (``--rtvm``; acrn-dm then passes the local APIC through too)
+    rtvm: bool = False
+    #: ``--lapic_pt`` as given; it takes effect only with ``rtvm`` (acrn-dm's rule)
+    lapic_pt: bool = False
+    intr_monitor: IntrMonitor | None = None
+    mmiodev_pt: list[MmioDevPt] = field(default_factory=list)
+    acpidev_pt: list[AcpiDevPt] = field(default_factory=list)
     hv: str | None = None
     #: seconds a guest gets to power off after SIGTERM/``poweroff`` before it is destroyed
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
@@ -107,6 +115,15 @@ class VmConfig:
             mask |= 1 << cpu
         return mask
 
+    @property
+    def vm_flag(self) -> int:
+        """CREATE_VM's GUEST_FLAG_* bits, as acrn-dm's vm_create sets them: ``--rtvm``
+        (which implies ``--lapic_pt``) gives LAPIC passthrough, RT, I/O completion polling
+        and PMU passthrough; ``--lapic_pt`` alone is ignored."""
+        if not self.rtvm:
+            return 0
+        return (1 << 1) | (1 << 4) | (1 << 2) | (1 << 11)
+
     def slot(self, bus: int, dev: int, func: int) -> SlotConfig | None:
         for s in self.slots:
             if (s.bus, s.dev, s.func) == (bus, dev, func):
@@ -122,7 +139,8 @@ class VmConfig:
         if self.cpu_affinity:
             out += ["--cpu_affinity", ",".join(map(str, self.cpu_affinity))]
         for flag, on in (("--windows", self.windows), ("--debugexit", self.debugexit),
-                         ("--virtio_msi", self.virtio_msi)):
+                         ("--virtio_msi", self.virtio_msi), ("--rtvm", self.rtvm),
+                         ("--lapic_pt", self.lapic_pt)):
             if on:
                 out.append(flag)
         if self.ovmf:
@@ -134,6 +152,12 @@ class VmConfig:
                 out += [opt, val]
         if self.virtio_poll is not None:
             out += ["--virtio_poll", str(self.virtio_poll)]
+        if self.intr_monitor is not None:
+            out += ["--intr_monitor", self.intr_monitor.to_arg()]
+        for dev in self.mmiodev_pt:
+            out += ["--mmiodev_pt", dev.to_arg()]
+        for adev in self.acpidev_pt:
+            out += ["--acpidev_pt", adev.to_arg()]
         if self.shutdown_timeout != DEFAULT_SHUTDOWN_TIMEOUT:
             out += ["--shutdown_timeout", f"{self.shutdown_timeout:g}"]
         for lpc in self.lpc:

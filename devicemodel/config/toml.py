@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..slot import SlotConfig
-from .acrn_args import OBSOLETE_EMULS
+from .acrn_args import LAPIC_PT_ALONE, OBSOLETE_EMULS
 from .logger_setting import LOGGERS, parse_logger_setting
 from .model import (
     DEFAULT_SHUTDOWN_TIMEOUT,
@@ -28,6 +28,7 @@ from .model import (
     VmConfig,
     format_memsize,
 )
+from .rt_options import parse_acpidev_pt, parse_intr_monitor, parse_mmiodev_pt
 from .validate import validate
 from .values import (
     parse_cpu_affinity,
@@ -41,8 +42,14 @@ from .values import (
 
 _STR_KEYS = {"kernel": "kernel", "ramdisk": "ramdisk", "bootargs": "bootargs",
              "elf_file": "elf", "cmd_monitor": "cmd_monitor"}
-_BOOL_KEYS = {"windows": "windows", "debugexit": "debugexit", "virtio_msi": "virtio_msi"}
-TOP_KEYS = ("name", "hv", "memsize", "cpu_affinity", *_STR_KEYS, *_BOOL_KEYS, "virtio_poll",
+_BOOL_KEYS = {"windows": "windows", "debugexit": "debugexit", "virtio_msi": "virtio_msi",
+              "rtvm": "rtvm", "lapic_pt": "lapic_pt"}
+#: acrn-dm's own option text, one string (or a list of them), parsed by the same parser
+_ARG_KEYS = {"intr_monitor": ("--intr_monitor", parse_intr_monitor, False),
+             "mmiodev_pt": ("--mmiodev_pt", parse_mmiodev_pt, True),
+             "acpidev_pt": ("--acpidev_pt", parse_acpidev_pt, True)}
+TOP_KEYS = ("name", "hv", "memsize", "cpu_affinity", *_STR_KEYS, *_BOOL_KEYS, *_ARG_KEYS,
+            "virtio_poll",
             "logger_setting", "logger", "shutdown_timeout", "ovmf", "lpc", "pci_slot")
 _SLOT_KEYS = ("slot", "emul", "options", "boot")
 _LPC_KEYS = ("device", "backend", "port", "irq")
@@ -142,6 +149,7 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
         if key in data:
             _want(ctx, key, data[key], bool, "true or false")
             setattr(cfg, attr, data[key])
+    _acrn_arg_keys(ctx, data, cfg)
     if "virtio_poll" in data:
         ns = data["virtio_poll"]
         _want(ctx, "virtio_poll", ns, int, "an interval in nanoseconds")
@@ -172,6 +180,26 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+def _acrn_arg_keys(ctx: _Ctx, data: dict[str, Any], cfg: VmConfig) -> None:
+    for key, (opt, parse, many) in _ARG_KEYS.items():
+        if key not in data:
+            continue
+        value = data[key]
+        texts = value if many and isinstance(value, list) else [value]
+        if not all(isinstance(t, str) for t in texts) or (not many and len(texts) != 1):
+            raise ctx.error(key, value, f"expected {'a list of strings' if many else 'a string'}"
+                            f" as {opt} takes them")
+        parsed = []
+        for text in texts:
+            try:
+                parsed.append(parse(text))
+            except ConfigError as e:
+                raise ctx.error(key, text, _strip_prefix(str(e), opt, text)) from None
+        setattr(cfg, key, parsed if many else parsed[0])
+    if cfg.lapic_pt and not cfg.rtvm:
+        cfg.warnings.append(LAPIC_PT_ALONE)
 
 
 def _logger(ctx: _Ctx, data: dict[str, Any], cfg: VmConfig) -> None:
@@ -492,6 +520,11 @@ def dumps(cfg: VmConfig) -> str:
             lines.append(f"{key} = {toml_string(val)}")
     if cfg.virtio_poll is not None:
         lines.append(f"virtio_poll = {cfg.virtio_poll}")
+    if cfg.intr_monitor is not None:
+        lines.append(f"intr_monitor = {toml_string(cfg.intr_monitor.to_arg())}")
+    for key in ("mmiodev_pt", "acpidev_pt"):
+        if getattr(cfg, key):
+            lines.append(f"{key} = {toml_value([d.to_arg() for d in getattr(cfg, key)])}")
     if cfg.logger_setting is not None:
         lines.append(f"logger_setting = {toml_string(cfg.logger_setting)}")
     if cfg.shutdown_timeout != DEFAULT_SHUTDOWN_TIMEOUT:

@@ -13,6 +13,7 @@ import os
 
 from ..errors import ConfigError
 from .model import VM_NAME_MAX, VmConfig
+from .rt_options import MAX_MMIO_DEVS
 
 #: the longest kernel command line a bzImage takes (boot protocol 2.06+ cmdline_size)
 BOOTARGS_MAX = 2047
@@ -58,6 +59,12 @@ def validate(cfg: VmConfig, *, check_files: bool = True) -> None:
     if cfg.bootargs is not None and byte_length(cfg.bootargs) > BOOTARGS_MAX:
         raise ConfigError(f"-B: the kernel command line is longer than {BOOTARGS_MAX} bytes; "
                           "shorten it")
+    if len(cfg.mmiodev_pt) + len(cfg.acpidev_pt) > MAX_MMIO_DEVS:
+        raise ConfigError(f"--mmiodev_pt/--acpidev_pt: at most {MAX_MMIO_DEVS} platform "
+                          "devices per VM (acrn-dm's limit); pass fewer through")
+    bases = [d.base for d in cfg.mmiodev_pt]
+    if len(set(bases)) != len(bases):
+        raise ConfigError("--mmiodev_pt: the same range is given twice; give it once")
     devices = [lp.device for lp in cfg.lpc]
     for d in set(devices):
         if devices.count(d) > 1:

@@ -15,6 +15,7 @@ failed marker into an AssertionError that carries the whole serial log.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -58,7 +59,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /modules.order); do
-    insmod "/lib/modules/$m" || echo "insmod $m failed"
+    # module parameters from the kernel command line (module.param=value), as modprobe
+    # would pass them: insmod alone does not
+    mod=$(echo "${m%.ko}" | tr - _)
+    args=$(for w in $(cat /proc/cmdline); do case $w in "$mod".*) echo "${w#"$mod".}";; esac; done)
+    insmod "/lib/modules/$m" $args || echo "insmod $m failed"
 done
 pass() { echo "{mark} PASS $1"; }
 fail() { n="$1"; shift; echo "{mark} FAIL $n: $*"; }
@@ -167,10 +172,11 @@ def _depends(ko: Path) -> list[str]:
     return [d.replace("-", "_") for d in out.split(",") if d]
 
 
-def module_load_order(kernel: Kernel) -> list[Path]:
-    """MODULES that exist in this kernel, each after the modules it depends on."""
+def module_load_order(kernel: Kernel, extra: Sequence[str] = ()) -> list[Path]:
+    """MODULES (and ``extra``, paths like MODULES') that exist in this kernel, each after
+    the modules it depends on."""
     paths = {}
-    for rel in MODULES:
+    for rel in (*MODULES, *extra):
         ko = kernel.modules / rel
         if ko.exists():
             paths[ko.stem.replace("-", "_")] = ko
@@ -192,12 +198,13 @@ def module_load_order(kernel: Kernel) -> list[Path]:
 
 def build_initramfs(
     kernel: Kernel, script: str, out: Path, files: dict[str, Path | bytes] | None = None,
-    init: str = INIT,
+    init: str = INIT, modules: Sequence[str] = (),
 ) -> Path:
     """A gzip'd newc cpio: busybox, the virtio modules, our /init and the test script.
 
     ``files`` maps guest paths to host files or contents (e.g. a static benchmark binary);
-    ``init`` replaces the /init that runs the script (``{mark}`` stands for MARK).
+    ``init`` replaces the /init that runs the script (``{mark}`` stands for MARK);
+    ``modules`` adds kernel modules (paths under the module tree, loaded in order).
     """
     with tempfile.TemporaryDirectory(prefix="initramfs-") as d:
         root = Path(d)
@@ -206,7 +213,7 @@ def build_initramfs(
         moddir = root / "lib/modules"
         moddir.mkdir(parents=True)
         order = []
-        for src in module_load_order(kernel):
+        for src in module_load_order(kernel, modules):
             shutil.copy2(src, moddir / src.name)
             order.append(src.name)
         (root / "modules.order").write_text("\n".join(order) + "\n")
@@ -319,7 +326,8 @@ def run_qemu(cmd: Sequence[str], timeout: float, echo: bool = False) -> GuestRun
 
 @dataclass
 class Backend:
-    """One ``acrn-pydm vhost-user`` process serving a device on a UNIX socket."""
+    """One ``acrn-pydm vhost-user`` (or ``vfio-user``) process serving a device on a UNIX
+    socket."""
 
     spec: str
     socket: Path
@@ -331,12 +339,13 @@ class Backend:
 
 
 def start_backend(spec: str, sock: Path, netns: str | None = None,
-                  extra: Sequence[str] = ()) -> Backend:
-    """Start a back end and wait until it listens (QEMU connects as the client)."""
+                  extra: Sequence[str] = (), command: str = "vhost-user") -> Backend:
+    """Start a back end (``acrn-pydm <command>``) and wait until it listens (QEMU connects
+    as the client)."""
     with suppress(FileNotFoundError):
         sock.unlink()
     errpath = sock.with_suffix(".log")
-    cmd = [sys.executable, "-m", "devicemodel", "vhost-user", spec, "--socket-path", str(sock),
+    cmd = [sys.executable, "-m", "devicemodel", command, spec, "--socket-path", str(sock),
            *extra]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
@@ -391,14 +400,14 @@ def backend_logs(backends: dict[str, Backend]) -> str:
 
 
 @contextmanager
-def backends(specs: dict[str, str], workdir: Path,
-             netns: dict[str, str] | None = None) -> Iterator[dict[str, Backend]]:
+def backends(specs: dict[str, str], workdir: Path, netns: dict[str, str] | None = None,
+             command: str = "vhost-user") -> Iterator[dict[str, Backend]]:
     """Start one back end per name; stop them all afterwards (even if the test fails)."""
     started: dict[str, Backend] = {}
     try:
         for name, spec in specs.items():
             started[name] = start_backend(spec, workdir / f"{name}.sock",
-                                          (netns or {}).get(name))
+                                          (netns or {}).get(name), command=command)
         yield started
     finally:
         for b in started.values():
@@ -420,6 +429,17 @@ def vhost_device_args(name: str, kind: str, sock: Path, queues: int = 1) -> list
                 "-device",
                 f"virtio-net-pci,netdev={name}n,mac=52:54:00:12:34:56,romfile=,vectors=0"]
     raise ValueError(f"no QEMU vhost-user device for {kind!r}")
+
+
+def vfio_user_device_args(sock: Path, addr: int | None = None) -> list[str]:
+    """QEMU (10.1 or later) options that attach a whole PCI function served by
+    ``acrn-pydm vfio-user`` on ``sock`` (the path as QEMU sees it); its socket is an
+    object, so only the JSON form of -device takes it."""
+    dev: dict[str, object] = {"driver": "vfio-user-pci",
+                              "socket": {"type": "unix", "path": str(sock)}}
+    if addr is not None:
+        dev["addr"] = f"{addr:#x}"
+    return ["-device", json.dumps(dev, separators=(",", ":"))]
 
 
 @contextmanager

@@ -105,6 +105,17 @@ PMCMD_GET_PX_DATA = 1
 PMCMD_GET_CX_CNT = 2
 PMCMD_GET_CX_DATA = 3
 
+#: the PM_GET_CPU_STATE command word (acrn-dm's PMCMD_*_SHIFT): vmid, vCPU, state number
+PMCMD_VMID_SHIFT = 24
+PMCMD_VCPUID_SHIFT = 16
+PMCMD_STATE_NUM_SHIFT = 8
+
+#: VM_INTR_MONITOR commands (the hypervisor's INTR_CMD_*; the HSM passes the page through)
+INTR_CMD_GET_DATA = 0
+INTR_CMD_DELAY_INT = 1
+#: the hypervisor's MAX_PTDEV_NUM: (irq, count) pairs fit in acrn_intr_monitor.buffer
+MAX_PTDEV_NUM = 24
+
 ACRN_INVALID_VMID = 0xFFFF
 VM_NAME_FIELD_LEN = 16  # the retired uuid field; ACRN's hypervisor reads it as the VM name
 
@@ -292,6 +303,14 @@ acrn_irqfd = Struct(
     "msi" / acrn_msi_entry,
 )
 
+# The page VM_INTR_MONITOR takes by address: the hypervisor's struct acrn_intr_monitor
+# (linux/acrn.h does not declare it; acrn-dm's acrn_common.h does).
+acrn_intr_monitor = Struct(
+    "cmd" / Int32ul,
+    "buf_cnt" / Int32ul,
+    "buffer" / Array(MAX_PTDEV_NUM * 2, Int64ul),
+)
+
 # The request slot, for the control plane (tests, debugging dumps). The hot path uses the
 # struct.Struct views below. ``reqs`` is a union in the header: the raw ``data`` words,
 # over which the PIO, PCI and MMIO request layouts lie.
@@ -422,6 +441,12 @@ def slot_offset(vcpu: int) -> int:
 def bdf(bus: int, dev: int, func: int) -> int:
     """The ``bus<<8 | dev<<3 | func`` encoding acrn_pcidev and acrn_ptdev_irq use."""
     return ((bus & 0xFF) << 8) | ((dev & 0x1F) << 3) | (func & 0x7)
+
+
+def pm_cmd(vmid: int, vcpu: int, kind: int, state: int = 0) -> int:
+    """PM_GET_CPU_STATE's command word, as acrn-dm's acpi_pm.c builds it."""
+    return ((vmid & 0xFF) << PMCMD_VMID_SHIFT) | ((vcpu & 0xFF) << PMCMD_VCPUID_SHIFT) | \
+        ((state & 0xFF) << PMCMD_STATE_NUM_SHIFT) | (kind & PMCMD_TYPE_MASK)
 
 
 def irqline_arg(gsi: int, op: int) -> int:

@@ -29,9 +29,11 @@ from .base import (
     Hypervisor,
     HypervisorError,
     InlineServer,
+    MmioDevAssignment,
     PciDevAssignment,
     PtdevIntx,
     VcpuRegs,
+    VdevSpec,
     VmInfo,
 )
 
@@ -475,6 +477,53 @@ class AcrnHypervisor(Hypervisor):
     def reset_ptdev_intr(self, intx: PtdevIntx) -> None:
         # acrn-dm leaves phys_pin zero here; the HSM matches on the virtual pin
         self._call(abi.ACRN_IOCTL_RESET_PTDEV_INTR, self._ptdev_irq(intx, 0))
+
+    # --- MMIO devices, hypervisor-emulated devices, interrupt storms, CPU states ----------
+    @staticmethod
+    def mmiodev_bytes(dev: MmioDevAssignment) -> bytes:
+        """``struct acrn_mmiodev`` as acrn-dm fills it (unused resources zero)."""
+        name = dev.name.encode()
+        if len(name) > 8 or len(dev.resources) > abi.MMIODEV_RES_NUM:
+            raise HypervisorError(f"MMIO device {dev.name!r}: name over 8 bytes or more than "
+                                  f"{abi.MMIODEV_RES_NUM} ranges")
+        res = [dict(user_vm_pa=r.user_vm_pa, service_vm_pa=r.service_vm_pa, size=r.size,
+                    mem_type=r.mem_type) for r in dev.resources]
+        res += [dict(user_vm_pa=0, service_vm_pa=0, size=0, mem_type=0)] * \
+            (abi.MMIODEV_RES_NUM - len(res))
+        return abi.acrn_mmiodev.build(dict(name=name.ljust(8, b"\0"), res=res))
+
+    def assign_mmiodev(self, dev: MmioDevAssignment) -> None:
+        self._call(abi.ACRN_IOCTL_ASSIGN_MMIODEV, self.mmiodev_bytes(dev))
+
+    def deassign_mmiodev(self, dev: MmioDevAssignment) -> None:
+        self._call(abi.ACRN_IOCTL_DEASSIGN_MMIODEV, self.mmiodev_bytes(dev))
+
+    @staticmethod
+    def vdev_bytes(vdev: VdevSpec) -> bytes:
+        """``struct acrn_vdev`` as acrn-dm's uart.c and ivshmem.c fill it."""
+        if len(vdev.args) > 128:
+            raise HypervisorError("CREATE_VDEV: the device arguments exceed 128 bytes")
+        return abi.acrn_vdev.build(dict(
+            id=dict(vendor=vdev.vendor, device=vdev.device, legacy_id=vdev.legacy_id),
+            slot=vdev.bdf, io_addr=list(vdev.io_addr), io_size=list(vdev.io_size),
+            args=vdev.args.ljust(128, b"\0")))
+
+    def create_vdev(self, vdev: VdevSpec) -> None:
+        self._call(abi.ACRN_IOCTL_CREATE_VDEV, self.vdev_bytes(vdev))
+
+    def destroy_vdev(self, vdev: VdevSpec) -> None:
+        self._call(abi.ACRN_IOCTL_DESTROY_VDEV, self.vdev_bytes(vdev))
+
+    def intr_monitor(self, page: mmap.mmap) -> None:
+        # by value: the page's user VA (the HSM pins it and hands its address on)
+        self._call(abi.ACRN_IOCTL_VM_INTR_MONITOR, buffer_address(page))
+
+    def pm_get_cpu_state(self, cmd: int, size: int) -> bytes:
+        # the command goes in, the answer comes back in the same (larger) buffer
+        out = self._call(abi.ACRN_IOCTL_PM_GET_CPU_STATE,
+                         struct.pack("<Q", cmd).ljust(max(size, 8), b"\0"))
+        assert out is not None
+        return out[:size]
 
     # --- ACRN-kernel-fork-only ioctls (best effort, as in acrn-dm) ------------------------
     def setup_asyncio(self, base: int) -> bool:

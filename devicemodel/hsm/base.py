@@ -83,6 +83,42 @@ class PtdevIntx:
     is_pic_pin: bool = False
 
 
+@dataclass(frozen=True)
+class VdevSpec:
+    """CREATE_VDEV / DESTROY_VDEV arguments (``struct acrn_vdev``): a PCI device the
+    hypervisor emulates itself, at the slot and BAR addresses the device model reserved.
+    ``io_addr`` are the BAR register values (type bits included), ``args`` the device's
+    own argument bytes (ivshmem: the region name; the PCI vUART: its index)."""
+
+    vendor: int
+    device: int
+    bdf: int
+    io_addr: tuple[int, ...] = (0,) * 6
+    io_size: tuple[int, ...] = (0,) * 6
+    args: bytes = b""
+    legacy_id: int = 0
+
+
+@dataclass(frozen=True)
+class MmioResource:
+    """One MMIO range of ``struct acrn_mmiodev``: host ``service_vm_pa`` shown to the guest
+    at ``user_vm_pa``."""
+
+    user_vm_pa: int
+    service_vm_pa: int
+    size: int
+    mem_type: int = 0
+
+
+@dataclass(frozen=True)
+class MmioDevAssignment:
+    """ASSIGN_MMIODEV / DEASSIGN_MMIODEV arguments: a platform (non-PCI) device's MMIO,
+    e.g. a TPM's CRB, given to the guest (``--mmiodev_pt``, ``--acpidev_pt``)."""
+
+    name: str
+    resources: tuple[MmioResource, ...]
+
+
 #: a message a device sends: a memory write of ``data`` to ``address``
 MessageSink = Callable[[int, int], None]
 
@@ -168,6 +204,10 @@ class Hypervisor(ABC):
     def set_memseg(self, gpa: int, backing: mmap.mmap, attr: int) -> None:
         """Map ``backing`` (the whole mmap) as guest RAM at ``gpa``."""
 
+    def map_mmio(self, gpa: int, hpa: int, length: int) -> None:
+        """SET_MEMSEG for host MMIO (a GPU's stolen memory and OpRegion)."""
+        raise HypervisorError(f"{self.name}: mapping host MMIO into the guest not supported")
+
     def unset_mmio(self, gpa: int, length: int) -> None:
         """UNSET_MEMSEG for an MMIO mapping (RAM is unmapped only at VM destroy)."""
 
@@ -240,6 +280,33 @@ class Hypervisor(ABC):
     def emulates_passthrough_config(self) -> bool:
         """True when the hypervisor owns passthrough config space (ACRN); else the DM does."""
         return False
+
+    def assign_mmiodev(self, dev: MmioDevAssignment) -> None:
+        raise HypervisorError(f"{self.name}: MMIO device passthrough (--mmiodev_pt, "
+                              "--acpidev_pt) needs the acrn or sim backend")
+
+    def deassign_mmiodev(self, dev: MmioDevAssignment) -> None:
+        raise HypervisorError(f"{self.name}: MMIO device passthrough not supported")
+
+    # --- devices the hypervisor emulates, interrupt storms, CPU power states ---------------
+    def create_vdev(self, vdev: VdevSpec) -> None:
+        """CREATE_VDEV: the hypervisor emulates this PCI function from now on."""
+        raise HypervisorError(f"{self.name}: devices the hypervisor emulates (uart,vuart_idx, "
+                              "ivshmem,hv:) need the acrn or sim backend")
+
+    def destroy_vdev(self, vdev: VdevSpec) -> None:
+        raise HypervisorError(f"{self.name}: DESTROY_VDEV not supported")
+
+    def intr_monitor(self, page: mmap.mmap) -> None:
+        """VM_INTR_MONITOR: the hypervisor reads the command in the page (a
+        ``struct acrn_intr_monitor``) and writes its answer there."""
+        raise HypervisorError(f"{self.name}: interrupt storm monitoring (--intr_monitor) "
+                              "needs the acrn or sim backend")
+
+    def pm_get_cpu_state(self, cmd: int, size: int) -> bytes:
+        """PM_GET_CPU_STATE: ``size`` bytes of the answer to command word ``cmd`` (a u64
+        count, or a ``struct acrn_pstate_data``/``acrn_cstate_data``)."""
+        raise HypervisorError(f"{self.name}: no CPU power state data")
 
     @property
     def reaches_host_devices(self) -> bool:

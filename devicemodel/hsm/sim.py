@@ -23,13 +23,16 @@ from .base import (
     Hypervisor,
     HypervisorError,
     MessageSource,
+    MmioDevAssignment,
     PciDevAssignment,
     PtdevIntx,
     RemapperFactory,
     VcpuRegs,
+    VdevSpec,
     VmInfo,
 )
 from .hsm_dispatch import PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA, HsmDispatcher, IoEventFdReg
+from .sim_hv import SimHvSide
 from .sim_remap import SimRemapEntry, SimRemapper
 
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
@@ -96,6 +99,12 @@ class SimHypervisor(Hypervisor):
         self._irqfds: dict[int, _IrqFd] = {}
         self._nursery: trio.Nursery | None = None
         self._irqfd_queue: list[_IrqFd] = []
+        #: what the hypervisor answers itself: its vdevs, mapped memory, PM and storm data
+        self.hv_side = SimHvSide()
+        #: CREATE_VM's vm_flag (GUEST_FLAG_*)
+        self.vm_flag = 0
+        #: host MMIO mapped into the guest (SET_MEMSEG MMIO): gpa -> (hpa, length)
+        self.mmio_maps: dict[int, tuple[int, int]] = {}
 
     # --- guest side -------------------------------------------------------------------
     def guest(self, vcpu: int = 0) -> SimVcpu:
@@ -126,6 +135,7 @@ class SimHypervisor(Hypervisor):
             raise HypervisorError("CREATE_VM: too many vCPUs", errno.EINVAL)
         self.vcpu_num = n
         self.vm_name = name
+        self.vm_flag = vm_flag
         self.memory = MemoryMap()  # a new VM on this handle starts with no RAM mapped
         self._client = False
         self.page = memoryview(ioreq_page)
@@ -149,6 +159,7 @@ class SimHypervisor(Hypervisor):
                 irqfd.cancel.cancel()
         self._irqfds.clear()
         self.hsm = HsmDispatcher()
+        self.hv_side.reset()
 
     def start_vm(self) -> None:
         self.calls.append("start_vm")
@@ -181,6 +192,14 @@ class SimHypervisor(Hypervisor):
         self.calls.append("set_memseg")
         self._need_vm()
         self.memory.add(RamRegion(gpa=gpa, size=len(backing), mm=backing))
+
+    def map_mmio(self, gpa: int, hpa: int, length: int) -> None:
+        self._need_vm()
+        self.mmio_maps[gpa] = (hpa, length)
+
+    def unset_mmio(self, gpa: int, length: int) -> None:
+        self._need_vm()
+        self.mmio_maps.pop(gpa, None)
 
     # --- requests ---------------------------------------------------------------------
     def create_ioreq_client(self) -> None:
@@ -372,6 +391,33 @@ class SimHypervisor(Hypervisor):
         self._need_vm()
         self.ptdev_intx = [i for i in self.ptdev_intx if i.virt_bdf != intx.virt_bdf]
 
+    # --- what the hypervisor does itself (sim_hv.py) ------------------------------------
+    def create_vdev(self, vdev: VdevSpec) -> None:
+        self.calls.append("create_vdev")
+        self._need_vm()
+        self.hv_side.create_vdev(vdev)
+
+    def destroy_vdev(self, vdev: VdevSpec) -> None:
+        self.calls.append("destroy_vdev")
+        self._need_vm()
+        self.hv_side.destroy_vdev(vdev)
+
+    def assign_mmiodev(self, dev: MmioDevAssignment) -> None:
+        self._need_vm()
+        self.hv_side.assign_mmiodev(dev)
+
+    def deassign_mmiodev(self, dev: MmioDevAssignment) -> None:
+        self._need_vm()
+        self.hv_side.deassign_mmiodev(dev)
+
+    def intr_monitor(self, page: mmap.mmap) -> None:
+        self._need_vm()
+        self.hv_side.intr_monitor(page)
+
+    def pm_get_cpu_state(self, cmd: int, size: int) -> bytes:
+        self._need_vm()
+        return self.hv_side.pm_get_cpu_state(cmd, size, self.vcpu_num)
+
     def close(self) -> None:
         if self.state not in ("none", "destroyed"):
             self.destroy_vm()
@@ -403,6 +449,10 @@ class SimHypervisor(Hypervisor):
         await self._running.wait()
         if self.state == "destroyed":
             raise SimVmGone("the VM is gone")
+        own = self.hv_side.emulate(rtype, direction, address, size, value, self.memory)
+        if own is not None:  # the hypervisor's own device or mapped memory: no exit
+            await trio.lowlevel.checkpoint()
+            return own & _MASK.get(size, 0xFFFF_FFFF_FFFF_FFFF)
         vc = self._vcpus[vcpu]
         if vc.busy or self._get_state(vcpu) != abi.IOREQ_STATE_FREE:
             raise RuntimeError(f"vCPU {vcpu} already has a request in flight")
@@ -419,6 +469,8 @@ class SimHypervisor(Hypervisor):
         off = abi.slot_offset(vcpu)
         page[off : off + abi.SLOT_PROCESSED_OFF] = bytes(abi.SLOT_PROCESSED_OFF)
         abi.SLOT_U32.pack_into(page, off + abi.SLOT_TYPE_OFF, rtype)
+        if self.vm_flag & abi.GUEST_FLAG_IO_COMPLETION_POLLING:  # as ACRN marks the slot
+            abi.SLOT_U32.pack_into(page, off + abi.SLOT_POLLING_OFF, 1)
         abi.SLOT_ADDR_REQ.pack_into(page, off + abi.SLOT_REQS_OFF, direction, 0, address, size)
         if rtype == abi.IOREQ_TYPE_MMIO:
             abi.SLOT_U64.pack_into(page, off + abi.SLOT_VALUE_OFF, value & _MASK.get(size, ~0))

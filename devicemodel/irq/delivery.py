@@ -124,6 +124,8 @@ class EventfdVectors:
         self._masked = 0
         self._pending = 0
         self.sent = 0
+        #: vectors raised while the peer had no eventfd for them (it tore them down)
+        self.dropped = 0
 
     @property
     def pending(self) -> int:
@@ -154,6 +156,7 @@ class EventfdVectors:
     def send(self, vector: int) -> bool:
         with self._lock:
             if not 0 <= vector < self.vectors or self._fds[vector] is None:
+                self.dropped += 1
                 return False
             if self._masked >> vector & 1:
                 self._pending |= 1 << vector

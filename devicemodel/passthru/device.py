@@ -16,7 +16,12 @@ Who owns config space depends on the backend:
 * sim and KVM: the device model owns the guest's view. IDs, class and capabilities are
   copied from the device (read-only), BARs are virtual and their accesses forwarded,
   command-register decode/bus-master bits go to the device, MSI is virtualized through
-  interrupt remapping (passthru/msi.py) or replaced by vMSI-X (vmsix_on_msi.py).
+  interrupt remapping (passthru/msi.py) or replaced by vMSI-X (vmsix_on_msi.py). The
+  power management capability's PowerState reads back as the guest wrote it (D0, D3hot,
+  and D1/D2 where the capability offers them), as on hardware: QEMU's vfio client (10.0
+  and later) writes D3hot and reads it back before it writes D0. The physical device
+  stays in D0: its MSI programming is what remapping relies on, and a D3hot→D0 cycle
+  would reset it behind our back.
 
 The BDF is hex, as acrn-dm parses it; ``sim:<vectors>[:<feature>...]`` instead of a BDF
 uses the synthetic SimHostDevice (tests, and trying vMSI-X without the hardware).
@@ -34,6 +39,8 @@ from ..pci import caps as pcaps
 from ..pci import config as pc
 from ..pci.device import BarKind, PciDevice
 from .host import HostBar, HostPciDevice, PassthroughError, parse_sim_spec
+from .igd import RTVM_REFUSAL, IgdPlan, host_lpc_config, is_intel_graphics
+from .igd import plan as igd_plan
 from .msi import PtMsi
 from .remap import remapper_for, remapping_missing
 from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible, unused_bars
@@ -45,11 +52,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLAGS = ("keep_gsi", "no_reset", "d3hot_reset", "vmsix_on_msi")
-#: acrn-dm options we do not implement: refused by name rather than ignored
-UNSUPPORTED = ("enable_ptm", "romfile", "dsdt", "gpu")
+#: acrn-dm options that end in a warning there and here (what acrn-dm does, and why not)
+LENIENT = {
+    "enable_ptm": "PTM (a virtual root port for the device) is not implemented; the device "
+                  "is passed through without it, as acrn-dm does when PTM cannot be enabled",
+    "gpu": "not an option (acrn-dm ignores it too; an Intel GPU at 00:02.0 is recognised "
+           "by itself)",
+    "dsdt": "acrn-pydm builds its ACPI tables without iasl and cannot include ASL source; "
+            "the file is ignored",
+    "romfile": "a ROM image is used for a GPU only (as in acrn-dm); ignored",
+}
 PAGE = 4096
 #: command bits that reach the physical device (decode and bus mastering)
 CMD_FORWARDED = pc.CMD_IO | pc.CMD_MEM | pc.CMD_MASTER
+#: the power management capability: PMC and PMCSR offsets, the bits we use
+PMC = 2
+PMCSR = 4
+PMC_D1_SUPPORT = 1 << 9  # D2: bit 10
+PMCSR_POWER_STATE = 0x3
 
 
 class PassthruOptions:
@@ -67,6 +87,10 @@ class PassthruOptions:
         self.vmsix_bar: int | None = None
         #: irq=<n>: the host IRQ of the INTx pin, instead of the device's INTLINE
         self.irq: int | None = None
+        #: what acrn-dm would warn about (options it takes and we take no further)
+        self.warnings: list[str] = []
+        #: romfile=<path>: a ROM BAR image (acrn-dm: GPUs only)
+        self.romfile: str | None = None
         i = 1
         while i < len(tokens):
             tok = tokens[i]
@@ -83,12 +107,17 @@ class PassthruOptions:
                     raise ConfigError(f"-s {where},passthru: irq={value!r} is not an IRQ "
                                       "number 0..255")
                 self.irq = int(value)
-            elif name in UNSUPPORTED:
-                raise ConfigError(f"-s {where},passthru: option {name!r} is not supported")
+            elif name == "romfile" and "=" in tok:
+                self.romfile = tok.partition("=")[2]
+                if not self.romfile or len(self.romfile.encode()) > 255:
+                    raise ConfigError(f"-s {where},passthru: romfile=<path>: give a path of "
+                                      "at most 255 bytes")
+            elif name in LENIENT:
+                self.warnings.append(f"-s {where},passthru: {tok}: {LENIENT[name]}")
             else:
                 raise ConfigError(
                     f"-s {where},passthru: unknown option {tok!r}; known: "
-                    f"{', '.join(FLAGS)}, irq=<n>"
+                    f"{', '.join(FLAGS)}, irq=<n>, {', '.join(LENIENT)}"
                 )
             i += 1
         if self.vmsix_bar is not None and not 0 <= self.vmsix_bar <= 5:
@@ -174,6 +203,26 @@ class Passthru(PciDevice):
         self._copy_config()
         self._declare_bars()
         self._setup_interrupts(ctx)
+        #: the PM capability's offset (guest-writable PowerState), its state as written
+        self._pm: int | None = None
+        self._power_state = 0
+        if not self.hv_owned:
+            self._setup_power_state()
+        for msg in opts.warnings:
+            log.warning("%s", msg)
+        #: functions this one brings along: (slot, device), added by assembly
+        self.companions: list[tuple[SlotConfig, PciDevice]] = []
+        self.igd: IgdPlan | None = None
+        self.quirk = False
+        gpu = self.cfg.get8(pc.CLASS_CODE + 2) == 0x03
+        if opts.romfile is not None and not gpu:
+            log.warning("passthru %s: romfile=: a ROM image is used for a GPU only; ignored "
+                        "(as in acrn-dm)", host.name)
+        elif opts.romfile is not None:
+            raise PassthroughError(f"passthru {host.name}: romfile=: a GPU's ROM BAR is not "
+                                   "implemented; remove romfile=")
+        if is_intel_graphics(host):
+            self._setup_igd(ctx, slot)
         map_dma = getattr(host, "map_dma", None)
         if not self.hv_owned and map_dma is not None:
             # the device's DMA lands in guest RAM (ACRN's hypervisor does this itself)
@@ -267,6 +316,53 @@ class Passthru(PciDevice):
             log.info("passthru %s: INTx is not forwarded on the %s backend; the guest "
                      "must use MSI", self.host.name, ctx.backend)
 
+    def _setup_power_state(self) -> None:
+        """The guest's PowerState (PMCSR bits 1:0) is writable in its view only."""
+        pm = next((c for c in self.capabilities if c.cap_id == pcaps.CAP_ID_PM), None)
+        if pm is None:
+            return
+        self._pm = pm.offset
+        self._power_state = self.cfg.get16(pm.offset + PMCSR) & PMCSR_POWER_STATE
+        self.cfg.set_wmask(pm.offset + PMCSR, 2, PMCSR_POWER_STATE)
+        self.watch_config(pm.offset + PMCSR, 2, on_write=self._power_state_written)
+
+    def _power_state_written(self, reg: int, size: int) -> None:
+        """D1 and D2 only where PMC says the function supports them; else no change."""
+        assert self._pm is not None
+        pmcsr = self.cfg.get16(self._pm + PMCSR)
+        state = pmcsr & PMCSR_POWER_STATE
+        pmc = self.cfg.get16(self._pm + PMC)
+        if state in (1, 2) and not pmc & (PMC_D1_SUPPORT << (state - 1)):
+            self.cfg.set16(self._pm + PMCSR, (pmcsr & ~PMCSR_POWER_STATE) | self._power_state)
+            return
+        self._power_state = state
+    def _setup_igd(self, ctx: DeviceContext, slot: SlotConfig) -> None:
+        """An Intel GPU (passthru/igd.py): igd-lpc at 31:0, stolen memory and OpRegion
+        mapped, BDSM/ASLS pointing at them, QUIRK assignment."""
+        from ..pci.igd_lpc import IgdLpc
+        from ..slot import SlotConfig as Slot
+
+        if ctx.choices.rtvm:
+            raise PassthroughError(f"passthru {self.host.name}: {RTVM_REFUSAL}")
+        lpc_slot = Slot(0, 31, 0, "igd-lpc")
+        self.companions.append((lpc_slot, IgdLpc(ctx, lpc_slot, host_lpc_config(self.host))))
+        self.quirk = True
+        self.igd = igd_plan(self.host)
+        if self.igd is None:
+            return
+        for reg, value in self.igd.regs.items():
+            self.cfg.set32(reg, value)
+        if ctx.hypervisor is not None:
+            for gpa, hpa, length in self.igd.mappings:
+                ctx.hypervisor.unset_mmio(gpa, length)
+                ctx.hypervisor.map_mmio(gpa, hpa, length)
+
+    def _virtual(self, reg: int, size: int) -> bool:
+        """Config bytes the device model answers for a QUIRK device on ACRN (the GPU's
+        BDSM and ASLS, as acrn-dm's has_virt_pcicfg_regs)."""
+        regs = self.igd.regs if self.igd is not None else {}
+        return any(r < reg + size and reg < r + 4 for r in regs)
+
     def _check_hv_bar(self, bar: int) -> None:
         first = unused_bars(self.host.bars())[0]
         if bar != first:
@@ -291,7 +387,7 @@ class Passthru(PciDevice):
         bars = tuple(self.cfg.get32(pc.BAR0 + 4 * i) for i in range(6))
         self.assignment = PciDevAssignment(
             virt_bdf=virt_bdf, phys_bdf=self.host.phys_bdf, intr_line=0xFF,
-            intr_pin=self.cfg.get8(pc.INT_PIN), bars=bars)
+            intr_pin=self.cfg.get8(pc.INT_PIN), bars=bars, quirk=self.quirk)
         self.service.assign_pcidev(self.assignment)
         self._assigned = True
         if self.intx is not None and self.intx.gsi is not None:
@@ -301,8 +397,17 @@ class Passthru(PciDevice):
                 phys_pin=phys_pin, is_pic_pin=False)
             self.service.set_ptdev_intr(self.intx_assignment)
 
-    # --- config space (sim/KVM: ours) ---------------------------------------------------
+    # --- config space (sim/KVM: ours; ACRN: a QUIRK device's, through to the device) ------
+    def cfg_read(self, reg: int, size: int) -> int:
+        if self.hv_owned and self.quirk and not self._virtual(reg, size):
+            return self.host.config_read(reg, size)
+        return super().cfg_read(reg, size)
+
     def cfg_write(self, reg: int, size: int, value: int) -> None:
+        if self.hv_owned and self.quirk:
+            if not self._virtual(reg, size):
+                self.host.config_write(reg, size, value)
+            return
         touches_command = reg < pc.REVISION and reg + size > pc.COMMAND
         super().cfg_write(reg, size, value)
         if touches_command and not self.hv_owned:
@@ -325,6 +430,8 @@ class Passthru(PciDevice):
     # --- lifecycle ------------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
+        if self._pm is not None:
+            self._power_state = self.cfg.get16(self._pm + PMCSR) & PMCSR_POWER_STATE
         if self.vmsix is not None:
             self.vmsix.reset()
         if self.ptmsi is not None:
@@ -355,6 +462,15 @@ class Passthru(PciDevice):
                 self.host.reset()
         finally:
             self.host.close()
+
+
+def check_options(slot: SlotConfig, options: str) -> object:
+    """The validator's check: the options, and a synthetic device built (it is pure data),
+    a real one's BDF parsed but not opened."""
+    opts = PassthruOptions(options, slot.slot_text)
+    if opts.phys_bdf is None:
+        return parse_sim_spec(opts.device, 0xFE00 | slot.dev << 3 | slot.func)
+    return opts
 
 
 def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Passthru:

@@ -253,7 +253,13 @@ SIM_MSI_OFF = 0x50
 SIM_VENDOR_CAP_OFF = 0x68
 SIM_MSIX_OFF = 0x70
 
-SIM_FEATURES = ("nomask", "32bit", "msix", "nomsi", "allbars")
+SIM_FEATURES = ("nomask", "32bit", "msix", "nomsi", "allbars", "igd")
+#: ``igd``: an Intel integrated GPU (TGL GT2, gen 12) at host 00:02.0, with 64 MiB of
+#: stolen memory (BDSM) and an OpRegion (ASLS), and the host LPC bridge it pairs with
+SIM_IGD_DEVICE, SIM_IGD_GGC, SIM_IGD_BDSM, SIM_IGD_ASLS = 0x9A49, 0x0200, 0x7B00_0001, \
+    0x7AFF_0000
+SIM_IGD_LPC = bytes.fromhex("868082a0") + bytes(4) + bytes([0x20, 0, 1, 6]) + bytes(0x20) + \
+    bytes.fromhex("86807072")
 
 
 class SimHostDevice(HostPciDevice):
@@ -280,7 +286,10 @@ class SimHostDevice(HostPciDevice):
             )
         self.vectors = vectors
         self.features = tuple(features)
-        self.phys_bdf = bdf & 0xFFFF
+        self.phys_bdf = 0x0010 if "igd" in features else bdf & 0xFFFF
+        bdf = self.phys_bdf
+        #: the host LPC bridge's config space an Intel GPU's igd-lpc copies (igd only)
+        self.lpc_config: bytes | None = SIM_IGD_LPC if "igd" in features else None
         self.name = f"0000:{bdf >> 8:02x}:{(bdf >> 3) & 0x1F:02x}.{bdf & 7}"
         self._sink: MessageSink | None = None
         self._eventfds: list[int] | None = None
@@ -299,6 +308,12 @@ class SimHostDevice(HostPciDevice):
                    subsys_vendor=SIM_VENDOR, subsys_id=0x1100)
         cs.set_wmask(pc.COMMAND, 2, pc.CMD_IO | pc.CMD_MEM | pc.CMD_MASTER
                      | pc.CMD_INTX_DISABLE)
+        if "igd" in self.features:
+            cs.set_ids(0x8086, SIM_IGD_DEVICE, 0x030000, revision=1, subsys_vendor=0x8086,
+                       subsys_id=0x2212)
+            cs.set16(0x50, SIM_IGD_GGC)
+            cs.set32(0xC0, SIM_IGD_BDSM)
+            cs.set32(0xFC, SIM_IGD_ASLS)
         cs.set8(pc.INT_PIN, 1)
         cs.set8(pc.INT_LINE, 11)  # the host IRQ of its INTx pin
         self._bar_list = [HostBar(0, "mem32", SIM_BAR0_BASE, SIM_BAR0_SIZE)]
@@ -308,17 +323,18 @@ class SimHostDevice(HostPciDevice):
         for bar in self._bar_list:
             cs.set32(pc.BAR0 + 4 * bar.index, bar.base)
         chain: list[tuple[int, bytes, bytes]] = []
+        shift = 0x40 if "igd" in self.features else 0  # a GPU's GGC register is at 0x50
         pm = pcaps.pm_cap()
-        chain.append((SIM_PM_OFF, pm.data, pm.wmask))
+        chain.append((SIM_PM_OFF + shift, pm.data, pm.wmask))
         if "nomsi" not in self.features:
             msi = pcaps.msi_cap(self.vectors, bit64="32bit" not in self.features,
                                 maskable="nomask" not in self.features)
-            chain.append((SIM_MSI_OFF, msi.data, msi.wmask))
-        chain.append((SIM_VENDOR_CAP_OFF, bytes([pcaps.CAP_ID_VENDOR, 0, 8, 0x53, 0x49, 0x4D,
-                                                 0, 0]), bytes(8)))
+            chain.append((SIM_MSI_OFF + shift, msi.data, msi.wmask))
+        chain.append((SIM_VENDOR_CAP_OFF + shift, bytes([pcaps.CAP_ID_VENDOR, 0, 8, 0x53, 0x49,
+                                                         0x4D, 0, 0]), bytes(8)))
         if "msix" in self.features:
             msix = pcaps.msix_cap(self.vectors, bir=0, table_offset=0x800)
-            chain.append((SIM_MSIX_OFF, msix.data, msix.wmask))
+            chain.append((SIM_MSIX_OFF + shift, msix.data, msix.wmask))
         cs.set8(pc.CAP_PTR, chain[0][0])
         cs.set_status_bits(pc.STATUS_CAP_LIST, True)
         for i, (off, data, wmask) in enumerate(chain):
@@ -328,7 +344,7 @@ class SimHostDevice(HostPciDevice):
             cs.wmask[off] = cs.wmask[off + 1] = 0
         self.cs = cs
         self._held = 0
-        self._msi = SIM_MSI_OFF if "nomsi" not in self.features else None
+        self._msi = SIM_MSI_OFF + shift if "nomsi" not in self.features else None
 
     # --- HostPciDevice ----------------------------------------------------------------------
     def config_read(self, off: int, size: int) -> int:

@@ -111,6 +111,11 @@ def parse_options(text: str) -> dict[str, int | bool]:
     return opts
 
 
+def check_options(slot: SlotConfig, options: str) -> object:
+    """The validator's check: what ``create`` parses, without building anything."""
+    return parse_options(options)
+
+
 def create(ctx: DeviceContext, slot: SlotConfig, options: str) -> Dummy:
     """``-s <slot>,dummy[,msix[=N]][,intx]``."""
     opts = parse_options(options)

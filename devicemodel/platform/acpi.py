@@ -24,7 +24,9 @@ FADT_OFFSET = 0x200
 HPET_OFFSET = 0x340
 MCFG_OFFSET = 0x380
 FACS_OFFSET = 0x3C0
+TPM2_OFFSET = 0xC00
 DSDT_OFFSET = 0x1100
+TPM_CRB_CTRL_REQ = 0x40  # the CRB's control area starts at the request register
 
 OEM_ID = b"DM    "
 CREATOR_ID = b"PYDM"
@@ -81,6 +83,12 @@ class AcpiConfig:
     com_ports: list[ComDevice] = field(default_factory=list)
     hpet: int | None = None  # the HPET capabilities register (low 32 bits) when offered
     ecam_base: int = ECAM_BASE
+    #: a real-time VM: no interrupt source overrides in the MADT (acrn-dm's is_rtvm)
+    rtvm: bool = False
+    #: DSDT terms for the processors (platform/acpi_pm.py), at the DSDT's root
+    processors: bytes = b""
+    #: a passed-through TPM 2.0 (CRB): (MMIO base, size, log length, log address)
+    tpm: tuple[int, int, int, int] | None = None
 
 
 def checksum(data: bytes | bytearray) -> int:
@@ -121,14 +129,15 @@ def build_xsdt(addrs: list[int]) -> bytes:
     return _table(b"XSDT", 1, b"DMXSDT", b"".join(struct.pack("<Q", a) for a in addrs))
 
 
-def build_madt(lapic_ids: list[int]) -> bytes:
+def build_madt(lapic_ids: list[int], *, rtvm: bool = False) -> bytes:
     body = bytearray(struct.pack("<II", LAPIC_BASE, 1))  # PC-AT compatible (8259s present)
     for uid, apic_id in enumerate(lapic_ids):
         body += struct.pack("<BBBBI", 0, 8, uid, apic_id, 1)  # enabled
     body += struct.pack("<BBBBII", 1, 12, 0, 0, IOAPIC_BASE, 0)
-    # ISA IRQ0 (the PIT) arrives on IOAPIC pin 2; the SCI is level, active high
-    body += struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0x0005)
-    body += struct.pack("<BBBBIH", 2, 10, 0, SCI_INT, SCI_INT, 0x000D)
+    if not rtvm:  # acrn-dm leaves both overrides out for a real-time VM
+        # ISA IRQ0 (the PIT) arrives on IOAPIC pin 2; the SCI is level, active high
+        body += struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0x0005)
+        body += struct.pack("<BBBBIH", 2, 10, 0, SCI_INT, SCI_INT, 0x000D)
     body += struct.pack("<BBBHB", 4, 6, 0xFF, 0x0005, 1)  # NMI on LINT1 of every CPU
     return _table(b"APIC", 1, b"DMMADT", bytes(body))
 
@@ -329,6 +338,21 @@ def _pci_root(cfg: AcpiConfig) -> bytes:
     return aml.device("PCI0", *terms)
 
 
+def _tpm_device(base: int, size: int) -> bytes:
+    """acrn-dm's tpm_write_dsdt: \\_SB.TPM, MSFT0101, its CRB window, always present."""
+    return aml.scope("_SB", aml.device(
+        "TPM", aml.name("_HID", aml.string("MSFT0101")),
+        aml.name("_CRS", aml.resource_template(aml.res_memory32_fixed(base, size))),
+        aml.method("_STA", 0, aml.ret(aml.integer(0x0F)))))
+
+
+def build_tpm2(base: int, log_length: int, log_address: int) -> bytes:
+    """The TPM2 table of a CRB TPM (start method 7), as acrn-dm's basl_fwrite_tpm2."""
+    body = struct.pack("<HHQI12sIQ", 0, 0, base + TPM_CRB_CTRL_REQ, 7, bytes(12), log_length,
+                       log_address)
+    return _table(b"TPM2", 4, b"DMTPM2", body)
+
+
 def build_dsdt(cfg: AcpiConfig) -> bytes:
     body = b"".join([
         # S5 is the one sleep state we implement: SLP_TYP 5 powers the VM off
@@ -336,6 +360,8 @@ def build_dsdt(cfg: AcpiConfig) -> bytes:
         aml.name("PICM", aml.integer(0)),
         aml.method("_PIC", 1, aml.store(aml.ARG0, aml.name_string("PICM"))),
         aml.scope("_SB", _pci_root(cfg)),
+        cfg.processors,
+        _tpm_device(cfg.tpm[0], cfg.tpm[1]) if cfg.tpm is not None else b"",
     ])
     return _table(b"DSDT", 2, b"DMDSDT", body)
 
@@ -348,16 +374,18 @@ def build_tables(cfg: AcpiConfig, base: int = ACPI_BASE) -> dict[int, bytes]:
     addr = {name: base + off for name, off in (
         ("rsdt", RSDT_OFFSET), ("xsdt", XSDT_OFFSET), ("madt", MADT_OFFSET),
         ("fadt", FADT_OFFSET), ("hpet", HPET_OFFSET), ("mcfg", MCFG_OFFSET),
-        ("facs", FACS_OFFSET), ("dsdt", DSDT_OFFSET))}
+        ("facs", FACS_OFFSET), ("dsdt", DSDT_OFFSET), ("tpm2", TPM2_OFFSET))}
     listed = [addr["madt"], addr["fadt"]]
     if cfg.hpet is not None:
         listed.append(addr["hpet"])
     listed.append(addr["mcfg"])
+    if cfg.tpm is not None:
+        listed.append(addr["tpm2"])
     tables = {
         base: build_rsdp(addr["rsdt"], addr["xsdt"]),
         addr["rsdt"]: build_rsdt(listed),
         addr["xsdt"]: build_xsdt(listed),
-        addr["madt"]: build_madt(cfg.lapic_ids),
+        addr["madt"]: build_madt(cfg.lapic_ids, rtvm=cfg.rtvm),
         addr["fadt"]: build_fadt(addr["facs"], addr["dsdt"]),
         addr["mcfg"]: build_mcfg(cfg.ecam_base),
         addr["facs"]: build_facs(),
@@ -365,6 +393,8 @@ def build_tables(cfg: AcpiConfig, base: int = ACPI_BASE) -> dict[int, bytes]:
     }
     if cfg.hpet is not None:
         tables[addr["hpet"]] = build_hpet(cfg.hpet)
+    if cfg.tpm is not None:
+        tables[addr["tpm2"]] = build_tpm2(cfg.tpm[0], cfg.tpm[2], cfg.tpm[3])
     slots = sorted(tables)
     for here, nxt in zip(slots, [*slots[1:], ACPI_END], strict=True):
         if here + len(tables[here]) > nxt:

@@ -159,29 +159,17 @@ class NullBackend(UartBackend):
         self.written += 1
 
 
-def open_backend(spec: str, limit: int = OUTPUT_LIMIT) -> UartBackend:
-    """The backend for an ``-l comN,<spec>`` option."""
-    if spec == "":
-        return NullBackend(limit=limit)
-    if spec == "stdio":
-        return UartBackend(open_stdio(), limit)
-    if spec == "pty":
-        end = open_pty()
-        log.info("UART connected to %s", end.path)
-        return UartBackend(end, limit)
+def parse_backend(spec: str) -> tuple[str, str]:
+    """An ``-l comN,<spec>`` backend as (kind, argument), opening nothing: kind is one of
+    null, stdio, pty, file, socket, tcp, tty. ConfigError (one line) for a bad spec; the
+    validator (vmcheck.py) calls this, ``open_backend`` then opens what it names."""
+    if spec in ("", "stdio", "pty"):
+        return (spec or "null"), ""
     kind, sep, rest = spec.partition(":")
-    if sep and kind in ("file", "socket") and not rest:
-        raise ConfigError(f"-l {kind}:<path>: the path is missing")
-    if sep and kind == "file":
-        try:
-            return UartBackend(open_file(rest), limit)
-        except OSError as e:
-            raise ConfigError(f"-l file:{rest}: cannot open: {e.strerror}") from None
-    if sep and kind == "socket":
-        try:
-            return UartBackend(listen_unix(rest), limit)
-        except OSError as e:
-            raise ConfigError(f"-l socket:{rest}: cannot listen: {e.strerror}") from None
+    if sep and kind in ("file", "socket"):
+        if not rest:
+            raise ConfigError(f"-l {kind}:<path>: the path is missing")
+        return kind, rest
     if sep and kind == "tcp":
         try:
             port = int(rest, 10)
@@ -189,16 +177,42 @@ def open_backend(spec: str, limit: int = OUTPUT_LIMIT) -> UartBackend:
             port = -1
         if not 0 < port < 65536:
             raise ConfigError(f"-l tcp:{rest}: expected a TCP port number 1..65535")
-        try:
-            return UartBackend(listen_tcp(port), limit)
-        except OSError as e:
-            raise ConfigError(f"-l tcp:{port}: cannot listen: {e.strerror}") from None
+        return kind, str(port)
     if spec.startswith("/"):
-        return UartBackend(_open_tty(spec), limit)
+        return "tty", spec
     raise ConfigError(
         f"-l backend {spec!r}: use stdio, pty, file:<path>, socket:<path>, tcp:<port> "
         "or a tty path"
     )
+
+
+def open_backend(spec: str, limit: int = OUTPUT_LIMIT) -> UartBackend:
+    """The backend for an ``-l comN,<spec>`` option."""
+    kind, arg = parse_backend(spec)
+    if kind == "null":
+        return NullBackend(limit=limit)
+    if kind == "stdio":
+        return UartBackend(open_stdio(), limit)
+    if kind == "pty":
+        end = open_pty()
+        log.info("UART connected to %s", end.path)
+        return UartBackend(end, limit)
+    if kind == "file":
+        try:
+            return UartBackend(open_file(arg), limit)
+        except OSError as e:
+            raise ConfigError(f"-l file:{arg}: cannot open: {e.strerror}") from None
+    if kind == "socket":
+        try:
+            return UartBackend(listen_unix(arg), limit)
+        except OSError as e:
+            raise ConfigError(f"-l socket:{arg}: cannot listen: {e.strerror}") from None
+    if kind == "tcp":
+        try:
+            return UartBackend(listen_tcp(int(arg)), limit)
+        except OSError as e:
+            raise ConfigError(f"-l tcp:{arg}: cannot listen: {e.strerror}") from None
+    return UartBackend(_open_tty(arg), limit)
 
 
 def _open_tty(path: str) -> HostEnd:

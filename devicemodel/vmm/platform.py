@@ -18,6 +18,7 @@ from ..hostinfo import host_lapic_ids
 from ..hsm.base import VcpuRegs
 from ..irq.services import IrqLines, Line
 from ..platform import acpi
+from ..platform.acpi_pm import processor_objects, query_states
 from ..platform.debugexit import DEBUGEXIT_PORT, DEBUGEXIT_SPAN, DebugExit
 from ..platform.loader_bzimage import load_bzimage
 from ..platform.loader_elf import load_elf
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from ..hsm.base import Hypervisor
     from ..memory import GuestMemory
     from ..pci.bus import PciBus
+    from .mmio_devices import TpmWindow
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,11 @@ class Platform:
 
     def __init__(self, *, config: VmConfig, hv: Hypervisor, memory: GuestMemory,
                  ports: PortBus, lines: IrqLines, vcpus: int, pci: PciBus,
-                 lpc: LpcBridge | None, stop: Callable[[], None]) -> None:
+                 lpc: LpcBridge | None, stop: Callable[[], None], vmid: int = 0,
+                 tpm: TpmWindow | None = None) -> None:
         self.config = config
+        self.vmid = vmid
+        self.tpm = tpm
         self.hv = hv
         self.memory = memory
         self.ports = ports
@@ -102,6 +107,12 @@ class Platform:
                                                         self.vcpus))
         cfg.prt = [acpi.PrtEntry(r.slot, r.pin, r.gsi, r.pirq_pin)
                    for r in self.pci.intx.routes() if r.bus == 0]
+        cfg.rtvm = self.config.rtvm
+        cfg.processors = processor_objects(
+            [query_states(self.hv.pm_get_cpu_state, self.vmid, v) for v in range(self.vcpus)])
+        if self.tpm is not None:
+            t = self.tpm
+            cfg.tpm = (t.base, t.size, t.log_length, t.log_address)
         lpc = self.lpc
         if lpc is not None and lpc.slot is not None:
             cfg.lpc_slot = (lpc.slot.dev, lpc.slot.func)

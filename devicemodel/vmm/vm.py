@@ -34,6 +34,8 @@ from ..pci.bus import PciBus
 from ..platform.lpc import LpcBridge
 from ..registry import create_pci
 from ..slot import SlotConfig
+from .intr_monitor import StormMonitor
+from .mmio_devices import MmioDevices
 from .platform import Platform
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ Service = Callable[..., Awaitable[None]]
 
 def device_choices(cfg: VmConfig) -> DeviceChoices:
     return DeviceChoices(virtio_msi=cfg.virtio_msi, virtio_poll_ns=cfg.virtio_poll,
-                         windows=cfg.windows, ovmf=cfg.ovmf is not None)
+                         windows=cfg.windows, ovmf=cfg.ovmf is not None, rtvm=cfg.rtvm)
 
 
 def remapper_of(hv: Hypervisor, irq: BackendInterrupts) -> RemapperFactory | None:
@@ -94,6 +96,17 @@ def build_functions(cfg: VmConfig, ctx: DeviceContext, pci: PciBus,
         pci.add(slot, dev)
         if isinstance(dev, LpcBridge):
             lpc = dev
+    for slot, companion in [c for dev in list(functions.values())
+                            for c in getattr(dev, "companions", ())]:
+        # a function a device brings along (a passed-through Intel GPU's igd-lpc at 31:0)
+        cleanups.append(companion.close)
+        key = (slot.bus, slot.dev, slot.func)
+        if key in functions:
+            log.warning("-s %s,%s is not added: slot %s is taken (acrn-dm: failed to create "
+                        "it)", slot.short_text, slot.emul, slot.slot_text)
+            continue
+        functions[key] = companion
+        pci.add(slot, companion)
     if lpc is not None:
         lpc.attach(pci.intx, cfg.lpc, console_quit)
     pci.finish()
@@ -124,6 +137,8 @@ class Vm:
         self._cleanups: list[Callable[[], None]] = []
         self.ctx: DeviceContext | None = None
         self.platform: Platform | None = None
+        self.mmio_devices: MmioDevices | None = None
+        self.storm_monitor: StormMonitor | None = None
         #: host-side stopping (signals, monitor); set by whoever runs it
         self.lifecycle: Lifecycle | None = None
         #: the guest's power button (the PM device's), once the platform is built
@@ -148,7 +163,8 @@ class Vm:
         cfg = self.config
         check_one_lpc(cfg.slots)  # before the VM exists
         self.page = new_ioreq_page()
-        info = self.hv.create_vm(cfg.name, self.page, cpu_affinity=cfg.cpu_affinity_mask)
+        info = self.hv.create_vm(cfg.name, self.page, vm_flag=cfg.vm_flag,
+                                 cpu_affinity=cfg.cpu_affinity_mask)
         self._cleanups.append(self.hv.destroy_vm)
         self.vcpu_num = info.vcpu_num
         self.memory = GuestMemory(cfg.memsize, name=f"{cfg.name}-ram")
@@ -160,15 +176,19 @@ class Vm:
         self.ctx = DeviceContext(
             memory=self.memory, msi=self.irq, lines=self.irq, eventfds=eventfds,
             choices=choices, backend=self.hv.name,
-            remapper=remapper_of(self.hv, self.irq), passthrough=self.hv, ports=self.ports)
+            remapper=remapper_of(self.hv, self.irq), passthrough=self.hv, ports=self.ports,
+            hypervisor=self.hv)
         self.pci = PciBus(self.ports, self.mmio, self.irq, msi=self.irq, eventfds=eventfds,
                           ovmf=choices.ovmf)
         self.devices, lpc = build_functions(cfg, self.ctx, self.pci, self._cleanups,
                                             self._console_quit)
+        self.mmio_devices = MmioDevices(cfg, self.hv)  # --mmiodev_pt, --acpidev_pt
+        self._cleanups.append(self.mmio_devices.close)
         # RTC, PM/reset, debugexit, ACPI tables, then the guest image
         self.platform = Platform(config=cfg, hv=self.hv, memory=self.memory,
                                  ports=self.ports, lines=self.irq, vcpus=self.vcpu_num,
-                                 pci=self.pci, lpc=lpc, stop=self.poweroff)
+                                 pci=self.pci, lpc=lpc, stop=self.poweroff, vmid=info.vmid,
+                                 tpm=self.mmio_devices.tpm)
         self._cleanups.append(self.platform.close)
         self.platform.install_acpi()
         self.power_button = self.platform.pm.press_power_button
@@ -180,6 +200,9 @@ class Vm:
         self.platform.power.server = self.server
         self.hv.create_ioreq_client()
         self._cleanups.append(self.hv.destroy_ioreq_client)
+        if cfg.intr_monitor is not None:
+            self.storm_monitor = StormMonitor(self.hv, cfg.intr_monitor)
+            self._cleanups.append(self.storm_monitor.close)
 
     def _release(self) -> None:
         while self._cleanups:
@@ -212,6 +235,8 @@ class Vm:
                 for service in self.services:
                     await nursery.start(service, self)
                 self.hv.start_vm()
+                if self.storm_monitor is not None:
+                    nursery.start_soon(self._run_device, self.storm_monitor)
                 self.state = "running"
                 log.info("VM %s running with %d vCPU(s)", self.config.name, self.vcpu_num)
                 task_status.started()

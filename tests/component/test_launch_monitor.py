@@ -360,3 +360,13 @@ async def test_acrn_dm_dialect(tmp_path, caplog):
         with trio.fail_after(10):
             await vm.wait_stopped()
         del vm.devices[(0, 5, 0)]
+
+
+async def test_acrn_dm_dialect_keeps_a_real_time_vm(tmp_path, caplog):
+    """acrn-dm's user_vm_destroy_handler refuses a real-time VM: {"ack": -1}, VM runs on."""
+    async with vm_with_monitor(tmp_path, "--rtvm") as (vm, path), connect(path) as c:
+        await c.send_raw(b'{"command": "destroy"}')
+        assert await c.reply() == {"ack": -1}
+        assert "real-time VM" in caplog.text
+        await trio.sleep(0.05)
+        assert vm.state == "running"

@@ -122,3 +122,48 @@ async def test_random_plain_msi_accesses_deliver_only_what_the_guest_programmed(
 
         run()
         assert seen["delivered"]
+
+
+PM = 0x40  # the synthetic device's power management capability
+
+
+async def test_power_state_reads_back_as_written_and_stays_off_the_device():
+    """QEMU's vfio client writes D3hot and reads PowerState back before it writes D0: the
+    guest's PowerState reads back (D1/D2 only where PMC offers them), the rest of PMCSR
+    stays read-only, the physical device stays in D0, a reset gives D0 again."""
+    sim = SimHypervisor()
+    async with running(["-m", "128M", "-s", "5,passthru,sim:4", "vm1"], hypervisor=sim) as vm:
+        dev = vm.passthrough(5)
+        pci = vm.pci
+        assert pci is not None
+        found = pci.cfg_read(0, 5, 0, PM + 4, 2)
+        pci.cfg_write(0, 5, 0, PM + 4, 2, 0x0003)
+        assert pci.cfg_read(0, 5, 0, PM + 4, 2) == found | 3
+        pci.cfg_write(0, 5, 0, PM + 4, 2, 0x0001)  # D1: PMC does not offer it
+        assert pci.cfg_read(0, 5, 0, PM + 4, 2) == found | 3
+        pci.cfg_write(0, 5, 0, PM + 4, 1, 0xFC)  # other bits read-only, D0 written
+        assert pci.cfg_read(0, 5, 0, PM + 4, 2) == found
+        pci.cfg_write(0, 5, 0, PM + 4, 2, 0x0003)
+        assert dev.host.config_read(PM + 4, 2) & 3 == 0
+        dev.reset()
+        assert pci.cfg_read(0, 5, 0, PM + 4, 2) == found
+
+
+def test_power_state_d1_where_the_capability_offers_it():
+    from devicemodel.context import standalone
+    from devicemodel.lspci import Preview
+    from devicemodel.passthru.device import Passthru, PassthruOptions
+    from devicemodel.slot import SlotConfig
+
+    host = SimHostDevice(4)
+    host.cs.set16(PM + 2, host.cs.get16(PM + 2) | 1 << 9)  # D1 supported
+    slot = SlotConfig(0, 5, 0, "passthru", "sim:4,no_reset")  # (a reset rebuilds the PMC)
+    dev = Passthru(standalone(passthrough=Preview()), slot, host,
+                   PassthruOptions(slot.options, slot.slot_text))
+    try:
+        dev.cfg_write(PM + 4, 2, 0x0001)
+        assert dev.cfg_read(PM + 4, 2) & 3 == 1
+        dev.cfg_write(PM + 4, 2, 0x0002)  # D2: not offered
+        assert dev.cfg_read(PM + 4, 2) & 3 == 1
+    finally:
+        dev.close()

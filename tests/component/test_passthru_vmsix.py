@@ -406,7 +406,7 @@ async def test_vm_reset_returns_to_masked_and_disabled():
         ("sim:4:allbars", "vmsix_on_msi", "all six are implemented"),
         ("sim:4", "vmsix_on_msi,0", "BAR 0 is implemented by the device"),
         ("sim:4", "bogus", "unknown option 'bogus'"),
-        ("sim:4", "romfile=/x", "option 'romfile' is not supported"),
+        ("sim:4", "romfile=", "romfile=<path>: give a path"),
         ("sim:4", "irq=x1", "irq='x1' is not an IRQ number"),
         ("sim:4", "vmsix_on_msi,7", "vmsix_on_msi BAR 7 is not 0..5"),
         ("sim:3", "vmsix_on_msi", "power of two"),

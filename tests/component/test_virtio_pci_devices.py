@@ -345,6 +345,40 @@ async def test_vm_reset_returns_the_function_to_power_on(tmp_path: Path) -> None
         assert await drv2.wait_used(0) == [(h, 16)]
 
 
+async def test_ring_ranges_are_the_started_queues_rings() -> None:
+    """What a server whose guest memory can go away asks (vfio-user's DMA_UNMAP): the
+    rings the device uses on its own, none before DRIVER_OK or after a reset."""
+    async with vm_with("5,virtio-rnd,modern") as (vm, sim, pci):
+        t: VirtioPci = vm.device(5)
+        assert t.ring_ranges() == []
+        drv = await VirtioPciDriver.probe(sim, pci, 5, legacy=False)
+        await drv.init()
+        await drv.setup_queue(0)
+        assert t.ring_ranges() == []  # programmed, not started
+        await drv.driver_ok()
+        q = drv.queues[0]
+        n = q.size
+        assert t.ring_ranges() == [(q.desc_addr, 16 * n), (q.avail_addr, 6 + 2 * n),
+                                   (q.used_addr, 6 + 8 * n)]
+        await drv.reset()
+        assert t.ring_ranges() == []
+
+
+async def test_a_reset_completes_and_can_be_waited_for() -> None:
+    """Status 0 while the device's worker runs: status reads non-zero until the worker is
+    done (a modern driver polls); a server that can hold its peer's next access waits."""
+    async with vm_with("5,virtio-rnd,modern") as (vm, sim, pci):
+        t: VirtioPci = vm.device(5)
+        drv = await VirtioPciDriver.probe(sim, pci, 5, legacy=False)
+        await _ready(drv, [0])
+        assert t.active and not t.resetting
+        t.write_status(0, modern=True)  # as the register write does, no checkpoint after
+        assert t.resetting and t.read_status() != 0
+        with trio.fail_after(5):
+            await t.wait_reset_done()
+        assert not t.resetting and t.read_status() == 0
+
+
 async def test_modern_intx_and_isr_region() -> None:
     """A modern driver that got no MSI-X (Linux's vp_find_vqs_intx): INTx, ISR at BAR4+0x1000,
     read-to-clear; a config change shows as ISR bit 1."""

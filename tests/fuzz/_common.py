@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 
@@ -68,10 +69,13 @@ def drive(one) -> None:  # noqa: ANN001 - a hypothesis test
     """Run ``one``, a @given test defined inside a test that built a running VM: by
     hypothesis (short mode, hypothesis long mode), or fed by the fast engine."""
     if _engine.active():
-        _engine.run(_engine.current_nodeid(),
-                    _engine.fuzz_target(one, {}, show=_engine.repro_file() is not None))
-    else:
-        one()
+        try:
+            _engine.run(_engine.current_nodeid(),
+                        _engine.fuzz_target(one, {}, show=_engine.repro_file() is not None))
+            return
+        except _engine.Unfeedable as e:
+            print(f"fuzz engine: {e}", file=sys.__stderr__, flush=True)
+    one()
 
 
 class _FormatOnly(logging.Handler):

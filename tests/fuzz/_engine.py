@@ -210,6 +210,15 @@ def _progress(name: str, st: Stats, final: bool = False) -> None:
     _write_counts()
 
 
+#: random buffers fed before a target that decoded none of them is handed back
+UNFEEDABLE_AFTER = 2000
+
+
+class Unfeedable(Exception):  # noqa: N818 - a verdict on the target, not an error in it
+    """Random bytes never decode to an input of this target (its strategies reject most
+    draws), so this engine cannot fuzz it; the caller runs hypothesis' own engine."""
+
+
 def run(name: str, fuzz: Callable[[bytes], bytes | None]) -> None:
     """Feed ``fuzz`` (a ``fuzz_one_input``) until the input budget or the CPU budget is
     spent; raise at the end if any input failed (each distinct failure saved once)."""
@@ -276,6 +285,9 @@ def run(name: str, fuzz: Callable[[bytes], bytes | None]) -> None:
         else:
             while st.inputs < budget and st.cpu_s < seconds and len(st.failures) < 20:
                 one(os.urandom(BUFFER))
+                if st.inputs == 0 and st.fed >= UNFEEDABLE_AFTER:
+                    raise Unfeedable(f"{name}: none of {st.fed} random inputs decoded to an "
+                                     "input; running hypothesis' own engine instead")
     finally:
         dog.stopped.set()
         current.close()

@@ -3,6 +3,8 @@ the fast long mode (``_engine.py``) run each @given test through its ``fuzz_one_
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from . import _engine
@@ -37,6 +39,10 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     given = test.hypothesis._given_kwargs
     fixtures = {k: pyfuncitem.funcargs[k] for k in pyfuncitem._fixtureinfo.argnames
                 if k not in given}
-    _engine.run(pyfuncitem.nodeid, _engine.fuzz_target(
-        test, fixtures, show=_engine.repro_file() is not None))
+    try:
+        _engine.run(pyfuncitem.nodeid, _engine.fuzz_target(
+            test, fixtures, show=_engine.repro_file() is not None))
+    except _engine.Unfeedable as e:
+        print(f"fuzz engine: {e}", file=sys.__stderr__, flush=True)
+        return None  # pytest calls the test: hypothesis draws its budget of examples
     return True

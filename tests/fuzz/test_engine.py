@@ -33,3 +33,22 @@ def test_engine_counts_saves_and_reproduces(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.current"))  # removed after a clean end
     with pytest.raises(ValueError, match="planted bug"):
         target(_engine.read_input(str(saved)))
+
+
+@given(x=st.integers().filter(lambda v: False))
+def never_decodes(x):
+    raise AssertionError("random bytes decoded to an input: pick a stricter strategy")
+
+
+def test_a_target_random_bytes_cannot_feed_is_handed_back(tmp_path, monkeypatch):
+    """A target whose strategies reject random bytes is not reported as fuzzed with 0
+    inputs: the engine says so, and the caller falls back to hypothesis' own engine."""
+    monkeypatch.setenv("ACRN_PYDM_FUZZ_ENGINE", "random")
+    monkeypatch.setenv("ACRN_PYDM_FUZZ_EXAMPLES", "100")
+    monkeypatch.setenv("ACRN_PYDM_FUZZ_CRASHES", str(tmp_path))
+    monkeypatch.setenv("ACRN_PYDM_FUZZ_COUNTS", str(tmp_path / "counts.txt"))
+    name = "tests/fuzz/test_engine.py::never_decodes"
+    with pytest.raises(_engine.Unfeedable, match="none of 2000 random inputs"):
+        _engine.run(name, _engine.fuzz_target(never_decodes, {}))
+    stats = _engine.STATS.pop(name)
+    assert stats.inputs == 0 and stats.fed == _engine.UNFEEDABLE_AFTER

@@ -18,8 +18,15 @@ from hypothesis import strategies as st
 from devicemodel.config import ConfigError, HelpRequested, VersionRequested, parse_args
 from devicemodel.config import toml as tomlconfig
 from devicemodel.config.acrn_args import _LONG, _SHORT
+from devicemodel.config.rt_options import (
+    parse_acpidev_pt,
+    parse_intr_monitor,
+    parse_mmiodev_pt,
+)
 from devicemodel.passthru.device import PassthruOptions
 from devicemodel.passthru.host import parse_sim_spec
+from devicemodel.pci.ivshmem import parse_ivshmem_options
+from devicemodel.pci.vuart import parse_uart_options
 from devicemodel.virtio.blk import parse_blk_options
 from devicemodel.virtio.console import parse_console_options
 from devicemodel.virtio.net import parse_net_options
@@ -43,6 +50,13 @@ VALUES = [
     "kvm", "acrn", "nope", "console=ttyS0", "enable_bar,log_level=6", "1.5", "nan", "inf",
     KERNEL, "\x00", "é", "3,virtio-blk,,,", ",,,", "3,", ":,", "0x10,dummy",
     "²", "٣", "1²", "3,virtio-blk,/x,range=٣/1", "console,level=²",  # non-ASCII digits
+    # issue 16: real-time and platform-passthrough values, the hypervisor's devices
+    "10000,10,1,100", "1,0,1,1", "٣,1,1,1", "0xfed40000,0x5000", "0xFED40000,0x00005000",
+    "fed40000,1000", "0x1,0x1", "MSFT0101", "MSFT0101,00", "MSFT0101,zz", "INT3F0D",
+    "8,ivshmem,hv:/shm_region_0,2,0", "8,ivshmem,dm:/r,2", "8,ivshmem,dm:/a/b,2",
+    "8,ivshmem,hv:/x,3", "16,uart,vuart_idx:1", "16,uart,vuart_idx:²", "31,igd-lpc",
+    "4,virtio-net,tap0", "2,passthru,sim:1:igd,gpu", "2,passthru,0/2/0,enable_ptm,dsdt=/x",
+    "kmsg,level=6", "kmsg,level=4294967296", "uart,allow_trigger_s5", "ioc",
 ]
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 token = st.one_of(st.sampled_from(OPTIONS), st.sampled_from(VALUES), text,
@@ -89,6 +103,11 @@ PARSERS = {
     "transport": lambda t: split_transport_options("virtio-x", t),
     "passthru": lambda t: PassthruOptions(t, "3"),
     "passthru-sim": lambda t: parse_sim_spec(t, 0xFE00),
+    "ivshmem": parse_ivshmem_options,
+    "uart": parse_uart_options,
+    "intr_monitor": parse_intr_monitor,
+    "mmiodev_pt": parse_mmiodev_pt,
+    "acpidev_pt": parse_acpidev_pt,
 }
 opt_words = st.sampled_from([
     "/nonexistent", "ro", "writethru", "writeback", "discard", "nocache", "range=1/2/3",
@@ -98,6 +117,9 @@ opt_words = st.sampled_from([
     "legacy", "modern", "transitional", "pio_notify", "no_ioeventfd", "no_irqfd", "kernel",
     "=", ":", "@file:", "sectors=1", "readonly", "", "sim:4", "sim:²", "0/1f/6", "1:2:3",
     "vmsix_on_msi", "²", "irq=²", "irq=5", "enable_ptm", "gpu", "sim",
+    "hv:/shm_region_0", "dm:/r", "dm:/", "2", "512", "1024", "3", "vuart_idx:1", "vuart_idx",
+    "0xfed40000", "0x5000", "MSFT0101", "romfile=/x.rom", "dsdt=/x", "tap0", "vmnet1",
+    "sim:1:igd", "10000",
 ])
 opt_text = st.one_of(text, st.lists(st.one_of(opt_words, text), max_size=6).map(",".join))
 
@@ -126,7 +148,8 @@ toml_value = st.recursive(
     max_leaves=12)
 KEYS = ["name", "memory", "memsize", "kernel", "bootargs", "ramdisk", "elf", "ovmf", "hv",
         "cpu_affinity", "virtio_poll", "cmd_monitor", "shutdown_timeout", "debugexit",
-        "windows", "virtio_msi", "devices", "device", "lpc", "logger", "vcpus", "x"]
+        "windows", "virtio_msi", "devices", "device", "lpc", "logger", "vcpus", "x", "rtvm",
+        "lapic_pt", "intr_monitor", "mmiodev_pt", "acpidev_pt"]
 toml_docs = st.dictionaries(st.sampled_from(KEYS), toml_value, max_size=8)
 
 

@@ -21,6 +21,7 @@ PAUSE_VM = 0x0000A213
 RESET_VM = 0x0000A215
 SET_VCPU_REGS = 0x4128A216
 INJECT_MSI = 0x4010A223
+VM_INTR_MONITOR = 0x4008A224
 SET_IRQLINE = 0x4008A225
 NOTIFY = 0x4008A231
 CREATE_CLIENT = 0x0000A232
@@ -33,6 +34,11 @@ SET_PTDEV_INTR = 0x4014A253
 RESET_PTDEV_INTR = 0x4014A254
 ASSIGN_PCIDEV = 0x4024A255
 DEASSIGN_PCIDEV = 0x4024A256
+ASSIGN_MMIODEV = 0x4068A257
+DEASSIGN_MMIODEV = 0x4068A258
+CREATE_VDEV = 0x40C0A259
+DESTROY_VDEV = 0x40C0A25A
+PM_GET_CPU_STATE = 0xC008A260
 IOEVENTFD = 0x4020A270
 IRQFD = 0x4018A271
 SETUP_ASYNCIO = 0x4008A290
@@ -83,6 +89,13 @@ class FakeHsm(IoctlLayer):
         self.page_va = 0
         self.attach_waiting = 0
         self._next_fd = 100
+        #: what the hypervisor answers PM_GET_CPU_STATE with: packed acrn_pstate_data
+        #: (48 B) and acrn_cstate_data (32 B) entries
+        self.px: list[bytes] = []
+        self.cx: list[bytes] = []
+        #: VM_INTR_MONITOR GET_DATA's answer: (irq, count) pairs; DELAY_INT calls recorded
+        self.intr_counts: list[tuple[int, int]] = []
+        self.intr_delays: list[int] = []
 
     # --- IoctlLayer -----------------------------------------------------------------------
     def exists(self, path: str) -> bool:
@@ -128,6 +141,10 @@ class FakeHsm(IoctlLayer):
                 return self._attach()
             elif request == NOTIFY:
                 return self._notify(arg)
+            elif request == PM_GET_CPU_STATE:
+                return self._pm(arg)
+            elif request == VM_INTR_MONITOR:
+                return self._intr_monitor(arg)
             elif request == DESTROY_VM:
                 self.has_vm = self.client = False
                 self.cond.notify_all()
@@ -167,6 +184,37 @@ class FakeHsm(IoctlLayer):
         self._put(vcpu, 136, struct.pack("<I", COMPLETE))
         self.notified.append(vcpu)
         return 0, arg
+
+    def _pm(self, arg) -> tuple[int, bytes | None]:
+        (cmd,) = struct.unpack_from("<Q", arg)
+        kind, state = cmd & 0xFF, (cmd >> 8) & 0xFF
+        if (cmd >> 24) & 0xFF != self.vmid & 0xFF or (cmd >> 16) & 0xFF >= self.vcpu_num:
+            return -errno.EINVAL, arg
+        if kind in (abi.PMCMD_GET_PX_CNT, abi.PMCMD_GET_CX_CNT):
+            count = len(self.px if kind == abi.PMCMD_GET_PX_CNT else self.cx)
+            return 0, struct.pack("<Q", count) + arg[8:]
+        table, first = (self.px, 0) if kind == abi.PMCMD_GET_PX_DATA else (self.cx, 1)
+        if kind not in (abi.PMCMD_GET_PX_DATA, abi.PMCMD_GET_CX_DATA) or \
+                not first <= state < first + len(table):
+            return -errno.EINVAL, arg
+        data = table[state - first]
+        # like the kernel, it writes the whole answer, whatever size the caller declared
+        assert len(arg) >= len(data), "the buffer is smaller than the answer"
+        return 0, data + arg[len(data):]
+
+    def _intr_monitor(self, va) -> tuple[int, None]:
+        assert isinstance(va, int), "VM_INTR_MONITOR takes the page's address by value"
+        cmd, buf_cnt = struct.unpack("<II", ctypes.string_at(va, 8))
+        if cmd == abi.INTR_CMD_GET_DATA:
+            words = [w for pair in self.intr_counts for w in pair][:buf_cnt]
+            ctypes.memmove(va + 4, struct.pack("<I", len(words)), 4)
+            ctypes.memmove(va + 8, struct.pack(f"<{len(words)}Q", *words), 8 * len(words))
+        elif cmd == abi.INTR_CMD_DELAY_INT:
+            (delay,) = struct.unpack("<Q", ctypes.string_at(va + 8, 8))
+            self.intr_delays.append(delay)
+        else:
+            return -errno.EINVAL, None
+        return 0, None
 
     # --- the hypervisor's side -------------------------------------------------------------
     def _put(self, vcpu: int, off: int, data: bytes) -> None:

@@ -120,7 +120,7 @@ BAD = [
     ('kernel = ""', ['kernel = ""', "give a path"]),
     ('kernel = "/nonexistent"', ["/nonexistent", "does not exist", "bzImage"]),
     ('memory = "1G"', ['memory = "1G"', "unknown key", "memsize"]),
-    ('logger_setting = "console,level=7"', ["logger_setting", "0..5"]),
+    ('logger_setting = "console,level=x"', ["logger_setting", "N a number"]),
     ('logger = { console = 9 }', ["logger.console = 9", "0..5"]),
     ('logger = { syslog = 3 }', ["logger.syslog = 3", "unknown key", "console, disk, kmsg"]),
     ('logger = { console = 4 }\nlogger_setting = "console,level=4"', ["keep one"]),

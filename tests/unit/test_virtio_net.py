@@ -262,3 +262,19 @@ def test_mac_from_seed_is_acrn_dms():
 def test_bad_options_name_themselves(text, word):
     with pytest.raises(ConfigError, match=word):
         parse_net_options(text)
+
+
+def test_the_older_form_names_the_tap():
+    """virtio-net,tap0 (launch scripts before acrn-dm 3.0): the first option without '='
+    that contains "tap" or starts with "vmnet" is the tap's name; anything else is not."""
+    from devicemodel.virtio.net.options import parse_net_options as parse
+
+    old = parse("tap0,mac_seed=x", 4, 0)
+    assert (old.tap, old.legacy_form) == ("tap0", True)
+    assert old.mac == parse("tap=tap0,mac_seed=x", 4, 0).mac
+    assert parse("tap_WaaG").tap == "tap_WaaG" and parse("vmnet1").tap == "vmnet1"
+    assert parse("tap=t1").legacy_form is False
+    with pytest.raises(ConfigError, match="unknown option 'eth0'"):
+        parse("eth0")
+    with pytest.raises(ConfigError, match="1..15"):
+        parse("tap_much_too_long_name")

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .device import CONFIG_SIZE, QUEUE_SIZE, SEG_MAX, SIZE_MAX, VirtioBlk, create
+from .device import CONFIG_SIZE, QUEUE_SIZE, SEG_MAX, SIZE_MAX, VirtioBlk, create, parse_options
 from .options import BlkOptions, disk_ident, parse_blk_options
 from .request import (
     VIRTIO_BLK_F_BLK_SIZE,
@@ -45,5 +45,5 @@ __all__ = [
     "VIRTIO_BLK_ID_BYTES", "VIRTIO_BLK_S_IOERR", "VIRTIO_BLK_S_OK", "VIRTIO_BLK_S_UNSUPP",
     "VIRTIO_BLK_T_DISCARD", "VIRTIO_BLK_T_FLUSH", "VIRTIO_BLK_T_GET_ID", "VIRTIO_BLK_T_IN",
     "VIRTIO_BLK_T_OUT", "VIRTIO_BLK_T_WRITE_ZEROES", "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP",
-    "BlkOptions", "VirtioBlk", "create", "disk_ident", "parse_blk_options",
+    "BlkOptions", "VirtioBlk", "create", "parse_options", "disk_ident", "parse_blk_options",
 ]

@@ -189,6 +189,11 @@ def _without_medium(req: Request, ident: bytes) -> tuple[int, int]:
     return VIRTIO_BLK_S_UNSUPP, 0
 
 
+def parse_options(options: str, slot: int = 0, func: int = 0) -> BlkOptions:
+    """What ``create`` builds from, without opening anything (the validator's check)."""
+    return parse_blk_options(options)
+
+
 def create(options: str, slot: int = 0, func: int = 0) -> VirtioBlk:
     """The ``-s <slot>,virtio-blk,<options>`` device (the transport registers the name)."""
-    return VirtioBlk(parse_blk_options(options))
+    return VirtioBlk(parse_options(options, slot, func))

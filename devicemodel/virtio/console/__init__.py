@@ -25,6 +25,7 @@ from .device import (
     VIRTIO_CONSOLE_RESIZE,
     VirtioConsole,
     create,
+    parse_options,
 )
 from .options import BACKENDS, MAX_PORTS, ConsoleOptions, PortSpec, parse_console_options
 from .ports import Port, PortBackend, open_port
@@ -35,5 +36,5 @@ __all__ = [
     "VIRTIO_CONSOLE_DEVICE_REMOVE", "VIRTIO_CONSOLE_F_MULTIPORT", "VIRTIO_CONSOLE_F_SIZE",
     "VIRTIO_CONSOLE_PORT_NAME", "VIRTIO_CONSOLE_PORT_OPEN", "VIRTIO_CONSOLE_PORT_READY",
     "VIRTIO_CONSOLE_RESIZE", "ConsoleOptions", "Port", "PortBackend", "PortSpec",
-    "VirtioConsole", "create", "open_port", "parse_console_options",
+    "VirtioConsole", "create", "parse_options", "open_port", "parse_console_options",
 ]

@@ -19,6 +19,7 @@ from .device import (
     VIRTIO_NET_S_LINK_UP,
     VirtioNet,
     create,
+    parse_options,
 )
 from .options import NetOptions, derive_mac, parse_mac, parse_net_options
 from .tap import TapBackend
@@ -27,4 +28,5 @@ __all__ = [
     "CONFIG_SIZE", "HDR_LEN", "LEGACY_HDR_LEN", "QUEUE_SIZE", "VIRTIO_NET_F_MAC",
     "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS", "VIRTIO_NET_S_LINK_UP", "NetOptions",
     "TapBackend", "VirtioNet", "create", "derive_mac", "parse_mac", "parse_net_options",
+    "parse_options",
 ]

@@ -224,6 +224,15 @@ class VirtioNet(VirtioDevice):
         return True
 
 
+def parse_options(options: str, slot: int = 0, func: int = 0) -> NetOptions:
+    """What ``create`` builds from, without opening the tap (the validator's check)."""
+    return parse_net_options(options, slot, func)
+
+
 def create(options: str, slot: int = 0, func: int = 0) -> VirtioNet:
     """The ``-s <slot>,virtio-net,<options>`` device; slot/func seed the default MAC."""
-    return VirtioNet(parse_net_options(options, slot, func))
+    opts = parse_options(options, slot, func)
+    if opts.legacy_form:
+        log.warning("virtio-net,%s: the form before acrn-dm 3.0; read as tap=%s", options,
+                    opts.tap)
+    return VirtioNet(opts)

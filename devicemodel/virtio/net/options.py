@@ -2,6 +2,10 @@
 
     virtio-net,tap=<name>[,vhost][,mac=XX:XX:XX:XX:XX:XX|mac_seed=<string>]
 
+The older form ``virtio-net,<name>`` (``tap0``, ``tap_WaaG``: a first option without ``=``
+that contains "tap" or starts with "vmnet", acrn-dm's rule before 3.0) names the tap
+the same way; ``create`` warns about it.
+
 Without ``mac=``, the MAC is acrn-dm's: 00:16:3e followed by the first three bytes of
 MD5("<slot>-<func>[-<mac_seed>]"). ``vhost`` is accepted and, as acrn-dm does when
 vhost-net is unavailable, falls back to the user-space data path.
@@ -22,6 +26,8 @@ class NetOptions:
     tap: str
     mac: bytes
     vhost: bool = False
+    #: given in the pre-3.0 form ``virtio-net,<tap name>``
+    legacy_form: bool = False
 
 
 def derive_mac(slot: int, func: int, seed: str | None) -> bytes:
@@ -51,8 +57,12 @@ def parse_net_options(text: str, slot: int = 0, func: int = 0) -> NetOptions:
     tap: str | None = None
     mac: bytes | None = None
     seed: str | None = None
-    vhost = False
-    for tok in text.split(","):
+    vhost = legacy = False
+    tokens = text.split(",")
+    first = tokens[0]
+    if "=" not in first and first != "vhost" and ("tap" in first or first.startswith("vmnet")):
+        tokens[0], legacy = f"tap={first}", True  # acrn-dm before 3.0: the device name
+    for tok in tokens:
         key, eq, val = tok.partition("=")
         if key == "tap" and eq:
             if not val or len(val.encode()) >= IFNAMSIZ or "/" in val or " " in val:
@@ -69,5 +79,6 @@ def parse_net_options(text: str, slot: int = 0, func: int = 0) -> NetOptions:
                               "use tap=<name>[,vhost][,mac=<mac>|mac_seed=<str>]")
     if tap is None:
         raise ConfigError("virtio-net: tap=<name> is required, e.g. -s 4,virtio-net,tap=tap0")
-    return NetOptions(tap, mac if mac is not None else derive_mac(slot, func, seed), vhost)
+    return NetOptions(tap, mac if mac is not None else derive_mac(slot, func, seed), vhost,
+                      legacy)
 

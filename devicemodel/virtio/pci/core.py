@@ -163,6 +163,22 @@ class VirtioFunction(PciDevice):
         else:
             self._drain_status = None
 
+    @property
+    def resetting(self) -> bool:
+        """A status write of 0 is still completing (a worker of the past activation runs):
+        device_status reads back non-zero until it is done."""
+        if self._drain_status is not None and self.device.quiescent:
+            self._drain_status = None
+        return self._drain_status is not None
+
+    async def wait_reset_done(self) -> None:
+        """Return once a status-0 reset has completed (device_status then reads 0). A
+        server that can hold its peer's next access until then (vfio-user) does, because
+        a legacy driver does not poll: it reads status once after writing 0 and ORs its
+        ACKNOWLEDGE into whatever it got."""
+        while self.resetting:
+            await self.device.wait_quiescent()
+
     def reset(self) -> None:
         """VM reset: the virtio device reset, power-on config space and BARs."""
         self.reset_device()
@@ -217,6 +233,20 @@ class VirtioFunction(PciDevice):
         """MSI-X messages that went out through an irqfd."""
         delivery = self.msix.delivery if self.msix is not None else None
         return delivery.sent if isinstance(delivery, IrqfdDelivery) else 0
+
+    # --- queries for a server whose guest memory can change under it ---------------------
+    def ring_ranges(self) -> list[tuple[int, int]]:
+        """(guest address, bytes) of the descriptor table, available ring and used ring
+        of every started queue: the guest memory the device reads and writes on its own.
+        A vfio-user server asks before its client unmaps memory (the rings may be in it)
+        and, if any, stops the device as the driver's status 0 would (``reset_device``)."""
+        out = []
+        for q in self.queues:
+            if q.started:
+                n = q.size
+                out += [(q.desc_addr, 16 * n), (q.avail_addr, 6 + 2 * n),
+                        (q.used_addr, 6 + 8 * n)]
+        return out
 
     # --- helpers the register interfaces share ------------------------------------------
     def selected_queue(self) -> Virtqueue | None:

@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-from .device import MAX_PER_REQUEST, QUEUE_SIZE, VirtioRnd, create
+from .device import MAX_PER_REQUEST, QUEUE_SIZE, VirtioRnd, create, parse_options
 from .options import RndOptions, parse_rnd_options
 
-__all__ = ["MAX_PER_REQUEST", "QUEUE_SIZE", "RndOptions", "VirtioRnd", "create",
+__all__ = ["MAX_PER_REQUEST", "QUEUE_SIZE", "RndOptions", "VirtioRnd", "create", "parse_options",
            "parse_rnd_options"]
