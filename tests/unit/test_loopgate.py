@@ -170,3 +170,87 @@ def test_random_slots_split_between_a_request_thread_and_the_loop(vcpu_num, slot
         pci_write = (s["type"] == 2 and s["direction"] == 1 and s["size"] in (1, 2, 4)
                      and b <= 0xFF and d <= 0x1F and f <= 7 and r <= 0xFFF)
         assert not mmio_unsafe and not pci_write, (v, s)
+
+
+# --- the thread's answer is the loop's answer -------------------------------------------
+
+
+class LoggedPci:
+    """PCI config space that records accesses; ``safe`` says what may be served off the
+    loop."""
+
+    def __init__(self, safe: bool) -> None:
+        self.safe = safe
+        self.log: list[tuple] = []
+
+    def vcpu_safe(self, bus, dev, func, reg, size, write):
+        return self.safe
+
+    def cfg_read(self, bus, dev, func, reg, size):
+        self.log.append(("r", bus, dev, func, reg, size))
+        return (0xA5A5_0000 | reg) if reg != 0x44 else 1 // 0  # one register raises
+
+    def cfg_write(self, bus, dev, func, reg, size, value):
+        self.log.append(("w", bus, dev, func, reg, size, value))
+
+
+def _answer(offset: int, size: int) -> int:
+    if offset == 5:
+        raise RuntimeError("a device bug")  # answered with all-ones, on either side
+    return 0x1122_3344_5566_7788 >> offset
+
+
+def _server(s: dict, vcpu: int, safe: bool) -> tuple[IoreqServer, FakeHv, list]:
+    from devicemodel.bus import MmioBus, PortBus
+    from devicemodel.ioreq import new_ioreq_page
+    from tests.support.ioreq_slots import _write_slot
+    from tests.support.served import Recorder
+
+    page = new_ioreq_page()
+    for v in range(16):  # every other slot FREE: only ``vcpu``'s can be ours
+        abi.SLOT_U32.pack_into(page, abi.slot_offset(v) + abi.SLOT_PROCESSED_OFF,
+                               abi.IOREQ_STATE_FREE)
+    _write_slot(page, vcpu, s)
+    ports, mmio = PortBus(), MmioBus()
+    port_dev, mmio_dev = Recorder(answer=_answer), Recorder(answer=_answer)
+    ports.register(0x3F8, 8, port_dev, vcpu_safe=safe)
+    mmio.register(0xC000_0000, 0x1000, mmio_dev, vcpu_safe=safe)
+    pci = LoggedPci(safe)
+    hv = FakeHv()
+    server = IoreqServer(hv, page, 16, ports, mmio, pci)  # type: ignore[arg-type]
+    return server, hv, [port_dev.log, mmio_dev.log, pci.log]
+
+
+@settings(max_examples=150, deadline=None)
+@given(s=slot, vcpu=st.integers(0, 15), safe=st.booleans())
+def test_a_request_thread_answers_exactly_as_the_loop_would_or_leaves_the_slot_alone(
+        s, vcpu, safe):
+    """Whatever the slot holds (hostile sizes, types, addresses; a handler that raises):
+    ``serve_here`` on a request thread leaves the page, the handlers, the counters and
+    the completions exactly as the loop's ``scan`` does; when the handler is not
+    vcpu_safe it touches nothing, and the loop's later scan gives the same result."""
+    loop_side, loop_hv, loop_logs = _server(s, vcpu, safe)
+    thread_side, thread_hv, thread_logs = _server(s, vcpu, safe)
+    before = bytes(thread_side.page)
+
+    async def main() -> bool:
+        loop_side.scan()
+        thread_side.gate.install()  # as serve() does: the loop sleeps while it waits
+        try:
+            return await trio.to_thread.run_sync(thread_side.serve_here, vcpu)
+        finally:
+            thread_side.gate.remove()
+
+    served_here = trio.run(main)
+    owned = s["state"] == abi.IOREQ_STATE_PROCESSING and s["kernel_handled"] == 0
+    if served_here:
+        assert owned
+    else:  # untouched: no handler ran, no byte changed, nothing completed
+        assert not (owned and safe and s["type"] in (0, 1, 2)), "a safe access refused"
+        assert bytes(thread_side.page) == before
+        assert thread_logs == [[], [], []] and thread_hv.finished == []
+        thread_side.scan()  # the loop serves it later
+    assert bytes(thread_side.page) == bytes(loop_side.page)
+    assert thread_logs == loop_logs
+    assert thread_side.stats == loop_side.stats
+    assert thread_hv.finished == loop_hv.finished == ([vcpu] if owned else [])
