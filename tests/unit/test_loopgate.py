@@ -30,6 +30,14 @@ def test_a_gate_nobody_installed_never_lets_a_thread_in():
     assert in_thread(gate.try_enter) is False
 
 
+def test_a_gate_installed_outside_trio_stays_closed():
+    """(A test may step ``serve()`` by hand, outside trio.run: nothing gates then.)"""
+    gate = LoopGate()
+    gate.install()
+    assert in_thread(gate.try_enter) is False
+    gate.remove()
+
+
 async def test_a_thread_gets_in_only_while_the_loop_sleeps():
     gate = LoopGate()
     gate.install()
