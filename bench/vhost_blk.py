@@ -10,6 +10,10 @@ sequential reads and writes over the whole disk, 4 KiB random reads with 1 and w
 threads. Tests alternate between the two disks, repetition after repetition, so both
 see the same machine noise; we print medians, ratios (ours / qemu's) and each back
 end's CPU time per request, read from /proc/PID/stat around every test.
+
+Every wait is bounded: a guest (or QEMU, or a back end) that stalls, printing nothing for
+two minutes, or a run over its time budget, ends the run with an error line naming the
+test it was in, instead of leaving the bench silent.
 """
 
 from __future__ import annotations
@@ -130,6 +134,50 @@ def guest_script(reps: int, seconds: float, tests: tuple[str, ...] = TESTS) -> s
     return "\n".join(lines) + "\n"
 
 
+#: the guest's boot and warm-up, and the longest silence a running test may keep (each
+#: test prints a line at its start and end, every few seconds)
+BOOT_SECONDS = 180
+SILENCE_SECONDS = 120
+
+
+class Watchdog:
+    """Kills QEMU when the guest stalls (no output for ``silence`` s) or the run exceeds
+    ``budget`` s, and says which: the bench's waits are bounded, a stall is an error."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], budget: float, silence: float,
+                 where) -> None:
+        self.reason = ""
+        self._proc = proc
+        self._deadline = time.monotonic() + budget
+        self._budget = budget
+        self._silence = silence
+        self._where = where
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def heard(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(1.0) and self._proc.poll() is None:
+            now = time.monotonic()
+            doing = " ".join(self._where()) or "booting"
+            if now - self._last > self._silence:
+                self.reason = (f"the guest printed nothing for {self._silence:.0f} s "
+                               f"(during: {doing})")
+            elif now > self._deadline:
+                self.reason = f"the run exceeded its {self._budget:.0f} s budget (at: {doing})"
+            if self.reason:
+                self._proc.kill()
+                return
+
+
 def start_qsd(image: Path, sock: Path) -> subprocess.Popen[bytes]:
     cmd = ["qemu-storage-daemon",
            "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
@@ -187,8 +235,10 @@ def main() -> int:
             log: list[str] = []
             current: list[str] = []
             assert proc.stdout is not None
-            deadline = time.monotonic() + 60 + args.reps * len(tests) * 2 * (args.seconds + 3)
+            budget = BOOT_SECONDS + args.reps * len(tests) * 2 * (args.seconds + 3)
+            stalled = Watchdog(proc, budget, SILENCE_SECONDS, lambda: current)
             for raw in iter(proc.stdout.readline, b""):
+                stalled.heard()
                 line = raw.decode(errors="replace").strip()
                 log.append(line)
                 if f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
@@ -201,10 +251,13 @@ def main() -> int:
                     parts = line.split()
                     results[(current[0], current[1], int(current[2]))] = (float(parts[2]),
                                                                         int(parts[4]))
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    break
             proc.wait()
+            stalled.stop()
+            if stalled.reason:
+                print("\n".join(log[-30:]), file=sys.stderr)
+                print(f"vhost_blk: {stalled.reason}; QEMU was killed. Our back end's log:\n"
+                      f"{ours.log()[-2000:]}", file=sys.stderr)
+                return 1
             if f"{g.MARK} PASS bench" not in "\n".join(log):
                 print("\n".join(log[-60:]), file=sys.stderr)
                 print("vhost_blk: the guest did not finish the benchmark", file=sys.stderr)

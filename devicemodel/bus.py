@@ -2,12 +2,17 @@
 
 Handlers are synchronous: a request is answered while its vCPU waits, so a handler must
 never block; slow work (disk, network) belongs to device tasks that handlers wake up.
+
+A range is ``vcpu_safe`` when its handler may also run on a request thread behind the
+loop gate (``loopgate.py``): it never calls trio and never blocks. The request is then
+answered on the vCPU (or ACRN waiter) thread itself, with no hand-off to the loop. A
+handler says so with a ``vcpu_safe = True`` attribute, or the caller of ``register``.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -29,10 +34,11 @@ class BusRange:
     length: int
     handler: IoHandler
     name: str
+    vcpu_safe: bool = False
+    end: int = field(init=False)  # base + length (a field: read on every request)
 
-    @property
-    def end(self) -> int:
-        return self.base + self.length
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end", self.base + self.length)
 
 
 class Bus:
@@ -50,7 +56,8 @@ class Bus:
     def add_fallback(self, base: int, length: int, handler: IoHandler, name: str = "") -> None:
         """Answer accesses inside [base, base+length) that hit no registered range
         (acrn-dm's fallback ranges, e.g. the PCI holes: reads all-ones, writes dropped)."""
-        self._fallbacks.append(BusRange(base, length, handler, name))
+        self._fallbacks.append(BusRange(base, length, handler, name,
+                                        bool(getattr(handler, "vcpu_safe", False))))
 
     def _fallback(self, addr: int, size: int) -> BusRange | None:
         for r in self._fallbacks:
@@ -58,7 +65,8 @@ class Bus:
                 return r
         return None
 
-    def register(self, base: int, length: int, handler: IoHandler, name: str = "") -> BusRange:
+    def register(self, base: int, length: int, handler: IoHandler, name: str = "", *,
+                 vcpu_safe: bool | None = None) -> BusRange:
         if length <= 0 or base < 0 or base + length > self.limit:
             raise BusError(f"{self.kind} range {base:#x}+{length:#x} ({name}) is out of bounds")
         i = bisect.bisect(self._bases, base)
@@ -70,7 +78,9 @@ class Bus:
                         f"{self.kind} range {base:#x}+{length:#x} ({name}) overlaps "
                         f"{r.base:#x}+{r.length:#x} ({r.name})"
                     )
-        rng = BusRange(base, length, handler, name)
+        if vcpu_safe is None:
+            vcpu_safe = bool(getattr(handler, "vcpu_safe", False))
+        rng = BusRange(base, length, handler, name, vcpu_safe)
         self._ranges.insert(i, rng)
         self._bases.insert(i, base)
         return rng
@@ -98,6 +108,13 @@ class Bus:
             self._last = r
             return r
         return None
+
+    def lookup(self, addr: int, size: int) -> BusRange | None:
+        """The range that answers [addr, addr+size): a registered one, else a fallback."""
+        last = self._last  # the last hit, checked here first: every request comes here
+        if last is not None and last.base <= addr and addr + size <= last.end:
+            return last
+        return self.find(addr, size) or self._fallback(addr, size)
 
     def read(self, addr: int, size: int) -> int | None:
         """The handler's answer, or None when nothing is there (the caller returns all-ones)."""

@@ -8,6 +8,12 @@ state field: the HSM and the hypervisor own it.
 Nothing in a slot can stop the server: unhandled reads get all-ones of the access size,
 unhandled writes are dropped, bad sizes and unknown types are completed and counted, and a
 handler that raises is logged (rate limited) and answered with all-ones.
+
+One hop at most: while ``serve`` runs, the server offers the backend ``serve_here`` and
+``scan_here`` (``hsm.base.InlineServer``). The thread that saw the request (a KVM vCPU
+thread, the ACRN waiter thread) answers it itself when the loop sleeps and the handler is
+``vcpu_safe`` (``loopgate.py``, ``bus.py``): the same slot protocol, the same handler
+code, no wake of the loop. Everything else is handed to the loop as before.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import trio
 from .bus import Bus, MmioBus, PortBus
 from .hsm import abi
 from .hsm.base import Hypervisor
+from .loopgate import LoopGate
 from .ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,11 @@ _KH_OFF = abi.SLOT_KERNEL_HANDLED_OFF
 _REQS_OFF = abi.SLOT_REQS_OFF
 _VALUE_OFF = abi.SLOT_VALUE_OFF
 _WRITE = abi.IOREQ_DIR_WRITE
+_PORTIO = abi.IOREQ_TYPE_PORTIO
+_MMIO = abi.IOREQ_TYPE_MMIO
+_ONES64 = 0xFFFF_FFFF_FFFF_FFFF
+# type; then (at +64) direction, reserved, address, size; the value read as a u64 (+88)
+_HEAD = struct.Struct("<I60xIIQQQ")
 
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 _PIO_SIZES = (1, 2, 4)
@@ -45,7 +57,10 @@ _MMIO_SIZES = (1, 2, 4, 8)
 
 
 class PciConfigAccess(Protocol):
-    """Answers PCICFG requests (the PCI bus). Reads of nothing return all-ones."""
+    """Answers PCICFG requests (the PCI bus). Reads of nothing return all-ones.
+
+    It may also have ``vcpu_safe(bus, dev, func, reg, size, write) -> bool``: whether
+    that access may be served behind the loop gate (without it, none is)."""
 
     def cfg_read(self, bus: int, dev: int, func: int, reg: int, size: int) -> int: ...
 
@@ -54,6 +69,10 @@ class PciConfigAccess(Protocol):
 
 class NoPci:
     """No PCI bus: every config read is all-ones, every write dropped."""
+
+    def vcpu_safe(self, bus: int, dev: int, func: int, reg: int, size: int,
+                  write: bool) -> bool:
+        return True
 
     def cfg_read(self, bus: int, dev: int, func: int, reg: int, size: int) -> int:
         return _MASK.get(size, 0xFFFF_FFFF)
@@ -94,14 +113,76 @@ class IoreqServer:
         self.held: list[int] = []
         self._offsets = [abi.slot_offset(v) for v in range(vcpu_num)]
         self._rl = RateLimitedLog(log)
+        #: held by the loop while it runs; a request thread that gets it serves there
+        self.gate = LoopGate()
+        self._buses = {  # per request type: the bus, sizes, address limit, value, name
+            _PORTIO: (ports, _PIO_SIZES, 0xFFFF, _U32, "pio"),
+            _MMIO: (mmio, _MMIO_SIZES, _ONES64, _U64, "mmio"),
+        }
 
     async def serve(self) -> None:
         """Run until the hypervisor says the client is gone (destroy) or we are cancelled."""
         hv = self.hv
-        while True:
-            if not await hv.attach_ioreq_client():
-                return
-            self.scan()
+        offer = getattr(hv, "set_inline_server", None)  # a stand-in may lack it
+        self.gate.install()
+        if offer is not None:
+            offer(self)
+        try:
+            while True:
+                if not await hv.attach_ioreq_client():
+                    return
+                self.scan()
+        finally:
+            if offer is not None:
+                offer(None)
+            self.gate.remove()
+
+    # --- on the thread that saw the request (behind the loop gate) ------------------------
+    def serve_here(self, vcpu: int) -> bool:
+        """Answer ``vcpu``'s slot on the calling thread and complete it, if the loop
+        sleeps and the access's handler is ``vcpu_safe``; False: hand it to the loop.
+        (The hot path of every request on KVM: kept flat.)"""
+        if not 0 <= vcpu < self.vcpu_num:
+            return False
+        gate = self.gate
+        if not gate.try_enter():
+            return False
+        try:
+            off = self._offsets[vcpu]
+            kernel_handled, state = _STATE.unpack_from(self.page, off + _KH_OFF)
+            if (state != _PROCESSING or kernel_handled or self.hold_completion or self.held
+                    or not self.handle_slot(off, True)):
+                return False  # served already, not ours, a reset holds it, or unsafe here
+            self.hv.notify_request_finish(vcpu)
+            return True
+        finally:
+            gate.leave()
+
+    def scan_here(self) -> bool:
+        """``serve_here`` for every slot that is ours; True when none is left for the
+        loop (then there is nothing to hand over)."""
+        if not self.gate.try_enter():
+            return False
+        try:
+            page = self.page
+            left = False
+            for vcpu, off in enumerate(self._offsets):
+                kernel_handled, state = _STATE.unpack_from(page, off + _KH_OFF)
+                if state == _PROCESSING and not kernel_handled:
+                    left = not self._serve_safe(vcpu, off) or left
+            return not left
+        finally:
+            self.gate.leave()
+
+    def _serve_safe(self, vcpu: int, off: int) -> bool:
+        """Behind the gate: serve and complete the slot if it is ours and safe here."""
+        kernel_handled, state = _STATE.unpack_from(self.page, off + _KH_OFF)
+        if state != _PROCESSING or kernel_handled or self.hold_completion or self.held:
+            return False  # served already, not ours, or a reset holds completions
+        if not self.handle_slot(off, vcpu_safe_only=True):
+            return False
+        self.hv.notify_request_finish(vcpu)
+        return True
 
     def scan(self) -> int:
         """Serve every slot that is ours now; returns how many were served."""
@@ -121,66 +202,73 @@ class IoreqServer:
             self.hv.notify_request_finish(vcpu)
         return served
 
-    def handle_slot(self, off: int) -> None:
-        """Emulate the access in the slot at byte offset ``off`` and write its result."""
+    def handle_slot(self, off: int, vcpu_safe_only: bool = False) -> bool:
+        """Emulate the access in the slot at byte offset ``off`` and write its result.
+        With ``vcpu_safe_only`` (behind the loop gate) an access whose handler is not
+        ``vcpu_safe`` is left alone and False returned; else True."""
         page = self.page
-        (rtype,) = _TYPE.unpack_from(page, off)
+        rtype, direction, _, addr, size, value = _HEAD.unpack_from(page, off)
         try:
-            if rtype == abi.IOREQ_TYPE_PORTIO:
-                self._portio(page, off)
-            elif rtype == abi.IOREQ_TYPE_MMIO:
-                self._mmio(page, off)
-            elif rtype == abi.IOREQ_TYPE_PCICFG:
-                self._pcicfg(page, off)
-            else:
-                self.stats["unknown_type"] += 1
-                self._rl.warning("request of unknown type %d completed unhandled", rtype)
+            spec = self._buses.get(rtype)
+            if spec is not None:
+                return self._bus_access(page, off, spec, direction, addr, size, value,
+                                        vcpu_safe_only)
+            if rtype == abi.IOREQ_TYPE_PCICFG:
+                return self._pcicfg(page, off, vcpu_safe_only)
+            self.stats["unknown_type"] += 1
+            self._rl.warning("request of unknown type %d completed unhandled", rtype)
         except Exception:  # a device bug must not take the VM down
             self.stats["handler_error"] += 1
             self._rl.error("device handler raised; request answered with all-ones")
             log.debug("handler traceback", exc_info=True)
-            direction = _U32.unpack_from(page, off + _REQS_OFF)[0]
             if direction != _WRITE:
-                if rtype == abi.IOREQ_TYPE_MMIO:
-                    _U64.pack_into(page, off + _VALUE_OFF, 0xFFFF_FFFF_FFFF_FFFF)
+                if rtype == _MMIO:
+                    _U64.pack_into(page, off + _VALUE_OFF, _ONES64)
                 else:
                     _U32.pack_into(page, off + _VALUE_OFF, 0xFFFF_FFFF)
+        return True
 
-    def _portio(self, page: memoryview, off: int) -> None:
-        self._bus_access(page, off, self.ports, _PIO_SIZES, 0xFFFF, _U32, "pio")
-
-    def _mmio(self, page: memoryview, off: int) -> None:
-        self._bus_access(page, off, self.mmio, _MMIO_SIZES, 0xFFFF_FFFF_FFFF_FFFF, _U64, "mmio")
-
-    def _bus_access(self, page: memoryview, off: int, bus: Bus, sizes: tuple[int, ...],
-                    limit: int, value_view: struct.Struct, kind: str) -> None:
-        """A PIO or MMIO request: the two differ only in bus, sizes and the value's width."""
-        direction, _, addr, size = _ADDR_REQ.unpack_from(page, off + _REQS_OFF)
+    def _bus_access(self, page: memoryview, off: int,
+                    spec: tuple[Bus, tuple[int, ...], int, struct.Struct, str],
+                    direction: int, addr: int, size: int, value: int,
+                    vcpu_safe_only: bool) -> bool:
+        """A PIO or MMIO request: the two differ only in bus, sizes and the value's width
+        (``value`` was read as a u64: the mask keeps what a PIO value has)."""
+        bus, sizes, limit, value_view, kind = spec
         if size not in sizes or addr > limit:
             self.stats["bad_request"] += 1
             if direction != _WRITE:
                 value_view.pack_into(page, off + _VALUE_OFF, _MASK[value_view.size])
-            return
+            return True
+        r = bus.lookup(addr, size)
+        if r is None:
+            self.stats["unhandled_" + kind] += 1
+            self.stats[kind] += 1
+            if direction != _WRITE:
+                value_view.pack_into(page, off + _VALUE_OFF, _MASK[size])
+            return True
+        if vcpu_safe_only and not r.vcpu_safe:
+            return False
         mask = _MASK[size]
         if direction == _WRITE:
-            value = value_view.unpack_from(page, off + _VALUE_OFF)[0] & mask
-            if not bus.write(addr, size, value):
-                self.stats["unhandled_" + kind] += 1
+            r.handler.write(addr - r.base, size, value & mask)
         else:
-            value = bus.read(addr, size)
-            if value is None:
-                self.stats["unhandled_" + kind] += 1
-                value = mask
-            value_view.pack_into(page, off + _VALUE_OFF, value & mask)
+            value_view.pack_into(page, off + _VALUE_OFF,
+                                 r.handler.read(addr - r.base, size) & mask)
         self.stats[kind] += 1
+        return True
 
-    def _pcicfg(self, page: memoryview, off: int) -> None:
+    def _pcicfg(self, page: memoryview, off: int, vcpu_safe_only: bool) -> bool:
         direction, size, value, bus, dev, func, reg = _PCI_REQ.unpack_from(page, off + _REQS_OFF)
         if size not in _PIO_SIZES or bus > 0xFF or dev > 0x1F or func > 7 or reg > 0xFFF:
             self.stats["bad_request"] += 1
             if direction != _WRITE:
                 _U32.pack_into(page, off + _VALUE_OFF, 0xFFFF_FFFF)
-            return
+            return True
+        if vcpu_safe_only:
+            safe = getattr(self.pci, "vcpu_safe", None)
+            if safe is None or not safe(bus, dev, func, reg, size, direction == _WRITE):
+                return False
         mask = _MASK[size]
         if direction == _WRITE:
             self.pci.cfg_write(bus, dev, func, reg, size, value & mask)
@@ -188,6 +276,7 @@ class IoreqServer:
             result = self.pci.cfg_read(bus, dev, func, reg, size)
             _U32.pack_into(page, off + _VALUE_OFF, result & mask)
         self.stats["pcicfg"] += 1
+        return True
 
     def release_held(self) -> None:
         """Complete the slots held back during a reset/suspend transition."""

@@ -78,7 +78,10 @@ def pm32_regs(entry: int, esp: int = 0) -> VcpuRegs:
 
 
 class Uart:
-    """Just enough of a 16550 at COM1 to print: THR writes captured, LSR always ready."""
+    """Just enough of a 16550 at COM1 to print: THR writes captured, LSR always ready
+    (plain state: answered on the vCPU thread, ``vcpu_safe``)."""
+
+    vcpu_safe = True
 
     def __init__(self) -> None:
         self.out = bytearray()

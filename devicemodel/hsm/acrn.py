@@ -24,9 +24,11 @@ from construct import ConstructError
 
 from . import abi
 from .abi import HSM_NODES
+from .attach import AttachWaiter
 from .base import (
     Hypervisor,
     HypervisorError,
+    InlineServer,
     MmioDevAssignment,
     PciDevAssignment,
     PtdevIntx,
@@ -133,6 +135,9 @@ class AcrnHypervisor(Hypervisor):
         self.vmid = abi.ACRN_INVALID_VMID
         self.vcpu_num = 0
         self._client = False
+        #: the thread that sits in ATTACH (started by the first attach_ioreq_client)
+        self._waiter: AttachWaiter | None = None
+        self._inline: InlineServer | None = None
         # Mappings the HSM holds by user VA: keep them referenced while the VM lives.
         self._ioreq_page: mmap.mmap | None = None
         self._ram: list[mmap.mmap] = []
@@ -328,22 +333,42 @@ class AcrnHypervisor(Hypervisor):
         self._client = True
 
     async def attach_ioreq_client(self) -> bool:
-        fd = self._fd
-        if fd < 0:
+        """Wait on the waiter thread (``attach.py``), which sits in ATTACH for us."""
+        if self._fd < 0:
             return False
-        ret = await trio.to_thread.run_sync(self._attach_blocking, fd, abandon_on_cancel=True)
+        waiter = self._waiter
+        if waiter is None or not waiter.alive and not waiter.has_result:
+            waiter = self._waiter = AttachWaiter(self._attach_blocking)
+            waiter.inline = self._inline
+        try:
+            ret = await waiter.wait()
+        except trio.ClosedResourceError:
+            return False  # closed under us
+        if isinstance(ret, BaseException):
+            raise ret  # the thread's serving failed (e.g. NOTIFY): as if the loop had
         if ret >= 0:
             return True
-        if ret == -errno.ENODEV:  # the client is being destroyed: shut down
-            return False
         if ret == -errno.EINTR:  # a signal woke us: rescan
             return True
+        self._waiter = None  # this thread has ended; a new client gets a new one
+        waiter.close()
+        if ret == -errno.ENODEV:  # the client is being destroyed: shut down
+            return False
         # acrn-dm leaves its request loop on any other error; so do we, loudly.
         log.error("ACRN_IOCTL_ATTACH_IOREQ_CLIENT failed: %s; no more requests are served",
                   os.strerror(-ret))
         return False
 
-    def _attach_blocking(self, fd: int) -> int:
+    def set_inline_server(self, server: InlineServer | None) -> None:
+        """The waiter thread answers what it can itself (``attach.py``)."""
+        self._inline = server
+        if self._waiter is not None:
+            self._waiter.inline = server
+
+    def _attach_blocking(self) -> int:
+        fd = self._fd
+        if fd < 0:
+            return -errno.EBADF
         ret, _ = self._io.ioctl(fd, abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT, None)
         return ret
 
@@ -525,15 +550,20 @@ class AcrnHypervisor(Hypervisor):
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:
         """Close the HSM fd, which destroys the VM. A still-registered client is destroyed
-        first so that an abandoned ATTACH thread wakes (it holds the file open)."""
+        first so that the waiter thread's ATTACH returns before the fd goes."""
         fd = self._fd
         if fd < 0:
             return
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.stop()  # no new ATTACH from here on
         if self._client:
             try:
                 self.destroy_ioreq_client()
             except HypervisorError as e:
                 log.warning("%s", e)
+        if waiter is not None:
+            waiter.close()  # the ATTACH it was in has returned: the fd is ours to close
         self._fd = -1
         self._io.close(fd)
         self.vmid = abi.ACRN_INVALID_VMID

@@ -157,6 +157,20 @@ class InterruptRemapper(Protocol):
 RemapperFactory = Callable[[MessageSource, int], InterruptRemapper]
 
 
+class InlineServer(Protocol):
+    """The request server's offer to answer a request on the thread that saw it (a KVM
+    vCPU thread, the ACRN waiter thread) instead of waking the event loop. Both calls
+    keep the slot protocol (acrn-facts §1.5): they serve only slots in PROCESSING with
+    kernel_handled 0 and complete them with ``notify_request_finish``."""
+
+    def serve_here(self, vcpu: int) -> bool:
+        """True: ``vcpu``'s slot was served and completed on this thread; False: the
+        loop must serve it (hand it over)."""
+
+    def scan_here(self) -> bool:
+        """Serve what can be served here; True when nothing is left for the loop."""
+
+
 class Hypervisor(ABC):
     """One VM's connection to a hypervisor (one open HSM fd holds one VM)."""
 
@@ -214,6 +228,11 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def clear_vm_ioreq(self) -> None: ...
+
+    def set_inline_server(self, server: InlineServer | None) -> None:
+        """While the request server runs it offers to answer requests on the backend's
+        own threads (None: it stopped). A backend whose requests arrive on the event loop
+        (the sim) has no use for it."""
 
     # --- interrupts -------------------------------------------------------------------
     @abstractmethod

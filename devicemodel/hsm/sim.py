@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -80,6 +81,9 @@ class SimHypervisor(Hypervisor):
         self.msis: list[tuple[int, int]] = []
         self._msi_cursor = 0
         self._msi_event = trio.Event()
+        #: (thread id, token) of the loop serving the backend (or waiting in ``next_msi``):
+        #: interrupts from another thread (a data plane's) reach trio through the token
+        self._loop: tuple[int, trio.lowlevel.TrioToken] | None = None
         self.irqlines: dict[int, int] = {}
         self.irqline_events: list[IrqLineEvent] = []
         self.vcpu_regs: dict[int, VcpuRegs] = {}
@@ -114,6 +118,7 @@ class SimHypervisor(Hypervisor):
 
     async def next_msi(self) -> tuple[int, int]:
         """The next MSI not yet returned by this call, waiting for it if need be."""
+        self._loop = (threading.get_ident(), trio.lowlevel.current_trio_token())
         while self._msi_cursor >= len(self.msis):
             self._msi_event = trio.Event()
             await self._msi_event.wait()
@@ -245,7 +250,22 @@ class SimHypervisor(Hypervisor):
     def inject_msi(self, address: int, data: int) -> None:
         self._need_vm()
         self.msis.append((address, data))
+        self._on_loop(self._wake_msi_waiter)
+
+    def _wake_msi_waiter(self) -> None:
         self._msi_event.set()
+
+    def _on_loop(self, fn) -> None:
+        """``fn()`` (a trio call) now on the loop thread, else queued for the loop (an
+        interrupt sent from a data-plane thread)."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == loop[0]:
+            fn()
+            return
+        try:
+            loop[1].run_sync_soon(fn, idempotent=True)
+        except trio.RunFinishedError:
+            pass
 
     def set_irqline(self, gsi: int, op: int) -> None:
         self._need_vm()
@@ -321,12 +341,17 @@ class SimHypervisor(Hypervisor):
             if reg is None:
                 raise HypervisorError("IRQFD: no such registration", errno.ENOENT)
             if reg.cancel:
-                reg.cancel.cancel()
+                self._on_loop(reg.cancel.cancel)
             return
         if fd in self._irqfds:
             raise HypervisorError("IRQFD: already registered", errno.EEXIST)
         reg = _IrqFd(fd, address, data)
         self._irqfds[fd] = reg
+        self._on_loop(lambda: self._start_irqfd_watch(reg))
+
+    def _start_irqfd_watch(self, reg: _IrqFd) -> None:
+        if self._irqfds.get(reg.fd) is not reg:
+            return  # deassigned before the loop got here
         if self._nursery is not None:
             self._nursery.start_soon(self._watch_irqfd, reg)
         else:
@@ -350,6 +375,7 @@ class SimHypervisor(Hypervisor):
 
     async def serve_backend(self) -> None:
         """Background work of the backend: the irqfd watchers."""
+        self._loop = (threading.get_ident(), trio.lowlevel.current_trio_token())
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for reg in self._irqfd_queue:

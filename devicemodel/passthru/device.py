@@ -196,6 +196,7 @@ class Passthru(PciDevice):
 
     name = "passthru"
     allocate_first = True
+    config_vcpu_safe = False  # its config space is the host device's: served on the loop
 
     def __init__(self, ctx: DeviceContext, slot: SlotConfig, host: HostPciDevice,
                  opts: PassthruOptions) -> None:

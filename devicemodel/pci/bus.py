@@ -283,6 +283,13 @@ class PciBus:
             value = (value | bit) if (bus, dev) in self._multifunction else (value & ~bit)
         return value
 
+    def vcpu_safe(self, bus: int, dev: int, func: int, reg: int, size: int,
+                  write: bool) -> bool:
+        """Whether a config access may be answered on a request thread behind the loop
+        gate (``loopgate.py``): no function there (all-ones), or the function says so."""
+        fn = self._functions.get((bus, dev, func))
+        return fn is None or fn.config_access_vcpu_safe(reg, size, write)
+
     def cfg_write(self, bus: int, dev: int, func: int, reg: int, size: int, value: int) -> None:
         fn = self._functions.get((bus, dev, func))
         if fn is None or size not in (1, 2, 4) or reg & (size - 1) or not 0 <= reg < 4096:

@@ -170,6 +170,7 @@ class _Watch:
     end: int
     on_write: Callable[[int, int], None] | None
     on_read: Callable[[int, int], None] | None
+    vcpu_safe: bool = False
 
 
 class PciDevice:
@@ -178,6 +179,12 @@ class PciDevice:
     name = "pci-device"
     #: allocate this function's BARs before everybody else's (passthrough, acrn-dm order)
     allocate_first = False
+    #: config accesses may be answered on a request thread behind the loop gate
+    #: (``loopgate.py``): the base class's config space, BAR (re)registration, MSI,
+    #: MSI-X and INTx never call trio nor block. A subclass that overrides ``cfg_read``
+    #: or ``cfg_write`` with anything else sets it False; ``watch_config`` callbacks are
+    #: served on the loop unless registered ``vcpu_safe``.
+    config_vcpu_safe = True
 
     def __init__(self, ctx: DeviceContext | None = None, slot: SlotConfig | None = None, *,
                  extended_config: bool = False) -> None:
@@ -246,7 +253,8 @@ class PciDevice:
     def add_msi(self, vectors: int, *, bit64: bool = True, maskable: bool = True) -> Msi:
         off = self.add_capability(caps.msi_cap(vectors, bit64=bit64, maskable=maskable))
         self.msi = Msi(self.cfg, off, self._irq_sink(), on_change=self._irq_mode_changed)
-        self.watch_config(off, self.msi.length, on_write=self.msi.config_written)
+        self.watch_config(off, self.msi.length, on_write=self.msi.config_written,
+                          vcpu_safe=True)
         return self.msi
 
     def add_msix(self, vectors: int, bar: int, *, irqfd: bool = False) -> Msix:
@@ -257,7 +265,7 @@ class PciDevice:
                     msi_enabled=lambda: self.msi is not None and self.msi.enabled,
                     on_change=self._irq_mode_changed, irqfd=irqfd)
         self.msix = msix
-        self.watch_config(off, 12, on_write=msix.config_written)
+        self.watch_config(off, 12, on_write=msix.config_written, vcpu_safe=True)
         self.add_bar(bar, BarKind.MEM32, bar_size_for(vectors), read=msix.read,
                      write=msix.write)
         return msix
@@ -288,8 +296,21 @@ class PciDevice:
 
     def watch_config(self, offset: int, length: int, *,
                      on_write: Callable[[int, int], None] | None = None,
-                     on_read: Callable[[int, int], None] | None = None) -> None:
-        self._watches.append(_Watch(offset, offset + length, on_write, on_read))
+                     on_read: Callable[[int, int], None] | None = None,
+                     vcpu_safe: bool = False) -> None:
+        """Call back after a guest write into (before a read from) the range;
+        ``vcpu_safe``: the callbacks never call trio nor block (see ``config_vcpu_safe``)."""
+        self._watches.append(_Watch(offset, offset + length, on_write, on_read, vcpu_safe))
+
+    def config_access_vcpu_safe(self, reg: int, size: int, write: bool) -> bool:
+        """Whether this config access may be served behind the loop gate."""
+        if not self.config_vcpu_safe:
+            return False
+        for w in self._watches:
+            if not w.vcpu_safe and reg < w.end and reg + size > w.start \
+                    and (w.on_write if write else w.on_read) is not None:
+                return False
+        return True
 
     # --- interrupts -------------------------------------------------------------------
     def _irq_sink(self) -> MsiSink:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import trio
 
 from ..irq.services import Line
+from ..loopgate import on_loop
 from ..memory import KiB, MiB
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,12 @@ def _unbcd(v: int) -> int:
 
 
 class Rtc:
-    """The register file behind ports 0x70 (index) and 0x71 (data)."""
+    """The register file behind ports 0x70 (index) and 0x71 (data).
+
+    ``vcpu_safe``: plain state, and the timer task is woken with ``loopgate.on_loop``, so
+    accesses are answered on the vCPU thread while the loop sleeps (``loopgate.py``)."""
+
+    vcpu_safe = True
 
     def __init__(self, lowmem: int, highmem: int,
                  clock: Callable[[], float] = time.time,
@@ -100,7 +106,7 @@ class Rtc:
         self._halted_at: float | None = None
         self._store_time(self._base_rtc)
         self._set_reg_c(0)
-        self._changed.set()
+        on_loop(self._changed.set)
 
     # --- time -----------------------------------------------------------------------------
     def now(self) -> float:
@@ -191,11 +197,11 @@ class Rtc:
         idx = self.index
         if idx == REG_A:
             self.cmos[REG_A] = value & 0x7F
-            self._changed.set()
+            on_loop(self._changed.set)
         elif idx == REG_B:
             self._write_reg_b(value)
             self._set_reg_c(self.cmos[REG_C])  # the enables changed: IRQF may follow
-            self._changed.set()
+            on_loop(self._changed.set)
         elif idx in (REG_C, REG_D):
             return  # read-only
         elif idx in _TIME_REGS:

@@ -1,6 +1,7 @@
 """A 16550A UART: the register file a Linux 8250 driver probes, with a real 16-byte FIFO.
 
-The register model is synchronous (port handlers answer while the vCPU waits); the host
+The register model is synchronous (port handlers answer while the vCPU waits, on the
+vCPU's own thread when the loop sleeps: ``vcpu_safe``, ``loopgate.py``); the host
 side (stdio, a pty, a file, a Unix or TCP socket: ``devicemodel.chardev``'s host ends,
 shared with virtio-console) is served by trio tasks in ``uart_backend``.  Transmission
 is instantaneous, so THRE and TEMT always read set, as in acrn-dm; reception is paced by
@@ -105,7 +106,13 @@ def _modem_status(mcr: int) -> int:
 
 class Uart8250:
     """The register file of one 16550A.  ``pulse`` raises the IRQ edge; ``transmit``
-    takes each byte the guest sends (outside loopback)."""
+    takes each byte the guest sends (outside loopback).
+
+    ``vcpu_safe``: the registers are plain state and the callbacks are safe off the loop
+    (the backend wakes its tasks with ``loopgate.on_loop``), so a guest's port accesses
+    are answered on the vCPU thread while the loop sleeps (``loopgate.py``)."""
+
+    vcpu_safe = True
 
     def __init__(
         self,

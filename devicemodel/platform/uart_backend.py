@@ -20,6 +20,7 @@ import trio
 
 from ..chardev import HostEnd, listen_tcp, listen_unix, open_file, open_pty, open_stdio, open_tty
 from ..errors import ConfigError
+from ..loopgate import on_loop
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,20 @@ class UartBackend:
         self._deliver = deliver
 
     def space_changed(self) -> None:
-        self._space_event.set()
+        """The guest took bytes from the FIFO (a port handler: on the loop, or on a
+        request thread behind the loop gate: the reader task is woken on the loop)."""
+        if not self._space_event.is_set():
+            on_loop(self._space_event.set)
 
     def send(self, byte: int) -> None:
-        """One byte from the guest (called from a port handler: never blocks)."""
+        """One byte from the guest (a port handler, on the loop or behind the loop gate:
+        never blocks; the writer task is woken on the loop)."""
         if len(self._out) >= self.limit:
             self.dropped += 1
             return
         self._out.append(byte)
-        self._out_event.set()
+        if not self._out_event.is_set():
+            on_loop(self._out_event.set)
 
     # --- tasks ----------------------------------------------------------------------------
     async def run(self) -> None:

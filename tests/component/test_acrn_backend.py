@@ -12,6 +12,8 @@ import errno
 import logging
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -498,3 +500,96 @@ def test_acrn_backend_without_hsm_on_this_machine():
 
     with pytest.raises(HypervisorError, match="no ACRN HSM device"):
         open_hypervisor("acrn")
+
+
+# --- the waiter thread: one long-lived thread in ATTACH, answers on it when it can ---------
+
+
+class ThreadRecorder(Recorder):
+    """Records which thread answered each access."""
+
+    def __init__(self, answer: int, *, safe: bool) -> None:
+        super().__init__(answer=answer)
+        self.vcpu_safe = safe
+        self.threads: list[int] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.threads.append(threading.get_ident())
+        return super().read(offset, size)
+
+
+async def _serve_posts(fake: FakeHsm, hv: AcrnHypervisor, dev: ThreadRecorder, n: int) -> None:
+    page = new_ioreq_page()
+    hv.create_vm("vm1", page)
+    ports = PortBus()
+    ports.register(0x510, 8, dev, "rec")
+    server = IoreqServer(hv, page, 2, ports, MmioBus())
+    hv.create_ioreq_client()
+    hv.start_vm()
+    def guest() -> None:  # the vCPUs, on another thread as the real ones are
+        for i in range(n):
+            fake.post(i % 2, PORTIO, READ, 0x512, 1)
+            deadline = time.monotonic() + 5
+            while len(fake.notified) != i + 1:
+                assert time.monotonic() < deadline, "request not completed"
+                time.sleep(0.0002)
+            assert fake.slot(i % 2)[88] == 0x5A
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve)
+        await trio.to_thread.run_sync(guest)
+        hv.destroy_ioreq_client()
+
+
+async def test_a_vcpu_safe_handler_is_answered_on_the_waiter_thread_without_the_loop():
+    fake, hv = new_hv(FakeHsm(vcpu_num=2))
+    dev = ThreadRecorder(0x5A, safe=True)
+    threads_before = threading.active_count()
+    await _serve_posts(fake, hv, dev, 40)
+    # the loop sleeps while the guest thread posts: the waiter answers (the loop only
+    # when it happened to be awake, e.g. at the start)
+    loop = threading.get_ident()
+    waiter_threads = set(dev.threads) - {loop}
+    assert len(waiter_threads) == 1 and dev.threads.count(loop) <= 2
+    assert fake.notified == [i % 2 for i in range(40)]
+    notify = [arg for req, arg in fake.calls if req == NOTIFY]
+    assert notify[:2] == [struct.pack("<HHI", 3, 0, 0), struct.pack("<HHI", 3, 0, 1)]
+    assert threading.active_count() <= threads_before + 1  # no thread per request
+    hv.close()
+
+
+async def test_a_handler_on_the_loop_gets_one_wake_per_request_from_one_thread():
+    fake, hv = new_hv(FakeHsm(vcpu_num=2))
+    dev = ThreadRecorder(0x5A, safe=False)
+    attach_threads: set[int] = set()
+    orig = fake._attach
+
+    def attach():
+        attach_threads.add(threading.get_ident())
+        return orig()
+
+    fake._attach = attach  # type: ignore[method-assign]
+    await _serve_posts(fake, hv, dev, 40)
+    assert set(dev.threads) == {threading.get_ident()}  # the loop answered
+    assert len(attach_threads) == 1  # one long-lived waiter, not a thread per wake
+    hv.close()
+
+
+async def test_a_notify_failure_on_the_waiter_thread_stops_the_server_as_on_the_loop():
+    fake, hv = new_hv(FakeHsm(vcpu_num=2))
+    page = new_ioreq_page()
+    hv.create_vm("vm1", page)
+    ports = PortBus()
+    ports.register(0x510, 8, ThreadRecorder(0x5A, safe=True), "rec")
+    server = IoreqServer(hv, page, 2, ports, MmioBus())
+    hv.create_ioreq_client()
+    fake.errors[NOTIFY] = [errno.EINVAL]
+    with pytest.raises(ExceptionGroup) as caught:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve)
+            await trio.to_thread.run_sync(fake.post, 0, PORTIO, READ, 0x512, 1)
+            with trio.fail_after(5):
+                await trio.sleep_forever()
+    (error,) = caught.value.exceptions
+    assert isinstance(error, HypervisorError) and "NOTIFY_REQUEST_FINISH" in str(error)
+    hv.close()

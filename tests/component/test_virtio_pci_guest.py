@@ -271,3 +271,41 @@ async def test_hostile_ring_needs_reset_and_others_go_on(image: Path) -> None:
         await blk.reset()
         await blk.init()
         assert not await blk.get_status() & STATUS_DEVICE_NEEDS_RESET
+
+
+async def test_blk_queues_behind_an_ioeventfd_are_served_on_a_data_plane_thread(
+        image: Path) -> None:
+    """With the backend's ioeventfd, the queue's kicks wake a data-plane thread of its own
+    (the loop stops watching that doorbell), which serves the ring and signals the irqfd;
+    a status-0 reset ends the thread and gives the doorbell back to the loop, and the next
+    activation gets a new thread."""
+    import threading
+
+    async with vm_with(f"3,virtio-blk,{image},modern") as (vm, sim, pci):
+        t: VirtioPci = vm.device(3)
+        assert t.doorbells is not None
+        trapped = count_trapped_kicks(t)
+
+        def planes() -> list[str]:
+            return [th.name for th in threading.enumerate() if th.name == f"{t.name}-q0"]
+
+        drv = await VirtioPciDriver.probe(sim, pci, 3, legacy=False)
+        for round_ in range(2):
+            await drv.init()
+            await drv.enable_msix(2)
+            await drv.set_config_vector(0)
+            q = await drv.setup_queue(0, vector=1)
+            await drv.driver_ok()
+            payload = bytes([round_ + 1]) * 4096
+            w = blk_write(q, 8 + 16 * round_, payload)
+            await drv.kick(0)
+            await drv.wait_msi(1)
+            assert await drv.wait_used(0) == [(w, 1)] and blk_status(q, w) == 0
+            assert len(planes()) == 1  # one thread for the queue, not one per request
+            assert 0 not in t.doorbells._watchers  # the loop no longer reads its eventfd
+            await drv.reset()
+            assert planes() == [] and 0 in t.doorbells._watchers
+        data = image.read_bytes()
+        assert data[8 * 512:8 * 512 + 4096] == b"\1" * 4096
+        assert data[24 * 512:24 * 512 + 4096] == b"\2" * 4096
+        assert trapped == [] and t.irqfd_sent >= 2

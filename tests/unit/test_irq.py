@@ -237,6 +237,19 @@ def test_irqfd_that_cannot_be_made_falls_back_to_injecting():
     t.close()
 
 
+def test_an_irqfd_eventfd_that_cannot_be_written_falls_back_to_injecting():
+    """(The GIL-holding eventfd write reports failure instead of raising.)"""
+    fds, direct = FakeEventfds(), Injected()
+    d = IrqfdDelivery(fds, direct, 1)
+    t = MsixTable(1, d)
+    t.set_control(True, False)
+    t.write_table(0, 8, 0xFEE0_0000)
+    t.write_table(12, 4, 0)
+    os.eventfd_write(d.fds[0], 0xFFFF_FFFF_FFFF_FFFE)  # the counter is full: EAGAIN
+    assert t.send(0) and direct.msis == [(0xFEE0_0000, 0)] and d.sent == 0
+    t.close()
+
+
 class FakePhysical:
     """A multi-message MSI device's mask and pending registers."""
 

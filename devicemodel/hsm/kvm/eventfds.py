@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 
 from ..base import HypervisorError
 from ..hsm_dispatch import HsmDispatcher, IoEventFdReg
@@ -32,6 +33,9 @@ class EventFds:
         self._ioeventfds: dict[IoEventFdReg, k.KvmIoeventfd | None] = {}
         #: irqfd → the GSI of its MSI route
         self._irqfds: dict[int, int] = {}
+        #: irqfd routes are assigned on first use, which may be on a data-plane thread
+        #: while the loop (re)routes another function's vector: one at a time
+        self._irqfd_lock = threading.Lock()
 
     def ioeventfd(self, fd: int, address: int, length: int, *, pio: bool,
                   datamatch: int | None = None, deassign: bool = False) -> None:
@@ -74,6 +78,10 @@ class EventFds:
 
     def irqfd(self, fd: int, address: int, data: int, *, deassign: bool = False) -> None:
         """KVM_IRQFD on a GSI whose routing entry is the MSI (address, data)."""
+        with self._irqfd_lock:
+            self._irqfd(fd, address, data, deassign)
+
+    def _irqfd(self, fd: int, address: int, data: int, deassign: bool) -> None:
         kirq = k.KvmIrqfd()
         kirq.fd = fd
         if deassign:

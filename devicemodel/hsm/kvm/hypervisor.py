@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import abi
-from ..base import Hypervisor, HypervisorError, VcpuRegs, VmInfo
+from ..base import Hypervisor, HypervisorError, InlineServer, VcpuRegs, VmInfo
 from ..hsm_dispatch import HsmDispatcher
 from . import uapi as k
 from .cpu import PowerOnState, load_acrn_regs, supported_cpuid, vcpu_cpuid
@@ -255,15 +255,22 @@ class KvmHypervisor(Hypervisor):
             self._vm.requests.destroy_client()
 
     def notify_request_finish(self, vcpu: int) -> None:
-        vm = self._need_vm()
+        vm = self._vm  # (not _need_vm: every request comes here, keep it short)
+        if vm is None:
+            self._need_vm()
         if not 0 <= vcpu < self.vcpu_num:
             raise HypervisorError(f"NOTIFY_REQUEST_FINISH: vcpu {vcpu} invalid", errno.EINVAL)
-        vm.requests.finish(vcpu)
+        vm.requests.finish(vcpu)  # type: ignore[union-attr]
 
     def clear_vm_ioreq(self) -> None:
         vm = self._need_vm()
         vm.dispatcher.clearing = True
         vm.requests.clear()
+
+    def set_inline_server(self, server: InlineServer | None) -> None:
+        """The vCPU threads answer what they can themselves (``requests.py``)."""
+        if self._vm is not None:
+            self._vm.requests.inline = server.serve_here if server is not None else None
 
     # --- interrupts -------------------------------------------------------------------
     def inject_msi(self, address: int, data: int) -> None:

@@ -146,6 +146,19 @@ class VirtioPci(VirtioFunction):
                 for i in range(len(self.queues)):
                     dev.queue_notify(i)
 
+    # --- a data-plane thread's kicks (the VirtioInterrupt's optional part) -----------------
+    def take_kick_fd(self, index: int) -> int | None:
+        """Queue ``index``'s doorbell eventfd for the device's data-plane thread (a
+        duplicate it closes; the loop stops watching it): the kick wakes that thread
+        directly and its interrupts go out through the irq layer, safe from any thread.
+        None (served on the loop): the backend has no ioeventfds."""
+        return self.doorbells.take(index) if self.doorbells is not None else None
+
+    def reset_device(self) -> None:
+        super().reset_device()  # the device's reset stopped its data-plane threads
+        if self.doorbells is not None:
+            self.doorbells.give_back()
+
     @property
     def rescan(self) -> Callable[..., Any]:
         """The device's image swap (the monitor's ``blkrescan``); absent if it has none."""
