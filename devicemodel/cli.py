@@ -67,6 +67,7 @@ our own:
   --hv acrn|kvm|sim              hypervisor backend (default: acrn with /dev/acrn_hsm,
                                  else kvm where /dev/kvm works, else sim)
   --shutdown_timeout <s>         on SIGTERM, seconds the guest gets to power off (default 60)
+  --monitor_idle_timeout <s>     close a --cmd_monitor client idle this long (default 30)
 environment: ACRN_PYDM_RUNTIME_DIR (instance locks; default /run/acrn-pydm),
   ACRN_PYDM_LOG_DIR (disk logger; default /var/log/acrn-dm), NOTIFY_SOCKET, WATCHDOG_USEC
 """

@@ -8,6 +8,7 @@ a hostile guest can never make us touch memory outside its RAM.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
 import struct
@@ -190,9 +191,12 @@ def check_memsize(size: int) -> None:
 
 
 def _memfd_region(gpa: int, size: int, name: str) -> RamRegion:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """A region of our own RAM; sealed against resizing (as QEMU's memory-backend-memfd
+    does), since the fd is handed to vhost-user peers and a shrunk file would fault here."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)

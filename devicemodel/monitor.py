@@ -12,14 +12,23 @@ The monitor is a control plane reachable by any local client with access to the 
 (mode 0600): a malformed, oversized or unknown request gets an error reply and the
 connection stays usable; the line length and the number of clients are bounded; nothing a
 client sends can end the server or the VM except the commands that are meant to.
+
+Seats are not held forever: a client that completes no request for ``idle_timeout``
+seconds (``monitor_idle_timeout``, 30 by default; bytes that do not make a request do not
+count), or that does not read its replies within that time, is told so and closed, so
+eight silent or slow connections cannot lock everyone else out. Replies are strict JSON:
+a request with a number JSON cannot carry (``NaN``, ``Infinity``, ``1e999``) is refused,
+and a reply that cannot be written as JSON becomes an error reply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -29,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .config import DEFAULT_MONITOR_IDLE_TIMEOUT
 from .errors import ConfigError
 from .ratelimit import RateLimitedLog
 from .vmm.lifecycle import Lifecycle
@@ -40,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 4096
 MAX_CLIENTS = 8
+IDLE_TIMEOUT = DEFAULT_MONITOR_IDLE_TIMEOUT
 
 
 class MonitorError(Exception):
@@ -69,6 +80,42 @@ def _whole_object(buf: bytearray) -> bool:
         return False
 
 
+class _NotJson(ValueError):
+    """A number JSON cannot carry."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise _NotJson(f"{text[:40]} is out of range for a JSON number")
+    return value
+
+
+def strict_loads(data: bytes | str) -> Any:
+    """json.loads without Python's extensions: NaN, Infinity and overflowing numbers are
+    errors (a reply echoing them would not be JSON)."""
+    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite)
+
+
+def encode_reply(obj: dict[str, Any]) -> bytes:
+    """One reply line, strict JSON; what cannot be written becomes an error reply."""
+    clean = {k: v for k, v in obj.items() if not k.startswith("_")}
+    try:
+        text = json.dumps(clean, separators=(",", ":"), allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as e:
+        error: dict[str, Any] = {"ok": False,
+                                 "error": f"the reply cannot be written as JSON: {e}"[:200]}
+        rid = clean.get("id")
+        if isinstance(rid, str | bool | int) or rid is None:
+            error["id"] = rid
+        text = json.dumps(error, separators=(",", ":"), allow_nan=False, default=str)
+    return text.encode() + b"\n"
+
+
 def _json_safe(obj: Any) -> Any:
     """Counters as JSON: numbers, strings and booleans survive, anything else is a string."""
     if isinstance(obj, bool | int | float | str) or obj is None:
@@ -82,11 +129,14 @@ def _json_safe(obj: Any) -> Any:
 
 class Monitor:
     def __init__(self, vm: Vm, path: str, *, max_clients: int = MAX_CLIENTS,
-                 max_line: int = MAX_LINE) -> None:
+                 max_line: int = MAX_LINE, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        """``idle_timeout``: seconds a client may take to complete each request and to
+        read each reply (0: no limit)."""
         self.vm = vm
         self.path = path
         self.max_clients = max_clients
         self.max_line = max_line
+        self.idle_timeout = idle_timeout or math.inf
         self.clients = 0
         self.lifecycle, self._owns_lifecycle = Lifecycle.of(vm)
         self._rl = RateLimitedLog(log)
@@ -147,9 +197,11 @@ class Monitor:
     async def _client(self, stream: trio.SocketStream) -> None:
         async with stream:
             if self.clients >= self.max_clients:
-                await self._send(stream, {"ok": False,
-                                          "error": f"too many clients (at most "
-                                                   f"{self.max_clients}); try again later"})
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._send(stream, {
+                        "ok": False, "error": f"too many clients (at most "
+                                              f"{self.max_clients}); try again later"},
+                        timeout=1)
                 return
             self.clients += 1
             try:
@@ -159,11 +211,20 @@ class Monitor:
             finally:
                 self.clients -= 1
 
-    async def _lines(self, stream: trio.SocketStream) -> None:
+    async def _lines(self, stream: trio.abc.Stream) -> None:
         buf = bytearray()
         discarding = False
+        deadline = trio.current_time() + self.idle_timeout  # for the next whole request
         while True:
-            data = await stream.receive_some(65536)
+            data = None
+            with trio.move_on_at(deadline):
+                data = await stream.receive_some(65536)
+            if data is None:
+                self._rl.warning("monitor client idle for %g s: closing it", self.idle_timeout)
+                await self._send(stream, {"ok": False, "error": (
+                    f"no request for {self.idle_timeout:g} s; closing the connection")},
+                    timeout=1)
+                return
             if not data:
                 return
             buf += data
@@ -191,6 +252,7 @@ class Monitor:
                     continue
                 reply = await self.handle_line(line)
                 await self._send(stream, reply)
+                deadline = trio.current_time() + self.idle_timeout
                 after = reply.pop("_after", None)
                 if after is not None:
                     after()
@@ -199,15 +261,20 @@ class Monitor:
         return {"ok": False, "error": f"request longer than {self.max_line} bytes; "
                                       "send one JSON object per line"}
 
-    @staticmethod
-    async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
-        clean = {k: v for k, v in obj.items() if not k.startswith("_")}
-        await stream.send_all(json.dumps(clean, separators=(",", ":")).encode() + b"\n")
+    async def _send(self, stream: trio.abc.Stream, obj: dict[str, Any], *,
+                    timeout: float | None = None) -> None:
+        """One reply; a client that does not read it within the idle timeout is cut off
+        (trio.BrokenResourceError, which ends the connection)."""
+        with trio.move_on_after(self.idle_timeout if timeout is None else timeout) as scope:
+            await stream.send_all(encode_reply(obj))
+        if scope.cancelled_caught:
+            self._rl.warning("monitor client does not read its replies: closing it")
+            raise trio.BrokenResourceError("the client does not read its replies")
 
     # --- requests -------------------------------------------------------------------------
     async def handle_line(self, line: bytes) -> dict[str, Any]:
         try:
-            req = json.loads(line)
+            req = strict_loads(line)
         except (ValueError, RecursionError) as e:
             return {"ok": False, "error": f"malformed JSON: {str(e)[:100]}; "
                                           'send e.g. {"cmd": "status"}'}
@@ -461,7 +528,8 @@ async def serve_monitor(vm: Vm, *, task_status: trio.TaskStatus[None] = trio.TAS
     """A VM service (``vmm.vm.Vm``'s ``services``): serve ``config.cmd_monitor`` for the
     VM's life."""
     assert vm.config.cmd_monitor is not None
-    await Monitor(vm, vm.config.cmd_monitor).serve(task_status=task_status)
+    await Monitor(vm, vm.config.cmd_monitor, idle_timeout=vm.config.monitor_idle_timeout
+                  ).serve(task_status=task_status)
 
 
 __all__ = ["Monitor", "MonitorError", "serve_monitor"]

@@ -29,6 +29,7 @@ from .acrn_args import (
 from .logger_setting import LOGGERS, parse_logger_setting
 from .model import (
     DEFAULT_MEMSIZE,
+    DEFAULT_MONITOR_IDLE_TIMEOUT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HYPERVISORS,
     LPC_DEVICES,
@@ -44,6 +45,7 @@ from .values import (
     parse_hv,
     parse_lpc,
     parse_mem,
+    parse_monitor_idle_timeout,
     parse_ovmf,
     parse_shutdown_timeout,
     parse_slot,
@@ -52,10 +54,11 @@ from .values import (
 )
 
 __all__ = [
-    "ACRN_EMULS", "DEFAULT_MEMSIZE", "DEFAULT_SHUTDOWN_TIMEOUT", "HYPERVISORS", "LOGGERS",
-    "LPC_DEVICES", "OBSOLETE_EMULS", "OBSOLETE_OPTIONS", "UNSUPPORTED_OPTIONS", "VM_NAME_MAX",
-    "ConfigError", "HelpRequested", "LpcConfig", "OvmfConfig", "SlotConfig", "VersionRequested",
-    "VmConfig", "format_memsize", "parse_args", "parse_cpu_affinity", "parse_hv", "parse_lpc",
-    "parse_logger_setting", "parse_mem", "parse_ovmf", "parse_shutdown_timeout", "parse_slot",
+    "ACRN_EMULS", "DEFAULT_MEMSIZE", "DEFAULT_MONITOR_IDLE_TIMEOUT", "DEFAULT_SHUTDOWN_TIMEOUT",
+    "HYPERVISORS", "LOGGERS", "LPC_DEVICES", "OBSOLETE_EMULS", "OBSOLETE_OPTIONS",
+    "UNSUPPORTED_OPTIONS", "VM_NAME_MAX", "ConfigError", "HelpRequested", "LpcConfig",
+    "OvmfConfig", "SlotConfig", "VersionRequested", "VmConfig", "format_memsize", "parse_args",
+    "parse_cpu_affinity", "parse_hv", "parse_lpc", "parse_logger_setting", "parse_mem",
+    "parse_monitor_idle_timeout", "parse_ovmf", "parse_shutdown_timeout", "parse_slot",
     "parse_slot_address", "parse_virtio_poll", "validate",
 ]

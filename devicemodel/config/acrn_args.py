@@ -21,6 +21,7 @@ from .values import (
     parse_hv,
     parse_lpc,
     parse_mem,
+    parse_monitor_idle_timeout,
     parse_ovmf,
     parse_shutdown_timeout,
     parse_slot,
@@ -62,7 +63,7 @@ _LONG: dict[str, bool] = {
     "--pm_notify_channel": True, "--pm_by_vuart": True, "--windows": False,
     "--virtio_msi": False,
     # ours
-    "--hv": True, "--shutdown_timeout": True,
+    "--hv": True, "--shutdown_timeout": True, "--monitor_idle_timeout": True,
 }
 #: acrn-dm options we do not implement: refused by name (and why, where it is a choice)
 UNSUPPORTED_OPTIONS: dict[str, str] = {
@@ -251,6 +252,8 @@ def _apply(cfg: VmConfig, opt: str, val: str) -> None:
         cfg.hv = parse_hv(val)
     elif opt == "--shutdown_timeout":
         cfg.shutdown_timeout = parse_shutdown_timeout(val)
+    elif opt == "--monitor_idle_timeout":
+        cfg.monitor_idle_timeout = parse_monitor_idle_timeout(val)
     elif opt == "--debugexit":
         cfg.debugexit = True
     elif opt == "--virtio_msi":

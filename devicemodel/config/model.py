@@ -19,6 +19,8 @@ DEFAULT_MEMSIZE = 256 * MiB
 HYPERVISORS = ("acrn", "kvm", "sim")
 VM_NAME_MAX = 15  # acrn-dm: MAX_VM_NAME_LEN 16 including the NUL
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0
+#: seconds a monitor client may stay without completing a request (0: no limit)
+DEFAULT_MONITOR_IDLE_TIMEOUT = 30.0
 LPC_DEVICES = ("com1", "com2", "com3", "com4", "com5")
 
 
@@ -84,6 +86,8 @@ class VmConfig:
     hv: str | None = None
     #: seconds a guest gets to power off after SIGTERM/``poweroff`` before it is destroyed
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: seconds a monitor client may go without completing a request before it is closed
+    monitor_idle_timeout: float = DEFAULT_MONITOR_IDLE_TIMEOUT
     #: what the parser ignored on purpose (obsolete acrn-dm options); logged at start
     warnings: list[str] = field(default_factory=list, compare=False, repr=False)
 
@@ -160,6 +164,8 @@ class VmConfig:
             out += ["--acpidev_pt", adev.to_arg()]
         if self.shutdown_timeout != DEFAULT_SHUTDOWN_TIMEOUT:
             out += ["--shutdown_timeout", f"{self.shutdown_timeout:g}"]
+        if self.monitor_idle_timeout != DEFAULT_MONITOR_IDLE_TIMEOUT:
+            out += ["--monitor_idle_timeout", f"{self.monitor_idle_timeout:g}"]
         for lpc in self.lpc:
             out += ["-l", lpc.to_arg()]
         for s in self.slots:
@@ -177,6 +183,7 @@ def format_memsize(size: int) -> str:
 
 
 __all__ = [
-    "DEFAULT_MEMSIZE", "DEFAULT_SHUTDOWN_TIMEOUT", "HYPERVISORS", "LPC_DEVICES", "VM_NAME_MAX",
+    "DEFAULT_MEMSIZE", "DEFAULT_MONITOR_IDLE_TIMEOUT", "DEFAULT_SHUTDOWN_TIMEOUT", "HYPERVISORS",
+    "LPC_DEVICES", "VM_NAME_MAX",
     "LpcConfig", "OvmfConfig", "SlotConfig", "VmConfig", "format_memsize",
 ]

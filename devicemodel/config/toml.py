@@ -21,6 +21,7 @@ from ..slot import SlotConfig
 from .acrn_args import LAPIC_PT_ALONE, OBSOLETE_EMULS
 from .logger_setting import LOGGERS, parse_logger_setting
 from .model import (
+    DEFAULT_MONITOR_IDLE_TIMEOUT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     LPC_DEVICES,
     LpcConfig,
@@ -35,6 +36,7 @@ from .values import (
     parse_hv,
     parse_lpc,
     parse_mem,
+    parse_monitor_idle_timeout,
     parse_shutdown_timeout,
     parse_slot_address,
     parse_virtio_poll,
@@ -50,7 +52,8 @@ _ARG_KEYS = {"intr_monitor": ("--intr_monitor", parse_intr_monitor, False),
              "acpidev_pt": ("--acpidev_pt", parse_acpidev_pt, True)}
 TOP_KEYS = ("name", "hv", "memsize", "cpu_affinity", *_STR_KEYS, *_BOOL_KEYS, *_ARG_KEYS,
             "virtio_poll",
-            "logger_setting", "logger", "shutdown_timeout", "ovmf", "lpc", "pci_slot")
+            "logger_setting", "logger", "shutdown_timeout", "monitor_idle_timeout", "ovmf",
+            "lpc", "pci_slot")
 _SLOT_KEYS = ("slot", "emul", "options", "boot")
 _LPC_KEYS = ("device", "backend", "port", "irq")
 _OVMF_KEYS = ("code", "vars", "writeback")
@@ -59,6 +62,7 @@ _EXAMPLES = {
     "cpu_affinity": "cpu_affinity = [1, 2]", "virtio_poll": "virtio_poll = 1000000",
     "logger_setting": 'logger_setting = "console,level=4"',
     "shutdown_timeout": "shutdown_timeout = 60",
+    "monitor_idle_timeout": "monitor_idle_timeout = 30",
 }
 
 
@@ -168,6 +172,16 @@ def from_dict(data: dict[str, Any], *, source: str = "<toml>", default_name: str
         except ConfigError:
             raise ctx.error("shutdown_timeout", t,
                             "expected seconds 0..3600; e.g. shutdown_timeout = 60") from None
+    if "monitor_idle_timeout" in data:
+        t = data["monitor_idle_timeout"]
+        _want(ctx, "monitor_idle_timeout", t, (int, float), "seconds")
+        try:
+            if not math.isfinite(t):
+                raise ConfigError("")
+            cfg.monitor_idle_timeout = parse_monitor_idle_timeout(str(t))
+        except ConfigError:
+            raise ctx.error("monitor_idle_timeout", t, "expected seconds 0..86400 (0: no "
+                            "limit); e.g. monitor_idle_timeout = 30") from None
     _logger(ctx, data, cfg)
     if "ovmf" in data:
         cfg.ovmf = _ovmf(ctx, data["ovmf"])
@@ -529,6 +543,8 @@ def dumps(cfg: VmConfig) -> str:
         lines.append(f"logger_setting = {toml_string(cfg.logger_setting)}")
     if cfg.shutdown_timeout != DEFAULT_SHUTDOWN_TIMEOUT:
         lines.append(f"shutdown_timeout = {toml_value(float(cfg.shutdown_timeout))}")
+    if cfg.monitor_idle_timeout != DEFAULT_MONITOR_IDLE_TIMEOUT:
+        lines.append(f"monitor_idle_timeout = {toml_value(float(cfg.monitor_idle_timeout))}")
     if cfg.ovmf:
         lines += ["", "[ovmf]", f"code = {toml_string(cfg.ovmf.code)}"]
         if cfg.ovmf.vars is not None:

@@ -159,6 +159,17 @@ def parse_shutdown_timeout(text: str) -> float:
     return t
 
 
+def parse_monitor_idle_timeout(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        t = -1.0
+    if not 0 <= t <= 86400:
+        raise ConfigError(f"--monitor_idle_timeout {text}: expected seconds 0..86400 "
+                          "(0: no limit), e.g. 30")
+    return t
+
+
 def parse_hv(text: str, opt: str = "--hv") -> str:
     """``--hv``: one of our backends."""
     if text not in HYPERVISORS:
@@ -167,6 +178,7 @@ def parse_hv(text: str, opt: str = "--hv") -> str:
 
 
 __all__ = [
-    "parse_cpu_affinity", "parse_hv", "parse_lpc", "parse_mem", "parse_ovmf",
+    "parse_cpu_affinity", "parse_hv", "parse_lpc", "parse_mem", "parse_monitor_idle_timeout",
+    "parse_ovmf",
     "parse_shutdown_timeout", "parse_slot", "parse_slot_address", "parse_virtio_poll",
 ]

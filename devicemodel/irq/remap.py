@@ -14,8 +14,10 @@ hypervisor does it). On top of it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 from collections.abc import Callable
 from typing import Protocol
 
@@ -42,14 +44,27 @@ class PhysicalVectors(Protocol):
 
 
 class IrqfdRemapper:
-    """KVM/VFIO: the device signals eventfd k for message k; an irqfd routes it."""
+    """KVM/VFIO: the device signals eventfd k for message k; an irqfd routes it.
+
+    The host kernel owns the device's MSI here (VFIO_DEVICE_SET_IRQS enabled all ``count``
+    messages, and Linux writes the mask register from its own cached copy), so masking is
+    done on our side of the eventfd (``hold``): a held vector's irqfd is detached and its
+    messages wait in the eventfd (``pending``); releasing it attaches the irqfd again,
+    which delivers what waited (KVM's irqfd_assign, as the sim, looks at the count first).
+    Every vector starts held."""
+
+    #: the kernel programs the device (see docs/vmsix-on-msi.md, "Who writes the MSI
+    #: capability")
+    kernel_programs_msi = True
 
     def __init__(self, eventfds: Eventfds, host: MessageSource, count: int) -> None:
         self.count = count
         self.eventfds = eventfds
         self.host = host
         self.fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
-        self._routes: dict[int, tuple[int, int]] = {}
+        self._routes: dict[int, tuple[int, int]] = {}  # wanted
+        self._attached: set[int] = set()  # irqfds registered now
+        self._held = (1 << count) - 1
         try:
             host.message_eventfds(self.fds)
         except BaseException:
@@ -65,16 +80,63 @@ class IrqfdRemapper:
         if self._routes.get(k) == (address, data):
             return True
         self.unroute(k)
+        self._routes[k] = (address, data)
+        if not self._held >> k & 1 and not self._attach(k):
+            del self._routes[k]
+            return False
+        return True
+
+    def unroute(self, k: int) -> None:
+        self._detach(k)
+        self._routes.pop(k, None)
+
+    def hold(self, mask: int) -> None:
+        """Vectors whose bit is set wait in their eventfd; the others reach the guest."""
+        mask &= (1 << self.count) - 1
+        changed, self._held = self._held ^ mask, mask
+        for k in range(self.count):
+            if changed >> k & 1:
+                if mask >> k & 1:
+                    self._detach(k)
+                elif k in self._routes:
+                    self._attach(k)
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def pending(self) -> int:
+        """Held vectors with a message waiting (the eventfd is readable; nothing is read)."""
+        bits = 0
+        poller = select.poll()
+        for k, fd in enumerate(self.fds):
+            if self._held >> k & 1:
+                poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(0):
+            bits |= 1 << self.fds.index(fd)
+        return bits
+
+    def discard_pending(self) -> None:
+        """Forget every message waiting (a reset: the next guest must not receive them)."""
+        for fd in self.fds:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
+
+    def _attach(self, k: int) -> bool:
+        if k in self._attached:
+            return True
+        address, data = self._routes[k]
         try:
             self.eventfds.irqfd(self.fds[k], address, data)
         except Exception as e:
             log.warning("passthru %s: irqfd for message %d failed: %s", self.host.name, k, e)
             return False
-        self._routes[k] = (address, data)
+        self._attached.add(k)
         return True
 
-    def unroute(self, k: int) -> None:
-        if self._routes.pop(k, None) is not None:
+    def _detach(self, k: int) -> None:
+        if k in self._attached:
+            self._attached.discard(k)
             try:
                 self.eventfds.irqfd(self.fds[k], 0, 0, deassign=True)
             except Exception as e:
@@ -92,6 +154,24 @@ class IrqfdRemapper:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+class IrqfdRemapperFactory:
+    """What assembly hands devices as the remapper of a backend with eventfds (KVM)."""
+
+    kernel_programs_msi = True
+
+    def __init__(self, eventfds: Eventfds) -> None:
+        self.eventfds = eventfds
+
+    def __call__(self, source: MessageSource, count: int) -> IrqfdRemapper:
+        return IrqfdRemapper(self.eventfds, source, count)
+
+
+def kernel_programs_msi(factory: object) -> bool:
+    """Whether the remappers ``factory`` makes leave the device's MSI capability to the
+    host kernel (VFIO), so the device model must never write it."""
+    return bool(getattr(factory, "kernel_programs_msi", False))
 
 
 class RemapRoutes:
@@ -216,4 +296,5 @@ class RemapDelivery(MsixDelivery):
         self.routes.close()
 
 
-__all__ = ["IrqfdRemapper", "PhysicalVectors", "RemapDelivery", "RemapRoutes"]
+__all__ = ["IrqfdRemapper", "IrqfdRemapperFactory", "PhysicalVectors", "RemapDelivery",
+           "RemapRoutes", "kernel_programs_msi"]

@@ -25,6 +25,14 @@ Who owns config space depends on the backend:
 
 The BDF is hex, as acrn-dm parses it; ``sim:<vectors>[:<feature>...]`` instead of a BDF
 uses the synthetic SimHostDevice (tests, and trying vMSI-X without the hardware).
+
+Resets reach the hardware. A VM reset does what acrn-dm's deinit/init pair does: the
+guest's view goes back to power-on, the function is reset (sysfs ``reset``, unless
+``no_reset``; ``d3hot_reset`` as at start), and on ACRN the device is deassigned and
+assigned again, so nothing the old guest left pending (a message latched while masked)
+reaches the rebooted one. Where we own config space, a guest's Function Level Reset
+(PCI Express Device Control bit 15, on a device whose Device Capabilities offer FLR) does
+the same for the one function: MSI-X comes back disabled with every entry masked.
 """
 
 from __future__ import annotations
@@ -38,11 +46,21 @@ from ..hsm.base import PciDevAssignment, PtdevIntx
 from ..pci import caps as pcaps
 from ..pci import config as pc
 from ..pci.device import BarKind, PciDevice
-from .host import HostBar, HostPciDevice, PassthroughError, parse_sim_spec
+from .host import (
+    PCIE_DEVCAP,
+    PCIE_DEVCAP_FLR,
+    PCIE_DEVCTL,
+    PCIE_DEVCTL_FLR,
+    HostBar,
+    HostPciDevice,
+    PassthroughError,
+    parse_sim_spec,
+)
 from .igd import RTVM_REFUSAL, IgdPlan, host_lpc_config, is_intel_graphics
 from .igd import plan as igd_plan
+from .kernel_msi import KernelOwnedMsi
 from .msi import PtMsi
-from .remap import remapper_for, remapping_missing
+from .remap import kernel_owns_msi, remapper_for, remapping_missing
 from .vmsix_on_msi import BAR_SIZE, VmsixOnMsi, check_eligible, unused_bars
 
 if TYPE_CHECKING:
@@ -193,14 +211,12 @@ class Passthru(PciDevice):
         self.intx_assignment: PtdevIntx | None = None
         self._assigned = False
         self._found_command = host.config_read(pc.COMMAND, 2)
-        if "no_reset" not in opts.flags:
-            if host.can_reset:
-                host.reset()
-            else:
-                log.info("passthru %s: the device has no function reset", host.name)
-        if "d3hot_reset" in opts.flags:
-            host.d3hot_reset()
+        if "no_reset" not in opts.flags and not host.can_reset:
+            log.info("passthru %s: the device has no function reset", host.name)
+        self._reset_host()
         self._copy_config()
+        #: the guest's Device Control register, if a guest FLR is ours to carry out
+        self._flr_devctl = self._flr_register()
         self._declare_bars()
         self._setup_interrupts(ctx)
         #: the PM capability's offset (guest-writable PowerState), its state as written
@@ -287,6 +303,8 @@ class Passthru(PciDevice):
             if missing:
                 raise PassthroughError(f"passthru {self.host.name}: vmsix_on_msi: {missing}")
             msi, bar = check_eligible(self.host, self.opts.vmsix_bar)
+            if kernel_owns_msi(ctx):
+                msi = KernelOwnedMsi(self.host, msi.offset)
             if self.hv_owned:
                 self._check_hv_bar(bar)
                 # acrn-dm's mode: the BAR only; the hypervisor traps and emulates it
@@ -303,6 +321,8 @@ class Passthru(PciDevice):
             if msi is not None and missing:
                 log.warning("passthru %s: MSI not forwarded: %s", self.host.name, missing)
             elif msi is not None:
+                if kernel_owns_msi(ctx):
+                    msi = KernelOwnedMsi(self.host, msi.offset)
                 self.ptmsi = PtMsi(self.host, msi, self.cfg,
                                    lambda n: remapper_for(ctx, self.host, n))
                 self.watch_config(msi.offset, msi.regs.length,
@@ -412,6 +432,26 @@ class Passthru(PciDevice):
         super().cfg_write(reg, size, value)
         if touches_command and not self.hv_owned:
             self._forward_command()
+        devctl = self._flr_devctl
+        if devctl is not None and reg <= devctl + 1 < reg + size \
+                and (value >> 8 * (devctl + 1 - reg)) & (PCIE_DEVCTL_FLR >> 8):
+            self.function_level_reset()
+
+    def _flr_register(self) -> int | None:
+        """Where the guest's Device Control is, when its FLR bit is ours to act on (we own
+        config space and the device says it can do FLR)."""
+        if self.hv_owned:
+            return None  # ACRN's hypervisor owns config space
+        cap = next((c for c in self.capabilities if c.cap_id == pcaps.CAP_ID_PCIE), None)
+        if cap is None or not self.cfg.get32(cap.offset + PCIE_DEVCAP) & PCIE_DEVCAP_FLR:
+            return None
+        return cap.offset + PCIE_DEVCTL
+
+    def function_level_reset(self) -> None:
+        """The guest set Initiate Function Level Reset: this function back to power-on, the
+        physical function reset, MSI-X disabled with every entry masked."""
+        log.info("passthru %s: function level reset by the guest", self.host.name)
+        self.reset()
 
     def _forward_command(self) -> None:
         cmd = self.cfg.command
@@ -429,27 +469,50 @@ class Passthru(PciDevice):
 
     # --- lifecycle ------------------------------------------------------------------------
     def reset(self) -> None:
+        """VM reset (and a guest FLR): acrn-dm's deinit + init of the function."""
         super().reset()
         if self._pm is not None:
             self._power_state = self.cfg.get16(self._pm + PMCSR) & PMCSR_POWER_STATE
+        self._interrupts_off()
+        reassign = self.hv_owned and self._assigned
+        if reassign:
+            self._unassign()
+        self._reset_host()
+        self._interrupts_off()  # again: a function reset leaves the MSI mask bits clear
+        if reassign:
+            self._assign()
+        if not self.hv_owned:
+            self._forward_command()
+
+    def _interrupts_off(self) -> None:
+        """Our MSI emulation back to power-on: every vector masked, MSI off, no routes."""
         if self.vmsix is not None:
             self.vmsix.reset()
         if self.ptmsi is not None:
             self.ptmsi.reset()
-        if not self.hv_owned:
-            self._forward_command()
+
+    def _reset_host(self) -> None:
+        """The physical function to its power-on state, as the options ask (acrn-dm's
+        ``reset`` and ``d3hot_reset``)."""
+        if "no_reset" not in self.opts.flags and self.host.can_reset:
+            self.host.reset()
+        if "d3hot_reset" in self.opts.flags:
+            self.host.d3hot_reset()
+
+    def _unassign(self) -> None:
+        try:
+            if self.intx_assignment is not None:
+                self.service.reset_ptdev_intr(self.intx_assignment)
+            if self.assignment is not None:
+                self.service.deassign_pcidev(self.assignment)
+        except Exception as e:
+            log.warning("passthru %s: DEASSIGN failed: %s", self.host.name, e)
+        self._assigned = False
 
     def close(self) -> None:
         try:
             if self._assigned:
-                try:
-                    if self.intx_assignment is not None:
-                        self.service.reset_ptdev_intr(self.intx_assignment)
-                    if self.assignment is not None:
-                        self.service.deassign_pcidev(self.assignment)
-                except Exception as e:
-                    log.warning("passthru %s: DEASSIGN failed: %s", self.host.name, e)
-                self._assigned = False
+                self._unassign()
             if self.vmsix is not None:
                 self.vmsix.close()
             if self.ptmsi is not None:

@@ -165,6 +165,9 @@ class HostPciDevice(ABC):
 class HostMsi:
     """A physical MSI capability, programmed as a device driver programs it."""
 
+    #: False: we write the capability (sim backend); True: the host kernel does (VFIO)
+    kernel_owned = False
+
     def __init__(self, host: HostPciDevice, offset: int) -> None:
         self.host = host
         self.offset = offset
@@ -178,6 +181,9 @@ class HostMsi:
     @property
     def count(self) -> int:
         return 1 << self.mmc
+
+    def bind(self, routes: object) -> None:
+        """The emulation's interrupt routes (used when the kernel owns the MSI)."""
 
     @property
     def control(self) -> int:
@@ -252,8 +258,16 @@ SIM_PM_OFF = 0x40
 SIM_MSI_OFF = 0x50
 SIM_VENDOR_CAP_OFF = 0x68
 SIM_MSIX_OFF = 0x70
+SIM_PCIE_OFF = 0x80
+#: Device Capabilities bit 28: Function Level Reset Capability
+PCIE_DEVCAP_FLR = 1 << 28
+#: Device Control bit 15: Initiate Function Level Reset (reads 0)
+PCIE_DEVCTL_FLR = 1 << 15
+#: offsets inside the PCI Express capability
+PCIE_DEVCAP = 4
+PCIE_DEVCTL = 8
 
-SIM_FEATURES = ("nomask", "32bit", "msix", "nomsi", "allbars", "igd")
+SIM_FEATURES = ("nomask", "32bit", "msix", "nomsi", "allbars", "flr", "igd")
 #: ``igd``: an Intel integrated GPU (TGL GT2, gen 12) at host 00:02.0, with 64 MiB of
 #: stolen memory (BDSM) and an OpRegion (ASLS), and the host LPC bridge it pairs with
 SIM_IGD_DEVICE, SIM_IGD_GGC, SIM_IGD_BDSM, SIM_IGD_ASLS = 0x9A49, 0x0200, 0x7B00_0001, \
@@ -270,7 +284,8 @@ class SimHostDevice(HostPciDevice):
     vendor capability at 0x68 (so the MSI capability has a next pointer to keep).
     ``features`` make the ineligible variants: ``nomask`` (no per-vector masking),
     ``32bit``, ``msix`` (an MSI-X capability too), ``nomsi``, ``allbars`` (all six BARs
-    implemented).
+    implemented); ``flr`` adds a PCI Express capability (at 0x80) whose Device
+    Capabilities offer Function Level Reset.
     """
 
     def __init__(self, vectors: int = 4, *, bdf: int = 0xFE00,
@@ -284,6 +299,10 @@ class SimHostDevice(HostPciDevice):
             raise PassthroughError(
                 f"passthru sim:{vectors}: the vector count must be a power of two in 1..32"
             )
+        if "flr" in features and "igd" in features:
+            # a GPU's BDSM (0xC0) and ASLS (0xFC) leave no room for a PCI Express capability
+            raise PassthroughError("passthru sim: 'flr' and 'igd' cannot be combined; "
+                                   "drop one of them")
         self.vectors = vectors
         self.features = tuple(features)
         self.phys_bdf = 0x0010 if "igd" in features else bdf & 0xFFFF
@@ -293,6 +312,8 @@ class SimHostDevice(HostPciDevice):
         self.name = f"0000:{bdf >> 8:02x}:{(bdf >> 3) & 0x1F:02x}.{bdf & 7}"
         self._sink: MessageSink | None = None
         self._eventfds: list[int] | None = None
+        #: the host kernel's copy of the MSI mask word while VFIO owns the MSI
+        self.kernel_mask = 0
         #: what happened, for tests: messages sent, INTx assertions, resets, lost messages
         self.sent: list[tuple[int, int]] = []
         self.intx_asserts = 0
@@ -335,6 +356,9 @@ class SimHostDevice(HostPciDevice):
         if "msix" in self.features:
             msix = pcaps.msix_cap(self.vectors, bir=0, table_offset=0x800)
             chain.append((SIM_MSIX_OFF + shift, msix.data, msix.wmask))
+        if "flr" in self.features:
+            pcie = pcaps.pcie_cap(dev_caps=PCIE_DEVCAP_FLR)
+            chain.append((SIM_PCIE_OFF, pcie.data, pcie.wmask))
         cs.set8(pc.CAP_PTR, chain[0][0])
         cs.set_status_bits(pc.STATUS_CAP_LIST, True)
         for i, (off, data, wmask) in enumerate(chain):
@@ -379,16 +403,47 @@ class SimHostDevice(HostPciDevice):
         self.bar0[offset : offset + size] = (value & _ONES[size]).to_bytes(size, "little")
 
     def reset(self) -> bool:
+        """A function reset: back to power-on (pending messages are forgotten); the
+        per-message eventfds VFIO gave it stay (the kernel restores MSI after a reset)."""
         self.resets += 1
         self.bar0 = bytearray(SIM_BAR0_SIZE)
         self._build()
+        if self._eventfds is not None and self._msi is not None:
+            self._kernel_msi(True)  # the kernel restores its MSI state after a reset
         return True
 
     def connect_interrupts(self, sink: MessageSink | None) -> None:
         self._sink = sink
 
     def message_eventfds(self, fds: list[int] | None) -> None:
+        """What VFIO_DEVICE_SET_IRQS does to a real device: the host kernel enables MSI
+        for ``len(fds)`` messages, programs its own message, unmasks them (request_irq)
+        and disables INTx; ``None`` masks, disables MSI and gives INTx back. The kernel's
+        copy of the mask word is ``kernel_mask`` (Linux writes it back whole)."""
         self._eventfds = list(fds) if fds is not None else None
+        if self._msi is not None:
+            self._kernel_msi(fds is not None)
+
+    def _kernel_msi(self, on: bool) -> None:
+        assert self._msi is not None
+        off = self._msi
+        ctrl = self.cs.get16(off + 2) & ~(pcaps.MSI_CTRL_MME_MASK | pcaps.MSI_CTRL_ENABLE)
+        regs = self._regs()
+        n = len(self._eventfds or ())
+        mme = max(0, (n - 1).bit_length()) if on else 0
+        self.kernel_mask = 0 if on else (1 << self.vectors) - 1
+        if regs.mask is not None:
+            self.cs.set32(off + regs.mask, self.kernel_mask)
+        if on:
+            self.cs.set32(off + 4, 0xFEE0_0000)  # the host's own vector, not the guest's
+            self.cs.set16(off + regs.data, 0)
+            self.cs.set16(off + 2, ctrl | mme << pcaps.MSI_CTRL_MME_SHIFT
+                          | pcaps.MSI_CTRL_ENABLE)
+        else:
+            self.cs.set16(off + 2, ctrl)
+        cmd = self.cs.command
+        self.cs.set16(pc.COMMAND, (cmd | pc.CMD_INTX_DISABLE) if on
+                      else (cmd & ~pc.CMD_INTX_DISABLE))
 
     # --- the device's interrupt logic ---------------------------------------------------------
     def fire(self, k: int) -> None:
@@ -485,6 +540,7 @@ def parse_sim_spec(spec: str, bdf: int) -> SimHostDevice:
 
 
 __all__ = [
-    "HostBar", "HostMsi", "HostPciDevice", "MessageSink", "MsiState", "PassthroughError",
-    "SimHostDevice", "parse_sim_spec",
+    "PCIE_DEVCAP", "PCIE_DEVCAP_FLR", "PCIE_DEVCTL", "PCIE_DEVCTL_FLR", "HostBar", "HostMsi",
+    "HostPciDevice", "MessageSink", "MsiState", "PassthroughError", "SimHostDevice",
+    "parse_sim_spec",
 ]

@@ -38,6 +38,7 @@ class PtMsi:
         self.cfg = cfg
         self.offset = msi.offset
         self.routes = RemapRoutes(host.name, msi.count, remapper_factory)
+        msi.bind(self.routes)
         self._found: MsiState = msi.save()
         self._found_intx_disable = bool(host.config_read(pc.COMMAND, 2) & pc.CMD_INTX_DISABLE)
         self._install()
@@ -80,11 +81,13 @@ class PtMsi:
 
     def config_written(self, reg: int, size: int) -> None:
         enabled, mme, address, data, mask = self._guest()
+        ours = not self.msi.kernel_owned  # INTx Disable is the kernel's under VFIO
         if not enabled:
             if self.msi.enabled:
                 self.msi.set_mask((1 << self.msi.count) - 1)
                 self.msi.disable()
-                self.host.set_intx_disable(bool(self.cfg.command & pc.CMD_INTX_DISABLE))
+                if ours:
+                    self.host.set_intx_disable(bool(self.cfg.command & pc.CMD_INTX_DISABLE))
             self.routes.unroute_all()
             return
         n = 1 << mme
@@ -100,11 +103,12 @@ class PtMsi:
         ctrl = self.msi.control
         cur_mme = (ctrl & pcaps.MSI_CTRL_MME_MASK) >> pcaps.MSI_CTRL_MME_SHIFT
         if not ctrl & pcaps.MSI_CTRL_ENABLE or cur_mme != mme:
-            self.host.set_intx_disable(True)
+            if ours:
+                self.host.set_intx_disable(True)
             self.msi.enable(mme)
 
     def guest_intx_disable(self, disabled: bool) -> None:
-        if not self.msi.enabled:
+        if not self.msi.enabled and not self.msi.kernel_owned:
             self.host.set_intx_disable(disabled)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -118,7 +122,8 @@ class PtMsi:
             self.msi.set_mask((1 << self.msi.count) - 1)
             self.msi.disable()
             self.msi.restore(self._found)
-            self.host.set_intx_disable(self._found_intx_disable)
+            if not self.msi.kernel_owned:
+                self.host.set_intx_disable(self._found_intx_disable)
         finally:
             self.routes.unroute_all()
             self.routes.close()

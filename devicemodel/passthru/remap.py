@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..hsm.base import InterruptRemapper
+from ..irq.remap import kernel_programs_msi
 from .host import HostPciDevice, PassthroughError
 
 if TYPE_CHECKING:
@@ -25,6 +26,12 @@ def remapping_missing(ctx: DeviceContext) -> str | None:
         "table or irqfd)"
 
 
+def kernel_owns_msi(ctx: DeviceContext) -> bool:
+    """Whether the host kernel programs the devices' MSI on this backend (VFIO with irqfd
+    routes), so the device model must never write the capability."""
+    return ctx.remapper is not None and kernel_programs_msi(ctx.remapper)
+
+
 def remapper_for(ctx: DeviceContext, host: HostPciDevice, count: int) -> InterruptRemapper:
     """The backend's remapper for ``count`` messages of ``host``."""
     if ctx.remapper is None:
@@ -32,4 +39,4 @@ def remapper_for(ctx: DeviceContext, host: HostPciDevice, count: int) -> Interru
     return ctx.remapper(host, count)
 
 
-__all__ = ["remapper_for", "remapping_missing"]
+__all__ = ["kernel_owns_msi", "remapper_for", "remapping_missing"]

@@ -124,6 +124,7 @@ class VmsixOnMsi:
         self._found_intx_disable = bool(host.config_read(pc.COMMAND, 2) & pc.CMD_INTX_DISABLE)
         self._install_capability()
         self.routes = RemapRoutes(host.name, self.entries, remapper_factory)
+        msi.bind(self.routes)
         self.table = MsixTable(self.entries,
                                RemapDelivery(msi, self.routes, self._enable_changed))
         self._bar = MsixBar(self.table, TABLE_OFFSET, PBA_OFFSET)
@@ -160,17 +161,21 @@ class VmsixOnMsi:
         self.table.set_control(self.enabled, self.function_masked)
 
     def _enable_changed(self, enabled: bool) -> None:
+        # INTx Disable goes with MSI: ours to write unless the kernel owns the MSI (VFIO)
+        ours = not self.msi.kernel_owned
         if enabled:
             # every physical vector is masked while MSI-X is off, so nothing escapes here
-            self.host.set_intx_disable(True)
+            if ours:
+                self.host.set_intx_disable(True)
             self.msi.enable(self.msi.mmc)
         else:
             self.msi.disable()
-            self.host.set_intx_disable(bool(self.cfg.command & pc.CMD_INTX_DISABLE))
+            if ours:
+                self.host.set_intx_disable(bool(self.cfg.command & pc.CMD_INTX_DISABLE))
 
     def guest_intx_disable(self, disabled: bool) -> None:
         """The guest wrote INTx Disable; while we run MSI the physical bit stays set."""
-        if not self.enabled:
+        if not self.enabled and not self.msi.kernel_owned:
             self.host.set_intx_disable(disabled)
 
     # --- the table and PBA (BAR handlers; offsets inside the 4 KiB BAR) ------------------
@@ -206,7 +211,8 @@ class VmsixOnMsi:
             self.msi.set_mask((1 << self.entries) - 1)
             self.msi.disable()
             self.msi.restore(self._found)
-            self.host.set_intx_disable(self._found_intx_disable)
+            if not self.msi.kernel_owned:
+                self.host.set_intx_disable(self._found_intx_disable)
         finally:
             self.routes.close()
 

@@ -114,6 +114,12 @@ class PowerManagement:
             return  # SCI_EN clear would mean SMI; there is no SMM here
         self._sci(any(self.enable & en and self.status & st for en, st in _SCI_PAIRS))
 
+    @property
+    def guest_listens(self) -> bool:
+        """Whether the guest can act on the power button: it enabled ACPI (SCI_EN, through
+        the SMI command port). Before that the press would only latch PWRBTN_STS."""
+        return bool(self.control & PM1_SCI_EN)
+
     def press_power_button(self) -> None:
         """What the host's "please shut down" becomes: PWRBTN_STS and an SCI."""
         if not self.status & PM1_PWRBTN_STS:

@@ -8,6 +8,10 @@ DMA_UNMAP and the overlap rules work, but a device access there fails exactly li
 access outside guest RAM. We do not fetch such memory through DMA_READ/DMA_WRITE
 messages: our devices touch guest memory synchronously through memoryviews, so that
 would need a second data path; the first access there is logged, once per region.
+
+The files are the client's: it can truncate one while we have it mapped. Every mapped
+region is guarded (``memguard``): a page that vanishes reads as zeros instead of killing
+the server with SIGBUS, and ``fault_fd`` is signalled so the session drops the client.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from .. import memguard
 from ..memory import MemoryMap, RamRegion
 from .protocol import DMA_READ_FLAG, DMA_WRITE_FLAG, MAX_DMA_MAPS, PAGE_SIZE, DmaMap, Refused
 
@@ -37,6 +42,7 @@ class DmaRegion:
     mm: mmap.mmap | None = None
     #: (st_dev, st_ino) of the file it maps, to recognise the same pages mapped again
     file_id: tuple[int, int] | None = None
+    guard: memguard.GuardedRegion | None = None
 
     @property
     def end(self) -> int:
@@ -53,6 +59,8 @@ class DmaMemory(MemoryMap):
     def __init__(self) -> None:
         super().__init__()
         self.maps: list[DmaRegion] = []
+        #: signalled when a mapped region shrinks under us (see ``shrunk``)
+        self.fault_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def map(self, req: DmaMap, fd: int | None) -> DmaRegion:
         """Add one mapping. ``fd`` (if any) is closed here whatever happens."""
@@ -83,6 +91,8 @@ class DmaMemory(MemoryMap):
             st = os.fstat(fd)
             region.file_id = (st.st_dev, st.st_ino)
             self.add(RamRegion(gpa=req.address, size=req.size, mm=region.mm))
+            region.guard = memguard.guard(region.mm, where.removeprefix("DMA_MAP "),
+                                          self.fault_fd)
         elif fd is not None:
             log.info("%s is not read-write (flags %#x): devices may not use it", where,
                      req.flags)
@@ -151,9 +161,20 @@ class DmaMemory(MemoryMap):
         del self._views[i], self._regions[i], self._starts[i]
         try:
             m.mm.close()
-        except BufferError:
-            pass  # a view is alive: the mapping goes with the last one
+        except BufferError:  # a view is alive: the mapping goes with the last one, and
+            if m.guard is not None:  # stays guarded until then, waking nobody
+                m.guard.notify_fd = -1
+        else:
+            if m.guard is not None:
+                memguard.unguard(m.guard)
         m.mm = None
+
+    def shrunk(self) -> str | None:
+        """Which mapped region lost pages under us (its file was truncated), if one did."""
+        for m in self.maps:
+            if m.guard is not None and m.guard.faulted:
+                return f"{m.guard.name} (+{m.guard.faults[0]:#x})"
+        return None
 
     def clear(self) -> None:
         """Forget every mapping (the client went away)."""
@@ -162,3 +183,6 @@ class DmaMemory(MemoryMap):
 
     def close(self) -> None:
         self.clear()
+        if self.fault_fd >= 0:
+            os.close(self.fault_fd)
+            self.fault_fd = -1

@@ -23,7 +23,6 @@ loopback triggers are signalled on the event loop's thread, the one that swaps t
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable, Mapping
@@ -31,18 +30,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .. import peerfd
 from ..irq.delivery import EventfdVectors
 from . import protocol as p
 from .protocol import IrqSet, Refused
-
-# write(2) through ctypes.PyDLL keeps the GIL: an eventfd write never blocks and takes a
-# microsecond; os.eventfd_write drops the GIL around it and may then wait a switch
-# interval to get it back while a device's I/O thread runs
-_libc = ctypes.PyDLL(None, use_errno=True)
-_libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-_libc.write.restype = ctypes.c_ssize_t
-_ONE = ctypes.c_uint64(1)
-_ONE_PTR = ctypes.addressof(_ONE)
 
 
 def _close(fd: int) -> None:
@@ -55,8 +46,9 @@ def _close(fd: int) -> None:
 
 
 def signal_eventfd(fd: int) -> None:
-    """Add 1 to an eventfd (a failure is the client's problem: it went away)."""
-    _libc.write(fd, _ONE_PTR, 8)
+    """Add 1 to the client's eventfd without ever blocking (peerfd: a full one already has
+    a wake-up pending; a failure is the client's problem, it went away)."""
+    peerfd.signal_fd(fd)
 
 
 @dataclass
@@ -146,11 +138,11 @@ class ClientIrqs:
             raise
 
     def _set_irqs(self, req: IrqSet, fds: list[int]) -> None:
-        for fd in fds:  # never block on a peer's fd (a full eventfd, a pipe)
+        for fd in fds:  # never block on a peer's fd (a full eventfd, a pipe, a FUSE file)
             try:
-                os.set_blocking(fd, False)
-            except OSError as e:
-                raise Refused(errno.EBADF, f"SET_IRQS: unusable file descriptor: {e}") from None
+                peerfd.adopt(fd, "SET_IRQS")
+            except peerfd.PeerFdError as e:
+                raise Refused(errno.EINVAL, str(e)) from None
         what = f"SET_IRQS {p.IRQ_NAMES[req.index] if req.index < p.NUM_IRQS else req.index}"
         if req.index >= p.NUM_IRQS:
             raise Refused(errno.EINVAL, f"SET_IRQS: no IRQ index {req.index}")

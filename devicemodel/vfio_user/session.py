@@ -15,6 +15,7 @@ import os
 
 import trio
 
+from .. import peerfd
 from ..memory import GuestMemoryError
 from ..ratelimit import RateLimitedLog
 from . import protocol as p
@@ -69,6 +70,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._watch_memory, nursery.cancel_scope)
                 await self._loop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -271,6 +273,23 @@ class Session:
         self.served.reset()
         return b""
 
+    async def _watch_memory(self, scope: trio.CancelScope) -> None:
+        """A DMA region shrank under us (the client truncated its file; memguard patched
+        the page with zeros): the client is dropped, which resets a virtio function with
+        live queues and unmaps everything it gave us."""
+        fd = self.served.memory.fault_fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            if peerfd.read_kick(fd) != peerfd.KICK:
+                continue
+            where = self.served.memory.shrunk()
+            if where is None:
+                continue  # a region already unmapped
+            log.error("%s: the client truncated its memory under %s; closing the "
+                      "connection", self.served.name, where)
+            scope.cancel()
+            return
+
     # --- the INTx unmask eventfd ----------------------------------------------------------------
     def _unmask_fd_changed(self, fd: int | None) -> None:
         if self._unmask_scope is not None:
@@ -286,9 +305,10 @@ class Session:
             while True:
                 try:
                     await trio.lowlevel.wait_readable(fd)
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
                 except (OSError, trio.ClosedResourceError):
                     return
-                self.irqs.intx_unmask()
+                got = peerfd.read_kick(fd)  # non-blocking even if the client cleared it
+                if got == peerfd.CLOSED:
+                    return
+                if got == peerfd.KICK:
+                    self.irqs.intx_unmask()

@@ -13,11 +13,15 @@ enabled. Kick eventfds wake ``queue_notify``, unless the device serves the ring 
 data-plane thread (virtio/dataplane.py), which then waits on a duplicate of the kick fd
 itself; the device's interrupts write the ring's call eventfd (looked up at each interrupt,
 under the ring's fd lock, since QEMU swaps call fds when the guest masks a vector).
+
+Every kick, call and err fd goes through ``peerfd``: refused unless it is an eventfd (or a
+pipe or socket), made non-blocking, read and written only in ways that cannot block, so a
+front end cannot freeze us with a full or saturated fd (a signal that cannot be written is
+dropped: the front end already has one pending).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .. import peerfd
 from ..memory import GuestMemoryError
 from ..ratelimit import RateLimitedLog
 from ..virtio.device import VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VirtioDevice
@@ -82,26 +87,13 @@ class Vring:
                     os.close(fd)
                     setattr(self, name, None)
 
-    def signal(self, name: str) -> None:
+    def signal(self, name: str) -> peerfd.Sent | None:
+        """Write the call or err fd (never blocks); None when the ring has none."""
         with self.fd_lock:
             fd = getattr(self, name)
-            if fd is not None:
-                signal_eventfd(fd)  # a failure means the front end went away: it reconnects
-
-
-# write(2) through ctypes.PyDLL keeps the GIL: an eventfd write never blocks and takes a
-# microsecond, while os.eventfd_write releases the GIL around it and, with the device's
-# I/O threads busy, the event loop then waits up to a switch interval to get it back.
-_libc = ctypes.PyDLL(None, use_errno=True)
-_libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-_libc.write.restype = ctypes.c_ssize_t
-_ONE = ctypes.c_uint64(1)
-_ONE_PTR = ctypes.addressof(_ONE)
-
-
-def signal_eventfd(fd: int) -> None:
-    """Add 1 to an eventfd without giving up the GIL (errors are the peer's problem)."""
-    _libc.write(fd, _ONE_PTR, 8)
+            if fd is None:
+                return None
+            return peerfd.signal_fd(fd)
 
 
 class VhostInterrupt:
@@ -111,7 +103,9 @@ class VhostInterrupt:
         self._backend = backend
 
     def notify_queue(self, index: int) -> None:
-        self._backend.rings[index].signal("call_fd")
+        sent = self._backend.rings[index].signal("call_fd")
+        if sent is not None and sent is not peerfd.Sent.SENT:
+            self._backend.signal_dropped(index, "call", sent)
 
     def take_kick_fd(self, index: int) -> int | None:
         """Hand the device a duplicate of ring ``index``'s kick eventfd for a data-plane
@@ -132,7 +126,9 @@ class VhostInterrupt:
 
     def needs_reset(self) -> None:
         for ring in self._backend.rings:
-            ring.signal("err_fd")
+            sent = ring.signal("err_fd")
+            if sent is not None and sent is not peerfd.Sent.SENT:
+                self._backend.signal_dropped(ring.index, "err", sent)
 
 
 class VhostUserBackend:
@@ -156,14 +152,27 @@ class VhostUserBackend:
         self._nursery: trio.Nursery | None = None
         self.interrupt = VhostInterrupt(self)
         self.messages = 0
+        #: signals not written, by outcome (peerfd.Sent name): the front end's fd was full
+        #: ("pending"), blocked by the front end ("blocked") or broken ("failed")
+        self.dropped_signals: dict[str, int] = {}
+        self._fault_fd = -1  # memguard's wake-up while a front end is served
+
+    def signal_dropped(self, index: int, which: str, sent: peerfd.Sent) -> None:
+        """A call/err signal that was not written (any thread; counted, logged rarely)."""
+        self.dropped_signals[sent.value] = self.dropped_signals.get(sent.value, 0) + 1
+        if sent is not peerfd.Sent.PENDING:  # a full fd is normal: a wake-up is pending
+            self.glog.warning("%s: ring %d: %s signal not delivered (%s by the front end)",
+                              self.device.name, index, which, sent.value)
 
     # -- the connection ----------------------------------------------------------------
 
     async def serve(self, conn: Connection) -> None:
         """Handle requests until the front end disconnects or misbehaves; then reset all."""
+        self._fault_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._watch_memory, self._fault_fd, nursery.cancel_scope)
                 try:
                     await self._loop(conn)
                 finally:
@@ -171,6 +180,26 @@ class VhostUserBackend:
         finally:
             self._nursery = None
             await self._reset_all()
+            fd, self._fault_fd = self._fault_fd, -1
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    async def _watch_memory(self, fd: int, scope: trio.CancelScope) -> None:
+        """A mapped region of the front end's memory shrank under us (memguard patched the
+        page with zeros): the device fails (DEVICE_NEEDS_RESET) and the front end is
+        dropped, which unmaps everything it gave us."""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            if peerfd.read_kick(fd) != peerfd.KICK:
+                continue
+            where = self.mem.shrunk() if self.mem is not None else None
+            if where is None:
+                continue  # a map already replaced
+            log.error("%s: the front end truncated its memory under %s; dropping it",
+                      self.device.name, where)
+            self.device.fail(f"guest memory {where} vanished under the device")
+            scope.cancel()
+            return
 
     async def _loop(self, conn: Connection) -> None:
         while True:
@@ -278,7 +307,8 @@ class VhostUserBackend:
         if req == Req.SET_MEM_TABLE:
             table = p.parse_mem_table(body)
             await self._deactivate()
-            new = VhostMemoryMap(table, msg.take_fds())  # closes the fds; ProtocolError if unusable
+            # closes the fds; ProtocolError if unusable
+            new = VhostMemoryMap(table, msg.take_fds(), self._fault_fd)
             if self.mem is not None:
                 self.mem.close()
             self.mem = new
@@ -345,6 +375,12 @@ class VhostUserBackend:
         fd = None if nofd else msg.take_fd()
         if not nofd and fd is None:
             raise ProtocolError(f"ring {index}: {Req(req).name} without a file descriptor")
+        if fd is not None:
+            try:
+                peerfd.adopt(fd, f"ring {index}: {Req(req).name}")
+            except peerfd.PeerFdError as e:
+                os.close(fd)
+                raise ProtocolError(str(e)) from None
         if req == Req.SET_VRING_KICK:
             if ring.watcher is not None:
                 ring.watcher.cancel()
@@ -388,12 +424,13 @@ class VhostUserBackend:
             while True:
                 try:
                     await trio.lowlevel.wait_readable(fd)
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    continue
                 except (OSError, trio.ClosedResourceError):
                     return
-                notify(index)
+                got = peerfd.read_kick(fd)
+                if got == peerfd.CLOSED:  # the front end's end hung up: no more kicks
+                    return
+                if got == peerfd.KICK:
+                    notify(index)
 
     # -- activation --------------------------------------------------------------------
 

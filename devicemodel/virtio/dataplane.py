@@ -29,6 +29,7 @@ import stat
 import threading
 from collections.abc import Callable
 
+from ..peerfd import read_nowait
 from ..ratelimit import RateLimitedLog
 from .queue import Virtqueue, VirtqueueError
 
@@ -50,15 +51,19 @@ def pollable_kick(fd: int) -> bool:
 
 def drain_kick(fd: int) -> bool:
     """Consume what a kick fd holds (an eventfd's counter, or any bytes); False once it
-    hung up or failed (nothing more will come from it)."""
+    hung up or failed (nothing more will come from it). The reads never wait: the front
+    end shares the fd's O_NONBLOCK with us and may clear it, then read its own kick
+    before us (``peerfd.read_nowait``)."""
+    buf = bytearray(4096)
     for _ in range(_DRAIN_READS):
         try:
-            if not os.read(fd, 4096):
-                return False  # end of file: the writer is gone
-        except (BlockingIOError, InterruptedError):
-            return True
+            n = read_nowait(fd, buf)
         except OSError:
             return False
+        if n is None:
+            return True
+        if not n:
+            return False  # end of file: the writer is gone
     return True
 
 

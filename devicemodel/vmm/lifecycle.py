@@ -2,9 +2,12 @@
 
 SIGTERM (systemd's stop), SIGINT and the monitor's ``poweroff`` all come here. If the
 platform offers a power button (``vm.power_button``, the PM device's, wired by
-assembly), it is pressed and the guest gets ``shutdown_timeout`` seconds to power off on
-its own; otherwise, or on a second request, or with ``force``, the VM is stopped at once
-(PAUSE, DESTROY_IOREQ_CLIENT, DESTROY_VM and every host resource released by vm.py).
+assembly) and the guest can hear it (``vm.power_button_heard``: it enabled ACPI), it is
+pressed and the guest gets ``shutdown_timeout`` seconds to power off on its own;
+otherwise (a guest that never set SCI_EN could only ignore the button, so waiting for it
+would just delay Ctrl-C by the whole grace time), or on a second request, or with
+``force``, the VM is stopped at once (PAUSE, DESTROY_IOREQ_CLIENT, DESTROY_VM and every
+host resource released by vm.py).
 
 Pause and resume live here too so that status, monitor and shutdown agree on the state.
 """
@@ -102,9 +105,15 @@ class Lifecycle:
         button = self.vm.power_button
         return button if callable(button) else None
 
+    def guest_deaf(self) -> bool:
+        """Whether the guest has a power button but cannot hear it (ACPI never enabled)."""
+        heard = getattr(self.vm, "power_button_heard", None)
+        return self.power_button() is not None and callable(heard) and not heard()
+
     def destroys_now(self, force: bool = False) -> bool:
         """Whether a power-off request now would skip the guest's own shutdown."""
-        graceful = self.power_button() is not None and self.vm.config.shutdown_timeout > 0
+        graceful = self.power_button() is not None and self.vm.config.shutdown_timeout > 0 \
+            and not self.guest_deaf()
         return force or self.shutdown_requested is not None or not graceful
 
     def request_poweroff(self, reason: str, *, force: bool = False) -> str:
@@ -124,6 +133,9 @@ class Lifecycle:
         if self.destroys_now(force):
             self._force = True
             how = "destroying the VM now"
+            if not force and first and self.guest_deaf() \
+                    and self.vm.config.shutdown_timeout > 0:
+                how += " (the guest never enabled ACPI, so it cannot answer the power button)"
         else:
             how = (f"power button pressed; destroying the VM in "
                    f"{self.vm.config.shutdown_timeout:g} s unless it powers off first")

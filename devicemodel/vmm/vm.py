@@ -25,10 +25,10 @@ from ..config import VmConfig
 from ..context import DeviceChoices, DeviceContext
 from ..errors import ConfigError
 from ..hsm import abi
-from ..hsm.base import Hypervisor, MessageSource, RemapperFactory
+from ..hsm.base import Hypervisor, RemapperFactory
 from ..ioreq import IoreqServer, new_ioreq_page
 from ..irq.backend import BackendInterrupts
-from ..irq.remap import IrqfdRemapper
+from ..irq.remap import IrqfdRemapperFactory
 from ..memory import GuestMemory
 from ..pci.bus import PciBus
 from ..platform.lpc import LpcBridge
@@ -60,11 +60,7 @@ def remapper_of(hv: Hypervisor, irq: BackendInterrupts) -> RemapperFactory | Non
         return own
     if not hv.supports_eventfds:
         return None
-
-    def irqfd_remapper(source: MessageSource, count: int) -> IrqfdRemapper:
-        return IrqfdRemapper(irq, source, count)
-
-    return irqfd_remapper
+    return IrqfdRemapperFactory(irq)
 
 
 def check_one_lpc(slots: Sequence[SlotConfig]) -> None:
@@ -143,6 +139,8 @@ class Vm:
         self.lifecycle: Lifecycle | None = None
         #: the guest's power button (the PM device's), once the platform is built
         self.power_button: Callable[[], Any] | None = None
+        #: whether the guest can hear it now (it enabled ACPI)
+        self.power_button_heard: Callable[[], bool] | None = None
 
     @property
     def guest_power(self) -> GuestPower | None:
@@ -192,6 +190,8 @@ class Vm:
         self._cleanups.append(self.platform.close)
         self.platform.install_acpi()
         self.power_button = self.platform.pm.press_power_button
+        pm = self.platform.pm
+        self.power_button_heard = lambda: pm.guest_listens
         regs = self.platform.load_guest()
         if regs is not None:
             self.hv.set_vcpu_regs(0, regs)

@@ -33,12 +33,16 @@ def lock_is_free(path: str) -> bool:
     return True
 
 
-def start(tmp_path, name: str, *extra: str, grace: str = "0") -> subprocess.Popen[str]:
-    """A sim VM; ``grace`` is its shutdown_timeout (the sim guest ignores its power button)."""
+def start(tmp_path, name: str, *extra: str, grace: str = "0",
+          acpi: bool = False) -> subprocess.Popen[str]:
+    """A sim VM; ``grace`` is its shutdown_timeout. The sim guest never enables ACPI, so
+    it cannot hear its power button; with ``acpi`` it has (tests/support/acpi_guest.py)
+    and ignores the button."""
     env = dict(os.environ, PYTHONPATH=ROOT, ACRN_PYDM_RUNTIME_DIR=str(tmp_path / "run"))
     env.pop("NOTIFY_SOCKET", None)
+    program = "tests.support.acpi_guest" if acpi else "devicemodel"
     return subprocess.Popen(
-        [sys.executable, "-m", "devicemodel", "--hv", "sim", "-m", "128M", "-s", "0:0,hostbridge",
+        [sys.executable, "-m", program, "--hv", "sim", "-m", "128M", "-s", "0:0,hostbridge",
          "--cmd_monitor", str(tmp_path / f"{name}.sock"), "--shutdown_timeout", grace, *extra,
          name],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -136,7 +140,7 @@ def test_monitor_path_that_is_not_a_socket_is_refused(tmp_path):
 
 def test_repeated_sigterm_forces_the_stop(tmp_path):
     # default grace time is 60 s; a second SIGTERM a second later destroys at once
-    proc = start(tmp_path, "vm1", grace="60")
+    proc = start(tmp_path, "vm1", grace="60", acpi=True)
     try:
         wait_running(tmp_path, "vm1", proc)
         proc.send_signal(signal.SIGTERM)
@@ -151,6 +155,28 @@ def test_repeated_sigterm_forces_the_stop(tmp_path):
             proc.kill()
     assert proc.returncode == 0
     assert "destroying the VM now" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_guest_without_acpi_is_stopped_at_once(tmp_path, sig):
+    """Ctrl-C on a guest that never set SCI_EN: it cannot answer the power button, so the
+    60 s grace time would only be waited out (issue 18, item 8)."""
+    proc = start(tmp_path, "vm1", grace="60")
+    try:
+        wait_running(tmp_path, "vm1", proc)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert took < 10, took
+    said = [ln for ln in err.splitlines() if "destroying the VM now" in ln]
+    assert len(said) == 1 and "the guest never enabled ACPI, so it cannot answer the power " \
+        "button" in said[0], err
+    assert "power button pressed" not in err
 
 
 def test_instance_lock_in_process(tmp_path):

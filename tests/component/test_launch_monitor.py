@@ -262,6 +262,7 @@ async def test_poweroff_presses_the_power_button_first(tmp_path):
     async with vm_with_monitor(tmp_path, grace="30") as (vm, path), connect(path) as c:
         pressed = []
         vm.power_button = lambda: pressed.append(1)
+        vm.power_button_heard = lambda: True  # a guest that enabled ACPI
         r = await c.call({"cmd": "poweroff"})
         assert r["result"] == {"action": "power button pressed"}
         await trio.sleep(0.05)

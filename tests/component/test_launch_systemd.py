@@ -175,12 +175,15 @@ class NotifyListener:
         self.sock.close()
 
 
-def start_vm(tmp_path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start_vm(tmp_path, *args: str, env: dict[str, str] | None = None,
+             acpi: bool = False) -> subprocess.Popen[str]:
+    """A sim VM; with ``acpi`` its guest has enabled ACPI (and ignores the power button)."""
     full = dict(os.environ, PYTHONPATH=ROOT, ACRN_PYDM_RUNTIME_DIR=str(tmp_path / "run"))
     full.pop("NOTIFY_SOCKET", None)
     full.pop("WATCHDOG_USEC", None)
     full.update(env or {})
-    return subprocess.Popen([sys.executable, "-m", "devicemodel", "--hv", "sim", *args],
+    program = "tests.support.acpi_guest" if acpi else "devicemodel"
+    return subprocess.Popen([sys.executable, "-m", program, "--hv", "sim", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
                             cwd=ROOT)
 
@@ -188,9 +191,9 @@ def start_vm(tmp_path, *args: str, env: dict[str, str] | None = None) -> subproc
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_notify_ready_status_watchdog_stopping(tmp_path, abstract):
     listener = NotifyListener(tmp_path, abstract)
-    # the sim guest ignores its power button: after 1 s the VM is destroyed
+    # a guest that enabled ACPI but ignores its power button: destroyed after 1 s
     proc = start_vm(tmp_path, "-m", "128M", "-s", "0:0,hostbridge", "--shutdown_timeout", "1",
-                    "vm1",
+                    "vm1", acpi=True,
                     env={"NOTIFY_SOCKET": listener.env_value, "WATCHDOG_USEC": "200000"})
     try:
         first = listener.wait_for("STATUS")

@@ -12,6 +12,7 @@ from devicemodel.hsm.sim import SimHypervisor
 from devicemodel.hsm.sim_remap import SimRemapper, decode_remappable, remappable_address
 from devicemodel.irq.remap import IrqfdRemapper
 from devicemodel.passthru.host import SimHostDevice
+from devicemodel.passthru.kernel_msi import KernelOwnedMsi
 from devicemodel.passthru.vmsix_on_msi import VmsixOnMsi, check_eligible
 from devicemodel.pci import config as pc
 from devicemodel.vm import running
@@ -70,10 +71,13 @@ async def test_plain_msi_is_virtualized_with_every_message():
 
 
 async def test_irqfd_remapper_routes_each_message_through_an_eventfd():
+    """KVM/VFIO: the kernel owns the device's MSI (KernelOwnedMsi); a masked entry's
+    message waits in its eventfd and shows in the PBA."""
     sim = SimHypervisor()
     async with running(["-m", "128M", "vm1"], hypervisor=sim) as vm:
         host = SimHostDevice(4)
         msi, bar = check_eligible(host)
+        msi = KernelOwnedMsi(host, msi.offset)
         cfg = pc.ConfigSpace(extended=True)
         cfg.set_bytes(0, host.snapshot())
         remappers: list[IrqfdRemapper] = []

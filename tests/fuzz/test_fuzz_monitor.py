@@ -1,6 +1,7 @@
 """The command monitor's JSON: whole request lines, and raw byte streams cut anywhere.
 
-Every line gets exactly one reply that is a JSON object; malformed input gets
+Every line gets exactly one reply that is a strict JSON object (no NaN or Infinity, even
+for a request that carried one); malformed input gets
 ``"ok": false`` with a message (or acrn-dm's ``{"ack": -1}``); no command reaches the
 monitor's catch-all for crashing commands (logged with a traceback: that is a bug); the
 connection loop never raises and never hangs. The VM behind it is a sim VM with a
@@ -362,7 +363,7 @@ def _check_reply(reply: dict) -> None:
         assert reply["ok"] in (True, False)
         if not reply["ok"]:
             assert isinstance(reply["error"], str) and reply["error"]
-    json.dumps({k: v for k, v in reply.items() if not k.startswith("_")})
+    json.dumps({k: v for k, v in reply.items() if not k.startswith("_")}, allow_nan=False)
 
 
 async def _lines_body(mon: Monitor, reqs: list[bytes]) -> None:
@@ -377,6 +378,10 @@ def test_request_lines(vm_host, seed):
     count("monitor.lines")
     reqs = request_lines(seed)
     vm_host.run(lambda mon: _lines_body(mon, reqs), actions=False)
+
+
+def _not_json(name: str) -> None:
+    raise AssertionError(f"a reply carries {name}, which is not JSON")
 
 
 async def _stream_body(mon: Monitor, chunks: list[bytes], newline: bool) -> list[dict]:
@@ -397,7 +402,7 @@ async def _stream_body(mon: Monitor, chunks: list[bytes], newline: bool) -> list
     replies = []
     for line in data.split(b"\n"):
         if line:
-            replies.append(json.loads(line))
+            replies.append(json.loads(line, parse_constant=_not_json))
             _check_reply(replies[-1])
     return replies
 

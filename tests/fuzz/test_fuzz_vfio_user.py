@@ -14,6 +14,11 @@ The server must answer every command that asked for a reply, end the session nor
 when the client goes, leave no descriptor behind, and, unless the stream became
 unframeable, still answer a DEVICE_GET_INFO after the garbage. Sessions run on trio's
 MockClock, so timers take no wall time and an input replays the same on a loaded machine.
+
+Issue 18's attack classes are drawn too (``_hostile.draw``, from a second stream of the
+seed): eventfds replaced by hostile descriptors, O_NONBLOCK cleared again on what was
+handed over, and the memfd behind the DMA region truncated mid-session (the server must
+drop the client, not die by SIGBUS).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from devicemodel.vfio_user.server import serve_client
 from tests.support.fds import fd_targets, open_fds
 
 from ._common import count, fuzz_settings
+from ._hostile import NO_HOSTILE, Hostile, clear_nonblock, draw, make_fd
 
 SHM = 256 * 1024
 LIMIT_S = 20.0
@@ -191,13 +197,16 @@ def _drain(sock: socket.socket, want: set[int]) -> bool:
         want.discard(msg_id)
 
 
-async def _session(spec: str, msgs: list[Msg], shm: bytes) -> None:
+async def _session(spec: str, msgs: list[Msg], shm: bytes,
+                   hostile: Hostile = NO_HOSTILE) -> None:
     served = ServedDevice(spec)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     mem = os.memfd_create("fuzz-vfio-user", os.MFD_CLOEXEC)
     os.ftruncate(mem, SHM)
     os.pwrite(mem, shm * (SHM // len(shm)), 0)
     ended: list[bool] = []
+    held: list[int] = []  # our descriptors, closed at the end (sent ones may be toggled)
+    sent: list[int] = []
     try:
         with trio.fail_after(LIMIT_S):
             async with trio.open_nursery() as nursery:
@@ -212,12 +221,16 @@ async def _session(spec: str, msgs: list[Msg], shm: bytes) -> None:
                 want: set[int] = set()
                 alive, framed = True, True
                 for i, (cmd, flags, payload, fds, lie) in enumerate(msgs):
+                    if hostile.shrink is not None and hostile.shrink[0] == i:
+                        os.ftruncate(mem, hostile.shrink[1])  # under the server's maps
                     size = p.HEADER.size + len(payload)
                     size = {0: size, 1: size + 8, 2: 8, 3: p.MAX_MESSAGE + 9}[lie]
                     framed &= lie not in (1, 2)
                     data = p.HEADER.pack(i, cmd & 0xFFFF, size, flags, 0) + payload
-                    extra = [os.eventfd(0, os.EFD_CLOEXEC) if f == "event" else os.dup(mem)
+                    kinds = [hostile.fd_kinds.get(i, "event") if f == "event" else f
                              for f in fds]
+                    extra = [os.dup(mem) if k == "mem" else make_fd(k, held, _file())
+                             for k in kinds]
                     try:
                         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                 struct.pack(f"{len(extra)}i", *extra))] if extra else []
@@ -229,11 +242,16 @@ async def _session(spec: str, msgs: list[Msg], shm: bytes) -> None:
                         alive = False
                         break
                     finally:
-                        for fd in extra:
-                            os.close(fd)
+                        for fd, kind in zip(extra, kinds, strict=True):
+                            if kind == "mem":
+                                os.close(fd)
+                            else:
+                                sent.append(fd)
                     if flags & p.TYPE_MASK == 0 and not flags & p.NO_REPLY:
                         want.add(i)
                     await trio.testing.wait_all_tasks_blocked()
+                    if i in hostile.toggle_after:  # O_NONBLOCK off again, behind its back
+                        clear_nonblock(sent)
                     if not _drain(theirs, want):
                         alive = False
                         break
@@ -259,10 +277,27 @@ async def _session(spec: str, msgs: list[Msg], shm: bytes) -> None:
         if theirs.fileno() >= 0:
             theirs.close()
         os.close(mem)
+        for fd in held:
+            os.close(fd)
 
 
-def _run(spec: str, msgs: list[Msg], shm: bytes) -> None:
-    trio.run(_session, spec, msgs, shm, clock=trio.testing.MockClock(autojump_threshold=0))
+_FILE: list[str] = []
+
+
+def _file() -> str:
+    """A regular file to hand over where an eventfd belongs."""
+    if not _FILE:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="acrn-fuzz-vfio-user-")
+        os.close(fd)
+        _FILE.append(path)
+    return _FILE[0]
+
+
+def _run(spec: str, msgs: list[Msg], shm: bytes, hostile: Hostile = NO_HOSTILE) -> None:
+    trio.run(_session, spec, msgs, shm, hostile,
+             clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 _checked = 0
@@ -274,9 +309,14 @@ def test_messages(seed: int) -> None:
     count("vfio_user.messages")
     global _checked
     spec, msgs, shm = _expand(seed)
+    hostile = draw(seed, len(msgs), SHM)
+    if hostile.fd_kinds or hostile.toggle_after:
+        count("vfio_user.hostile_fds")
+    if hostile.shrink is not None:
+        count("vfio_user.shrinks")
     before = open_fds() if _checked % 1000 == 0 else fd_targets()
     _checked += 1
-    _run(spec, msgs, shm)
+    _run(spec, msgs, shm, hostile)
     leaked = fd_targets() - before
     if leaked:
         leaked = open_fds() - before

@@ -21,6 +21,13 @@ The device is virtio-rnd (served from the loop) for half the seeds and virtio-bl
 other half: blk serves each ring on a data-plane thread that waits on the kick fd and
 signals the call fd itself, so the control messages race a thread doing real I/O on
 hostile rings (the session's end stops it wherever it is).
+
+Issue 18's attack classes are drawn too (``Hostile``, from a second stream of the seed
+so the messages stay what they were): eventfds replaced by hostile descriptors (blocking
+and saturated eventfds, full pipes, pipe read ends, hung-up pipes, sockets, regular files,
+/dev/null), O_NONBLOCK cleared again on every fd already handed over (the front end
+shares the open file description with us), and the shared memory truncated in the middle
+of the sequence (the back end must drop the front end, not die by SIGBUS).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from devicemodel.virtio.rnd import VirtioRnd
 from tests.support.fds import fd_targets, open_fds
 
 from ._common import count, fuzz_settings
+from ._hostile import NO_HOSTILE, Hostile, clear_nonblock, draw, kick, make_fd
 
 SHM = 64 * 1024
 UVA = 0x7F00_0000_0000
@@ -60,6 +68,7 @@ LIMIT_S = 20.0  # a session that outlives this (in mock or real time) hangs
 FULL_CHECK_EVERY = 1000  # inputs between leak checks that collect garbage first
 
 Fds = list[str]  # what to attach: "event" (an eventfd) or "mem" (a dup of the shared memfd)
+
 Msg = tuple[int, int, tuple[bytes, Fds]]  # request, flags, (payload, fds)
 
 REQS = list(Req)
@@ -191,7 +200,12 @@ def test_messages(loop, seed):
     count("vhost.messages")
     seq, shm, lie_size, settle = _expand(seed)
     blk = bool(seed >> 63)
-    _check_no_leak(lambda: loop.run(seq, shm, lie_size, settle, blk))
+    hostile = draw(seed, len(seq), SHM)
+    if hostile.fd_kinds or hostile.toggle_after:
+        count("vhost.hostile_fds")
+    if hostile.shrink is not None:
+        count("vhost.shrinks")
+    _check_no_leak(lambda: loop.run(seq, shm, lie_size, settle, blk, hostile))
 
 
 def test_kick_with_two_fds_leaks_nothing():
@@ -293,16 +307,16 @@ class _Loop:
         await self._stop.wait()
 
     def run(self, seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int,
-            settle: bool, blk: bool = False) -> None:
-        trio.from_thread.run(self._one, seq, shm, lie_size, settle, blk,
+            settle: bool, blk: bool = False, hostile: Hostile = NO_HOSTILE) -> None:
+        trio.from_thread.run(self._one, seq, shm, lie_size, settle, blk, hostile,
                              trio_token=self._token)
         assert not self.limit.expired, f"the session ran for more than {LIMIT_S} s"
 
     async def _one(self, seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int,
-                   settle: bool, blk: bool) -> None:
+                   settle: bool, blk: bool, hostile: Hostile) -> None:
         self.clock.autojump_threshold = 0
         try:
-            await _session(seq, shm, lie_size, settle, self.limit, blk)
+            await _session(seq, shm, lie_size, settle, self.limit, blk, hostile)
         finally:
             self.clock.autojump_threshold = math.inf
             self.limit.scope = None
@@ -313,7 +327,8 @@ class _Loop:
 
 
 async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settle: bool,
-                   limit: _RealTimeLimit, blk: bool = False) -> None:
+                   limit: _RealTimeLimit, blk: bool = False,
+                   hostile: Hostile = NO_HOSTILE) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     dev: VirtioDevice = VirtioBlk(parse_blk_options(_image())) if blk else VirtioRnd()
     backend = VhostUserBackend(dev)
@@ -336,7 +351,9 @@ async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settl
     mem = os.memfd_create("fuzz-shm", os.MFD_CLOEXEC)
     os.ftruncate(mem, SHM)
     os.pwrite(mem, shm * (SHM // len(shm)), 0)
-    kicks: list[int] = []
+    kicks: list[tuple[int, str]] = []
+    held: list[int] = []  # every fd of ours, closed at the end (sent ones: toggled too)
+    sent: list[int] = []
     try:
         with trio.fail_after(LIMIT_S), trio.CancelScope() as scope:
             limit.arm(scope)
@@ -345,14 +362,18 @@ async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settl
                 conn = Connection(trio.socket.from_stdlib_socket(ours))
                 nursery.start_soon(_serve, backend, conn, nursery.cancel_scope)
                 front = trio.socket.from_stdlib_socket(theirs)
-                for (req, flags, (payload, fds)), pause in seq:
+                for i, ((req, flags, (payload, fds)), pause) in enumerate(seq):
+                    if hostile.shrink is not None and hostile.shrink[0] == i:
+                        os.ftruncate(mem, hostile.shrink[1])  # under the back end's maps
                     size = len(payload)
                     if lie_size == 3:
                         size = len(payload) + 8  # more than sent: a short message at the end
                     data = p.HEADER.pack(req & 0xFFFF_FFFF, flags & 0xFFFF_FFFF,
                                          size & 0xFFFF_FFFF) + payload
-                    extra = [os.eventfd(0, os.EFD_CLOEXEC) if f == "event" else os.dup(mem)
+                    kinds = [hostile.fd_kinds.get(i, "event") if f == "event" else f
                              for f in fds]
+                    extra = [os.dup(mem) if k == "mem" else make_fd(k, held, _image())
+                             for k in kinds]
                     try:
                         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                 struct.pack(f"{len(extra)}i", *extra))] if extra else []
@@ -361,21 +382,25 @@ async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settl
                     except OSError:
                         break  # the back end hung up on us
                     finally:
-                        for fd in extra:
-                            if req == Req.SET_VRING_KICK:
-                                kicks.append(fd)  # kept to kick the ring later
-                            else:
+                        for fd, kind in zip(extra, kinds, strict=True):
+                            if kind == "mem":
                                 os.close(fd)
+                            else:
+                                sent.append(fd)
+                                if req == Req.SET_VRING_KICK:
+                                    kicks.append((fd, kind))  # kept to kick the ring later
                     # the back end has done all it will with the message (no time passes)
                     await trio.testing.wait_all_tasks_blocked()
+                    if i in hostile.toggle_after:  # O_NONBLOCK off again, behind its back
+                        clear_nonblock(sent)
                     if not _drain(theirs):
                         break
                     if pause:
                         await trio.sleep(2 * SETTLE_S)
                 if settle:  # let the back end activate the (hostile) rings, then kick
                     await trio.sleep(2 * SETTLE_S)
-                    for fd in kicks:
-                        os.eventfd_write(fd, 1)
+                    for fd, kind in kicks:
+                        kick(fd, kind, held)
                     await trio.sleep(0.01)
                 front.close()
     finally:
@@ -383,8 +408,9 @@ async def _session(seq: list[tuple[Msg, bool]], shm: bytes, lie_size: int, settl
         ours.close()
         theirs.close()
         os.close(mem)
-        for fd in kicks:
+        for fd in held:
             os.close(fd)
+
 
 
 _IMAGE: list[str] = []

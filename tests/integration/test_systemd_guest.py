@@ -321,7 +321,10 @@ def test_3_stop_is_clean_and_quick(guest):
     assert (props["ActiveState"], props["Result"], props["ExecMainStatus"]) == \
         ("inactive", "success", "0"), props
     journal = check(guest, "stop-journal").text
-    assert "power button pressed; destroying the VM in 3 s" in journal, journal
+    # the sim guest never enables ACPI: it cannot hear the power button, so the stop does
+    # not wait the VM file's 3 s grace (tests/component/test_launch_systemd.py covers the
+    # grace time with a guest that can hear it)
+    assert "destroying the VM now (the guest never enabled ACPI" in journal, journal
     assert "Deactivated successfully." in journal and "SIGKILL" not in journal
 
 

@@ -181,3 +181,25 @@ def test_an_eventfd_kick_is_served_each_time() -> None:
             assert ring.serves <= 6 and failures == []
     finally:
         os.close(peer)
+
+
+def test_drain_never_waits_even_if_the_front_end_cleared_o_nonblock():
+    """The front end shares the kick fd's open file description: it can clear O_NONBLOCK
+    and read its own kick before our thread does. The drain must still come back
+    (issue 18: a data-plane thread stuck in read() cannot be stopped)."""
+    import threading
+
+    from devicemodel.virtio.dataplane import drain_kick
+
+    fd = os.eventfd(0)  # blocking, counter 0: what the thread finds after the race
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(drain_kick(fd)), daemon=True)
+    try:
+        t.start()
+        t.join(2)
+        assert not t.is_alive(), "drain_kick blocked in read()"
+        assert result == [True]  # nothing there, the fd is still alive
+    finally:
+        os.eventfd_write(fd, 1)  # frees a reader stuck in the old code
+        t.join(2)
+        os.close(fd)
