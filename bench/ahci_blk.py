@@ -20,13 +20,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vhost_blk import CLK_TCK, IMAGE_SIZE, TESTS, build_vbench, cpu_ticks  # noqa: E402
+from vhost_blk import CLK_TCK, IMAGE_SIZE, TESTS, build_vbench, follow_guest  # noqa: E402
 
 from devicemodel.guestkit import qemu as g  # noqa: E402
 from devicemodel.guestkit import trixie  # noqa: E402
@@ -90,8 +89,6 @@ def main() -> int:
         blk = g.start_backend(f"virtio-blk,{blk_img},writeback,modern", work / "blk.sock",
                               command="vfio-user")
         pids = {"sda": ahci.proc.pid, "vda": blk.proc.pid}
-        marks: dict[tuple[str, str, str, int], int] = {}
-        results: dict[tuple[str, str, int], tuple[float, int]] = {}
         try:
             devices = (g.vfio_user_device_args(qemu.inner(ahci.socket), addr=3)
                        + g.vfio_user_device_args(qemu.inner(blk.socket), addr=4))
@@ -99,27 +96,14 @@ def main() -> int:
                                               qemu.inner(initrd), devices))
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
-            log: list[str] = []
-            current: list[str] = []
-            assert proc.stdout is not None
-            deadline = time.monotonic() + 120 + args.reps * len(tests) * 2 * (args.seconds + 5)
-            for raw in iter(proc.stdout.readline, b""):
-                line = raw.decode(errors="replace").strip()
-                log.append(line)
-                if f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
-                    _, _, rest = line.partition(" INFO ")
-                    edge, dev, test, rep = rest.split()
-                    marks[(edge, dev, test, int(rep))] = cpu_ticks(pids[dev])
-                    current = [dev, test, rep]
-                elif line.startswith("VBENCH ") and current:
-                    parts = line.split()
-                    results[(current[0], current[1], int(current[2]))] = (float(parts[2]),
-                                                                        int(parts[4]))
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    break
-            proc.wait()
-            if f"{g.MARK} PASS bench" not in "\n".join(log):
+            run = follow_guest(proc, pids, 120 + args.reps * len(tests) * 2 * (args.seconds + 5))
+            log, marks, results = run.log, run.marks, run.results
+            if run.stalled:
+                print("\n".join(log[-30:]), file=sys.stderr)
+                print(f"ahci_blk: {run.stalled}; QEMU was killed\n{ahci.log()[-3000:]}",
+                      file=sys.stderr)
+                return 1
+            if not run.passed():
                 print("\n".join(log[-60:]), file=sys.stderr)
                 print(f"ahci_blk: the guest did not finish\n{ahci.log()[-3000:]}",
                       file=sys.stderr)

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,6 +179,49 @@ class Watchdog:
                 return
 
 
+@dataclass
+class GuestRun:
+    """What the benchmark guest printed: its lines, each device's CPU ticks at every
+    (edge, device, test, rep) mark, each (device, test, rep)'s (rate, requests), and why
+    the watchdog killed QEMU ("" when it did not)."""
+    log: list[str]
+    marks: dict[tuple[str, str, str, int], int]
+    results: dict[tuple[str, str, int], tuple[float, int]]
+    stalled: str
+
+    def passed(self) -> bool:
+        return f"{g.MARK} PASS bench" in "\n".join(self.log)
+
+
+def follow_guest(proc: subprocess.Popen[bytes], pids: dict[str, int],
+                 budget: float) -> GuestRun:
+    """Read QEMU's console until it exits, sampling the back ends' CPU at the guest's
+    begin/end marks; every wait is bounded by a Watchdog (silence or ``budget``)."""
+    run = GuestRun([], {}, {}, "")
+    current: list[str] = []
+    assert proc.stdout is not None
+    watchdog = Watchdog(proc, budget, SILENCE_SECONDS, lambda: current)
+    try:
+        for raw in iter(proc.stdout.readline, b""):
+            watchdog.heard()
+            line = raw.decode(errors="replace").strip()
+            run.log.append(line)
+            if f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
+                _, _, rest = line.partition(" INFO ")
+                edge, dev, test, rep = rest.split()
+                run.marks[(edge, dev, test, int(rep))] = cpu_ticks(pids[dev])
+                current[:] = [dev, test, rep]
+            elif line.startswith("VBENCH ") and current:
+                parts = line.split()
+                run.results[(current[0], current[1], int(current[2]))] = (float(parts[2]),
+                                                                        int(parts[4]))
+        proc.wait()
+    finally:
+        watchdog.stop()
+    run.stalled = watchdog.reason
+    return run
+
+
 def start_qsd(image: Path, sock: Path) -> subprocess.Popen[bytes]:
     cmd = ["qemu-storage-daemon",
            "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
@@ -223,42 +267,21 @@ def main() -> int:
         ours = g.start_backend(f"virtio-blk,{image},writeback", work / "ours.sock")
         qsd = start_qsd(image, work / "qsd.sock")
         pids = {"vda": ours.proc.pid, "vdb": qsd.pid}
-        marks: dict[tuple[str, str, str, int], int] = {}
-        results: dict[tuple[str, str, int], tuple[float, int]] = {}
-        lock = threading.Lock()
         try:
             devices = (g.vhost_device_args("ours", "blk", ours.socket)
                        + g.vhost_device_args("qsd", "blk", work / "qsd.sock"))
             cmd = g.qemu_command(kernel, initrd, devices)
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
-            log: list[str] = []
-            current: list[str] = []
-            assert proc.stdout is not None
             budget = BOOT_SECONDS + args.reps * len(tests) * 2 * (args.seconds + 3)
-            stalled = Watchdog(proc, budget, SILENCE_SECONDS, lambda: current)
-            for raw in iter(proc.stdout.readline, b""):
-                stalled.heard()
-                line = raw.decode(errors="replace").strip()
-                log.append(line)
-                if f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
-                    _, _, rest = line.partition(" INFO ")
-                    edge, dev, test, rep = rest.split()
-                    with lock:
-                        marks[(edge, dev, test, int(rep))] = cpu_ticks(pids[dev])
-                    current = [dev, test, rep]
-                elif line.startswith("VBENCH ") and current:
-                    parts = line.split()
-                    results[(current[0], current[1], int(current[2]))] = (float(parts[2]),
-                                                                        int(parts[4]))
-            proc.wait()
-            stalled.stop()
-            if stalled.reason:
+            run = follow_guest(proc, pids, budget)
+            log, marks, results = run.log, run.marks, run.results
+            if run.stalled:
                 print("\n".join(log[-30:]), file=sys.stderr)
-                print(f"vhost_blk: {stalled.reason}; QEMU was killed. Our back end's log:\n"
+                print(f"vhost_blk: {run.stalled}; QEMU was killed. Our back end's log:\n"
                       f"{ours.log()[-2000:]}", file=sys.stderr)
                 return 1
-            if f"{g.MARK} PASS bench" not in "\n".join(log):
+            if not run.passed():
                 print("\n".join(log[-60:]), file=sys.stderr)
                 print("vhost_blk: the guest did not finish the benchmark", file=sys.stderr)
                 return 1

@@ -35,7 +35,12 @@ def on_loop(fn: Callable[[], object]) -> None:
     """Run ``fn`` (a trio call: ``event.set``) on the event loop: now when called there
     (or when no gated loop runs), else as soon as the loop wakes (queued once however
     often it is asked for before then)."""
-    loop = _loop
+    call_on(_loop, fn)
+
+
+def call_on(loop: tuple[int, trio.lowlevel.TrioToken] | None, fn: Callable[[], object]) -> None:
+    """Run ``fn`` on ``loop`` (its thread id and token): now when called on that thread or
+    when there is no loop, else queued once for its next wake."""
     if loop is None or threading.get_ident() == loop[0]:
         fn()
         return

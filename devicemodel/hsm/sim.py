@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..loopgate import call_on
 from ..memory import MemoryMap, RamRegion
 from . import abi
 from .base import (
@@ -258,14 +259,7 @@ class SimHypervisor(Hypervisor):
     def _on_loop(self, fn) -> None:
         """``fn()`` (a trio call) now on the loop thread, else queued for the loop (an
         interrupt sent from a data-plane thread)."""
-        loop = self._loop
-        if loop is None or threading.get_ident() == loop[0]:
-            fn()
-            return
-        try:
-            loop[1].run_sync_soon(fn, idempotent=True)
-        except trio.RunFinishedError:
-            pass
+        call_on(self._loop, fn)
 
     def set_irqline(self, gsi: int, op: int) -> None:
         self._need_vm()

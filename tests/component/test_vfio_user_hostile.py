@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import trio
 
 from devicemodel.vfio_user import protocol as p
 from devicemodel.vfio_user.connection import Disconnected
-from tests.support.paths import ROOT
+from tests.support.launch import start_listening
 from tests.support.vfio_user import Client, ClientRam, ModernVirtio
 
 RING = 0x1_0000
@@ -33,24 +32,8 @@ EVENTFD_MAX = 2**64 - 2
 
 def _start_server(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     sock = tmp_path / "vu.sock"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "devicemodel", "vfio-user",
-                             "virtio-rnd,modern", "--socket-path", str(sock)], cwd=ROOT,
-                            env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
-    while True:
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(sock))
-            probe.close()
-            return proc, sock
-        except OSError:
-            probe.close()
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"server did not start: {proc.communicate()[1]!r}") \
-                    from None
-            time.sleep(0.02)
+    return start_listening(["vfio-user", "virtio-rnd,modern", "--socket-path", str(sock)],
+                           sock), sock
 
 
 async def _client(sock: Path) -> Client:

@@ -14,6 +14,7 @@ import pytest
 
 from devicemodel.vhost_user import protocol as p
 from devicemodel.vhost_user.protocol import Req
+from tests.support.launch import start_listening
 from tests.support.paths import REPO
 
 
@@ -52,28 +53,10 @@ def _get_features(path: str) -> int:
     return p.U64.unpack_from(reply, 12)[0]
 
 
-def _wait_until_listening(sock: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """The socket file appears at bind(), before listen(): only a connect proves it serves."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(sock))
-            return
-        except (FileNotFoundError, ConnectionRefusedError):
-            assert time.monotonic() < deadline, f"back end not listening on {sock}"
-            time.sleep(0.02)
-        finally:
-            probe.close()
-
-
 def test_sigterm_ends_cleanly_and_removes_the_socket(tmp_path: Path) -> None:
     sock = tmp_path / "rnd.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "devicemodel", "vhost-user", "virtio-rnd",
-                             "--socket-path", str(sock)], cwd=REPO, stderr=subprocess.PIPE)
+    proc = start_listening(["vhost-user", "virtio-rnd", "--socket-path", str(sock)], sock)
     try:
-        _wait_until_listening(sock, proc, 15)
         # two front ends one after the other: the second finds the back end still serving
         for _ in range(2):
             assert _get_features(str(sock)) & p.F_PROTOCOL_FEATURES

@@ -15,10 +15,8 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from devicemodel.vhost_user.frontend import Frontend, RingSetup
 from devicemodel.vhost_user.protocol import Req
 from devicemodel.virtio.mock import MockDriver
 from devicemodel.virtio.rnd import VirtioRnd
-from tests.support.paths import ROOT
+from tests.support.launch import start_listening
 from tests.support.vhost import NO_EVENT_IDX, RING_BASE, disk_image, frontend, served
 
 EVENTFD_MAX = 2**64 - 2
@@ -62,24 +60,7 @@ HOSTILE = {"saturated-eventfd": _saturated_eventfd, "full-pipe": _full_pipe}
 def _start_backend(tmp_path: Path, device: str) -> tuple[subprocess.Popen[bytes], Path]:
     sock = tmp_path / "be.sock"
     spec = f"virtio-blk,{disk_image(tmp_path)}" if device == "blk" else "virtio-rnd"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "devicemodel", "vhost-user", spec,
-                             "--socket-path", str(sock)], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
-    while True:
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(sock))
-            probe.close()
-            return proc, sock
-        except OSError:
-            probe.close()
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"back end did not start: {proc.communicate()[1]!r}") \
-                    from None
-            time.sleep(0.02)
+    return start_listening(["vhost-user", spec, "--socket-path", str(sock)], sock), sock
 
 
 def _request(drv: MockDriver, device: str) -> int:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.paths import ROOT
+
 
 def typical_line(images) -> list[str]:
     """acrn-facts §4.3: the line ACRN's sample launch_user_vm_id1.sh runs, paths replaced."""
@@ -57,3 +66,26 @@ def one_error_line(rc: int, err: str) -> str:
     lines = err.splitlines()
     assert rc != 0 and len(lines) == 1, (rc, err)
     return lines[0]
+
+
+def start_listening(args: list[str], sock: Path, timeout: float = 15.0) -> subprocess.Popen[bytes]:
+    """``python -m devicemodel <args>`` in a child of this checkout, returned once ``sock``
+    accepts a connection (the file appears at bind(), before listen(): only a connect
+    proves it serves). A child that exits or never listens fails the test with its stderr."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "devicemodel", *args], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"{' '.join(args[:2])} did not start listening on "
+                                     f"{sock}: {proc.communicate()[1]!r}") from None
+            time.sleep(0.02)
+        finally:
+            probe.close()
