@@ -98,15 +98,7 @@ def main() -> int:
                                     stderr=subprocess.STDOUT)
             run = follow_guest(proc, pids, 120 + args.reps * len(tests) * 2 * (args.seconds + 5))
             log, marks, results = run.log, run.marks, run.results
-            if run.stalled:
-                print("\n".join(log[-30:]), file=sys.stderr)
-                print(f"ahci_blk: {run.stalled}; QEMU was killed\n{ahci.log()[-3000:]}",
-                      file=sys.stderr)
-                return 1
-            if not run.passed():
-                print("\n".join(log[-60:]), file=sys.stderr)
-                print(f"ahci_blk: the guest did not finish\n{ahci.log()[-3000:]}",
-                      file=sys.stderr)
+            if run.failed("ahci_blk", ahci.log()):
                 return 1
         finally:
             g.stop_backend(ahci)

@@ -73,16 +73,8 @@ def main() -> int:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
             run = follow_guest(proc, pids, 90 + args.reps * len(tests) * 2 * (args.seconds + 5))
-            log, marks, results = run.log, run.marks, run.results
-            if run.stalled:
-                print("\n".join(log[-30:]), file=sys.stderr)
-                print(f"vfio_user_blk: {run.stalled}; QEMU was killed\n{vfio.log()[-3000:]}",
-                      file=sys.stderr)
-                return 1
-            if not run.passed():
-                print("\n".join(log[-60:]), file=sys.stderr)
-                print(f"vfio_user_blk: the guest did not finish\n{vfio.log()[-3000:]}",
-                      file=sys.stderr)
+            marks, results = run.marks, run.results
+            if run.failed("vfio_user_blk", vfio.log()):
                 return 1
         finally:
             g.stop_backend(vhost)

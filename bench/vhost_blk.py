@@ -189,8 +189,18 @@ class GuestRun:
     results: dict[tuple[str, str, int], tuple[float, int]]
     stalled: str
 
-    def passed(self) -> bool:
-        return f"{g.MARK} PASS bench" in "\n".join(self.log)
+    def failed(self, bench: str, backend_log: str) -> bool:
+        """Say on stderr why the guest did not finish (QEMU killed by the watchdog, or
+        the benchmark not completed), with the guest's last lines and our back end's log."""
+        if self.stalled:
+            why = f"{self.stalled}; QEMU was killed"
+        elif f"{g.MARK} PASS bench" not in "\n".join(self.log):
+            why = "the guest did not finish the benchmark"
+        else:
+            return False
+        print("\n".join(self.log[-60:]), file=sys.stderr)
+        print(f"{bench}: {why}. Our back end's log:\n{backend_log[-3000:]}", file=sys.stderr)
+        return True
 
 
 def follow_guest(proc: subprocess.Popen[bytes], pids: dict[str, int],
@@ -276,14 +286,7 @@ def main() -> int:
             budget = BOOT_SECONDS + args.reps * len(tests) * 2 * (args.seconds + 3)
             run = follow_guest(proc, pids, budget)
             log, marks, results = run.log, run.marks, run.results
-            if run.stalled:
-                print("\n".join(log[-30:]), file=sys.stderr)
-                print(f"vhost_blk: {run.stalled}; QEMU was killed. Our back end's log:\n"
-                      f"{ours.log()[-2000:]}", file=sys.stderr)
-                return 1
-            if not run.passed():
-                print("\n".join(log[-60:]), file=sys.stderr)
-                print("vhost_blk: the guest did not finish the benchmark", file=sys.stderr)
+            if run.failed("vhost_blk", ours.log()):
                 return 1
             missing = [(d, t, r) for r in range(args.reps) for t in tests for d in ("vda", "vdb")
                        if (d, t, r) not in results]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..unixserver import fds_from_ancillary
 from .protocol import HEADER, MAX_MESSAGE, MAX_MSG_FDS, Fatal, Header, parse_header
 
 #: room for more fds than we accept, so a few too many are seen (and closed), not cut
@@ -45,16 +46,6 @@ class Message:
             os.close(fd)
 
 
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
 class Channel:
     """One client's socket.
 
@@ -79,7 +70,7 @@ class Channel:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._raw)
                 continue
-            fds.extend(_fds_from(anc))
+            fds.extend(fds_from_ancillary(anc))
             cut |= bool(flags & socket.MSG_CTRUNC)
             if not data:
                 if first and not buf:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..unixserver import fds_from_ancillary
 from .protocol import HEADER, MAX_FDS, Header, ProtocolError, parse_header
 
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * 4)
@@ -43,16 +44,6 @@ class Message:
             os.close(fd)
 
 
-def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
 class Connection:
     """One front end's socket: read requests, write replies."""
 
@@ -63,7 +54,7 @@ class Connection:
         buf = bytearray()
         while len(buf) < n:
             data, ancdata, flags, _ = await self.sock.recvmsg(n - len(buf), _ANC_SIZE)
-            got = _fds_from_ancillary(ancdata)
+            got = fds_from_ancillary(ancdata)
             fds.extend(got)
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError("more file descriptors than any message carries")
