@@ -6,12 +6,10 @@ the PCI_CFG window, BAR moves)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from devicemodel.virtio.console import VIRTIO_CONSOLE_F_MULTIPORT
 from devicemodel.virtio.device import STATUS_DRIVER_OK
 from devicemodel.virtio.pci import VirtioPci
 from devicemodel.vm import Vm
+from tests.support.netns import private_netns
 from tests.support.pci_guest import PciGuest
 from tests.support.virtio_pci_driver import (
     NUMQ,
@@ -92,29 +91,10 @@ async def test_console_line_both_ways_over_a_socket(tmp_path: Path, legacy: bool
 
 
 # --- virtio-net over a real tap -------------------------------------------------------------
-CLONE_NEWNET = 0x40000000
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 ETH_P_ALL = 0x0003
 ETHERTYPE = 0x88B5
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def private_netns() -> Iterator[None]:
-    """Run the block in a new network namespace (this thread only), then come back."""
-    orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.unshare(CLONE_NEWNET) != 0:
-            e = ctypes.get_errno()
-            pytest.skip(f"cannot make a network namespace: {os.strerror(e)}")
-        try:
-            yield
-        finally:
-            if _libc.setns(orig, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the host namespace")
-    finally:
-        os.close(orig)
 
 
 async def test_net_exchanges_frames_with_a_tap() -> None:
