@@ -28,11 +28,8 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +39,7 @@ import pytest
 from devicemodel.guestkit import qemu as g
 from devicemodel.guestkit import trixie
 from devicemodel.pci import caps as pcaps
+from tests.support.console_peer import ConsolePeer
 
 pytestmark = pytest.mark.integration
 
@@ -178,43 +176,6 @@ class Boot:
         return out
 
 
-class ConsolePeer:
-    """The host end of the console port: reads the guest's line, answers with ours."""
-
-    def __init__(self, path: Path) -> None:
-        deadline = time.monotonic() + 15
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(150)
-        self.got = b""
-        self.thread = threading.Thread(target=self._talk, daemon=True)
-        self.thread.start()
-
-    def _talk(self) -> None:
-        try:
-            while not self.got.endswith(b"\n"):
-                chunk = self.sock.recv(256)
-                if not chunk:
-                    return
-                self.got += chunk
-            self.sock.sendall(HOST_LINE.encode() + b"\n")
-        except OSError:
-            return
-
-    def close(self) -> bytes:
-        self.sock.close()
-        self.thread.join(5)
-        return self.got
-
-
 def _lspci_files() -> dict[str, Path]:
     """The host's pciutils lspci and the libraries it links, for the guest's initramfs
     (busybox has no lspci -vvv): the guest then runs the real one on its own sysfs."""
@@ -255,7 +216,8 @@ def _boot(name: str, script: str, specs: dict[str, str], slots: dict[str, int], 
                 subprocess.run(["ip", "-n", NETNS, "addr", "add", f"{HOST_IP}/30", "dev",
                                 TAP], check=True)
                 subprocess.run(["ip", "-n", NETNS, "link", "set", TAP, "up"], check=True)
-            peer = ConsolePeer(Path(console.replace("{work}", str(work)))) if console else None
+            peer = ConsolePeer(Path(console.replace("{work}", str(work))), HOST_LINE,
+                                timeout=150, connect_for=15) if console else None
             args = list(machine)
             for dev, slot in slots.items():
                 args += g.vfio_user_device_args(qemu.inner(be[dev].socket), addr=slot)

@@ -19,11 +19,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from devicemodel.guestkit import qemu as g
 from devicemodel.guestkit import trixie
 from devicemodel.vhost_user import protocol as p
 from devicemodel.vhost_user.frontend import Frontend
+from tests.support.console_peer import ConsolePeer
 
 NETNS = "acrnpydm-q11"
 TAP = "pydmtap11"
@@ -114,34 +113,6 @@ class Boot:
             raise AssertionError(f"{e}\n{self.qemu.version}\n{self.backend_logs}") from None
 
 
-class ConsolePeer:
-    """The host end of the console port: reads the guest's line, then answers with ours."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.sock.settimeout(120)
-        self.got = b""
-        self.thread = threading.Thread(target=self._talk, daemon=True)
-        self.thread.start()
-
-    def _talk(self) -> None:
-        try:
-            while not self.got.endswith(b"\n"):
-                chunk = self.sock.recv(256)
-                if not chunk:
-                    return
-                self.got += chunk
-            self.sock.sendall(HOST_LINE.encode() + b"\n")
-        except OSError:
-            return
-
-    def close(self) -> bytes:
-        self.sock.close()
-        self.thread.join(5)
-        return self.got
-
-
 def _console_device(name: str, sock: Path) -> list[str]:
     return ["-chardev", f"socket,id={name},path={sock}",
             "-device", f"{trixie.DEVICE},chardev={name},virtio-id=3,"
@@ -178,7 +149,7 @@ def boot() -> Iterator[Boot]:
             subprocess.run(["ip", "-n", NETNS, "link", "set", TAP, "up"], check=True)
             tcp = subprocess.Popen(["ip", "netns", "exec", NETNS, sys.executable, "-c",
                                     TCP_PEER, str(received)], stderr=subprocess.PIPE)
-            peer = ConsolePeer(port)
+            peer = ConsolePeer(port, HOST_LINE, timeout=120)
             args = [*_console_device("con", qemu.inner(be["con"].socket)),
                     *_net_device("net", qemu.inner(be["net"].socket))]
             cmd = g.qemu_command(inner_kernel, qemu.inner(work / "initrd.gz"), args)
