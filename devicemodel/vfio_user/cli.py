@@ -13,6 +13,7 @@ import sys
 import trio
 
 from ..errors import ConfigError
+from ..peer_args import OneLineParser, add_socket_args, check_socket_args
 
 USAGE = """\
 usage: acrn-pydm vfio-user <device spec> (--socket-path PATH | --fd N) [--slot N] [-v]
@@ -30,17 +31,10 @@ and guest RAM it can share (-object memory-backend-memfd,share=on).
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like the main command
-        raise ConfigError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="acrn-pydm vfio-user", usage=USAGE, add_help=False)
+    ap = OneLineParser(prog="acrn-pydm vfio-user", usage=USAGE, add_help=False)
     ap.add_argument("spec", nargs="?")
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--socket-path")
-    where.add_argument("--fd", type=int)
+    add_socket_args(ap)
     ap.add_argument("--slot", type=int, default=3)
     ap.add_argument("-h", "--help", action="store_true")
     ap.add_argument("--verbose", "-v", action="store_true")
@@ -55,8 +49,8 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.spec:
             raise ConfigError("give a device spec, e.g. virtio-blk,/path/disk.img")
-        if args.socket_path is None and args.fd is None:
-            raise ConfigError("give --socket-path PATH or --fd N")
+        check_socket_args(args, "the listening or connected UNIX socket handed to this process",
+                          "/run/vfio-user-blk.sock")
         if not 0 <= args.slot <= 31:
             raise ConfigError(f"--slot {args.slot}: a slot is 0..31")
         logging.basicConfig(

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import stat
 import sys
 
 import trio
 
 from ..errors import ConfigError
+from ..peer_args import OneLineParser, add_socket_args, check_socket_args
 
 USAGE = """\
 usage: acrn-pydm vhost-user <device spec> (--socket-path PATH | --fd N)
@@ -27,51 +26,14 @@ device spec: the -s emulation with its options, without the slot, e.g.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like the main command
-        raise ConfigError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="acrn-pydm vhost-user", usage=USAGE, add_help=False)
+    ap = OneLineParser(prog="acrn-pydm vhost-user", usage=USAGE, add_help=False)
     ap.add_argument("spec", nargs="?")
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--socket-path")
-    where.add_argument("--fd")
+    add_socket_args(ap)
     ap.add_argument("--print-capabilities", action="store_true")
     ap.add_argument("-h", "--help", action="store_true")
     ap.add_argument("--verbose", "-v", action="store_true")
     return ap
-
-
-#: the largest fd number Linux hands out (fs.nr_open's ceiling is below 2^31)
-FD_MAX = 2**31 - 1
-
-
-def _fd_number(text: str) -> int:
-    """``--fd``: a decimal fd number, range-checked before anything uses it."""
-    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > FD_MAX:
-        raise ConfigError(f"--fd {text}: not a file descriptor number; give the number of "
-                          "the connected socket the front end passed us, e.g. --fd 3")
-    return int(text)
-
-
-def check_socket_fd(fd: int) -> None:
-    """The inherited fd must be open and a socket (served as a UNIX stream socket)."""
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        raise ConfigError(f"--fd {fd}: not an open file descriptor; pass the socket to this "
-                          "process as that fd, or use --socket-path") from None
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"--fd {fd}: not a socket; give the fd of the front end's "
-                          "connected UNIX socket")
-
-
-def check_socket_path(path: str) -> None:
-    if not path or "\0" in path:
-        raise ConfigError(f"--socket-path {path!r}: not a usable path; give e.g. "
-                          "--socket-path /run/vhost-blk.sock")
 
 
 def capabilities(spec: str) -> dict[str, object]:
@@ -94,13 +56,8 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.spec:
             raise ConfigError("give a device spec, e.g. virtio-blk,/path/disk.img")
-        if args.socket_path is None and args.fd is None:
-            raise ConfigError("give --socket-path PATH or --fd N")
-        if args.fd is not None:
-            args.fd = _fd_number(args.fd)
-            check_socket_fd(args.fd)
-        else:
-            check_socket_path(args.socket_path)
+        check_socket_args(args, "the connected socket the front end passed us",
+                          "/run/vhost-blk.sock")
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
             format="acrn-pydm[vhost-user] %(levelname)s: %(message)s",

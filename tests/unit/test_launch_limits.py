@@ -152,23 +152,34 @@ def test_unreadable_and_odd_vm_files_are_one_line(tmp_path):
         one_error_line(*run_main(["config", "--check", path])[::2])
 
 
+PEER_COMMANDS = {"vhost-user": "the connected socket the front end passed us",
+                 "vfio-user": "the listening or connected UNIX socket handed to this process"}
+
+
+@pytest.mark.parametrize("command", PEER_COMMANDS)
 @pytest.mark.parametrize("fd", ["-1", "99999999999999999999", "2147483648", "3x", "", "³"])
-def test_vhost_user_fd_numbers_are_range_checked(fd):
-    line = one_error_line(*run_main(["vhost-user", "virtio-rnd", "--fd", fd])[::2])
-    assert line == (f"acrn-pydm vhost-user: error: --fd {fd}: not a file descriptor number; "
-                    "give the number of the connected socket the front end passed us, "
-                    "e.g. --fd 3")
+def test_peer_server_fd_numbers_are_range_checked(command, fd):
+    line = one_error_line(*run_main([command, "virtio-rnd", "--fd", fd])[::2])
+    assert line == (f"acrn-pydm {command}: error: --fd {fd}: not a file descriptor number; "
+                    f"give the number of {PEER_COMMANDS[command]}, e.g. --fd 3")
 
 
-def test_vhost_user_fd_must_be_an_open_socket(tmp_path):
+@pytest.mark.parametrize("command", PEER_COMMANDS)
+def test_peer_server_fd_must_be_an_open_socket(tmp_path, command):
     closed = os.open(os.devnull, os.O_RDONLY)
     os.close(closed)
-    line = one_error_line(*run_main(["vhost-user", "virtio-rnd", "--fd", str(closed)])[::2])
+    line = one_error_line(*run_main([command, "virtio-rnd", "--fd", str(closed)])[::2])
     assert f"--fd {closed}: not an open file descriptor" in line
     with open(tmp_path / "f", "w") as f:
-        line = one_error_line(*run_main(["vhost-user", "virtio-rnd", "--fd",
+        line = one_error_line(*run_main([command, "virtio-rnd", "--fd",
                                          str(f.fileno())])[::2])
     assert "not a socket" in line
+
+
+@pytest.mark.parametrize("command", PEER_COMMANDS)
+def test_peer_server_socket_path_must_be_usable(command):
+    line = one_error_line(*run_main([command, "virtio-rnd", "--socket-path", ""])[::2])
+    assert "--socket-path '': not a usable path" in line
 
 
 @pytest.mark.parametrize("text", [
