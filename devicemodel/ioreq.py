@@ -141,20 +141,14 @@ class IoreqServer:
     def serve_here(self, vcpu: int) -> bool:
         """Answer ``vcpu``'s slot on the calling thread and complete it, if the loop
         sleeps and the access's handler is ``vcpu_safe``; False: hand it to the loop.
-        (The hot path of every request on KVM: kept flat.)"""
+        (The hot path of every request on KVM.)"""
         if not 0 <= vcpu < self.vcpu_num:
             return False
         gate = self.gate
         if not gate.try_enter():
             return False
         try:
-            off = self._offsets[vcpu]
-            kernel_handled, state = _STATE.unpack_from(self.page, off + _KH_OFF)
-            if (state != _PROCESSING or kernel_handled or self.hold_completion or self.held
-                    or not self.handle_slot(off, True)):
-                return False  # served already, not ours, a reset holds it, or unsafe here
-            self.hv.notify_request_finish(vcpu)
-            return True
+            return self._serve_safe(vcpu, self._offsets[vcpu])
         finally:
             gate.leave()
 
@@ -180,7 +174,7 @@ class IoreqServer:
         if state != _PROCESSING or kernel_handled or self.hold_completion or self.held:
             return False  # served already, not ours, or a reset holds completions
         if not self.handle_slot(off, vcpu_safe_only=True):
-            return False
+            return False  # its handler is not safe here: the loop serves it
         self.hv.notify_request_finish(vcpu)
         return True
 
