@@ -149,11 +149,14 @@ class MemoryMap:
     def write_u8(self, gpa: int, value: int) -> None:
         _U8.pack_into(self.view(gpa, 1), 0, value & 0xFF)
 
+    # Stores of 2 and 4 bytes go through a cast memoryview: one store, which another CPU
+    # sees whole (``struct.pack_into`` zeroes its destination first: a ring index written
+    # that way can be read as 0 in between).
     def write_u16(self, gpa: int, value: int) -> None:
-        _U16.pack_into(self.view(gpa, 2), 0, value & 0xFFFF)
+        self.view(gpa, 2).cast("H")[0] = value & 0xFFFF
 
     def write_u32(self, gpa: int, value: int) -> None:
-        _U32.pack_into(self.view(gpa, 4), 0, value & 0xFFFF_FFFF)
+        self.view(gpa, 4).cast("I")[0] = value & 0xFFFF_FFFF
 
     def write_u64(self, gpa: int, value: int) -> None:
         _U64.pack_into(self.view(gpa, 8), 0, value & 0xFFFF_FFFF_FFFF_FFFF)

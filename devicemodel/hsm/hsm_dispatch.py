@@ -27,6 +27,9 @@ _PROCESSED = abi.SLOT_PROCESSED_OFF
 _VALUE = abi.SLOT_VALUE_OFF
 _TYPE = abi.SLOT_TYPE_OFF
 _BDFR = abi.SLOT_PCI_BDFR_OFF
+_COMPLETE = abi.IOREQ_STATE_COMPLETE
+_PIO = abi.IOREQ_TYPE_PORTIO
+_WRITE = abi.IOREQ_DIR_WRITE
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class HsmDispatcher:
         self.pci_conf_addr = 0
         self.clearing = False
         self._ioeventfds: tuple[IoEventFdReg, ...] = ()
+        #: the same, indexed for the hot path (replaced with the tuple): writes by
+        #: (pio, address); every (pio, byte) some registration covers, for reads
+        self._writes: dict[tuple[bool, int], tuple[IoEventFdReg, ...]] = {}
+        self._covered: frozenset[tuple[bool, int]] = frozenset()
 
     # --- ioeventfd registrations ----------------------------------------------------------
     @property
@@ -72,10 +79,20 @@ class HsmDispatcher:
         return None
 
     def add_ioeventfd(self, reg: IoEventFdReg) -> None:
-        self._ioeventfds = (*self._ioeventfds, reg)
+        self._replace((*self._ioeventfds, reg))
 
     def remove_ioeventfd(self, reg: IoEventFdReg) -> None:
-        self._ioeventfds = tuple(r for r in self._ioeventfds if r is not reg)
+        self._replace(tuple(r for r in self._ioeventfds if r is not reg))
+
+    def _replace(self, regs: tuple[IoEventFdReg, ...]) -> None:
+        writes: dict[tuple[bool, int], tuple[IoEventFdReg, ...]] = {}
+        for r in regs:
+            writes[(r.pio, r.address)] = (*writes.get((r.pio, r.address), ()), r)
+        # the indexes first: a vCPU thread reading them with the old tuple is still right
+        self._writes = writes
+        self._covered = frozenset((r.pio, a) for r in regs
+                                  for a in range(r.address, r.address + r.length))
+        self._ioeventfds = regs
 
     def reset(self) -> None:
         """RESET_VM: forget the cached CF8 (registrations stay, as in the HSM)."""
@@ -90,48 +107,40 @@ class HsmDispatcher:
         reads); False when it must go to the device model (possibly rewritten to PCICFG).
         """
         if self.clearing:
-            _U32.pack_into(page, off + _PROCESSED, abi.IOREQ_STATE_COMPLETE)
+            _U32.pack_into(page, off + _PROCESSED, _COMPLETE)
             return True
-        pio = rtype == abi.IOREQ_TYPE_PORTIO
+        pio = rtype == _PIO
         if pio and address == PCI_CONFIG_ADDRESS and size == 4:
-            if direction == abi.IOREQ_DIR_WRITE:
+            if direction == _WRITE:
                 self.pci_conf_addr = value & 0xFFFF_FFFF
             else:
                 _U32.pack_into(page, off + _VALUE, self.pci_conf_addr)
-            _U32.pack_into(page, off + _PROCESSED, abi.IOREQ_STATE_COMPLETE)
+            _U32.pack_into(page, off + _PROCESSED, _COMPLETE)
             return True
         if pio and PCI_CONFIG_DATA <= address <= PCI_CONFIG_DATA + 3:
             cf8 = self.pci_conf_addr
             if not cf8 & 0x8000_0000:
                 if direction == abi.IOREQ_DIR_READ:
                     _U32.pack_into(page, off + _VALUE, 0xFFFF_FFFF)
-                _U32.pack_into(page, off + _PROCESSED, abi.IOREQ_STATE_COMPLETE)
+                _U32.pack_into(page, off + _PROCESSED, _COMPLETE)
                 return True
             _U32.pack_into(page, off + _TYPE, abi.IOREQ_TYPE_PCICFG)
             for i, v in enumerate(cf8_to_pcicfg(cf8, address)):
                 _U32.pack_into(page, off + _BDFR + 4 * i, v)
             return False
-        regs = self._ioeventfds
-        if not regs:
-            return False
-        if direction == abi.IOREQ_DIR_WRITE:
-            for r in regs:
-                if (
-                    r.pio == pio
-                    and r.address == address
-                    and r.length >= size
-                    and (r.datamatch is None or r.datamatch == value)
-                ):
+        if direction == _WRITE:
+            for r in self._writes.get((pio, address), ()):
+                if r.length >= size and (r.datamatch is None or r.datamatch == value):
                     try:
                         os.eventfd_write(r.fd, 1)
                     except OSError:
                         pass
-                    _U32.pack_into(page, off + _PROCESSED, abi.IOREQ_STATE_COMPLETE)
+                    _U32.pack_into(page, off + _PROCESSED, _COMPLETE)
                     return True
-        else:
-            for r in regs:
+        elif (pio, address) in self._covered:
+            for r in self._ioeventfds:
                 if r.pio == pio and r.address <= address and address + size <= r.address + r.length:
                     _U64.pack_into(page, off + _VALUE, 0)
-                    _U32.pack_into(page, off + _PROCESSED, abi.IOREQ_STATE_COMPLETE)
+                    _U32.pack_into(page, off + _PROCESSED, _COMPLETE)
                     return True
         return False

@@ -115,12 +115,13 @@ class Requests:
                 os.eventfd_write(self._efd, 1)  # the loop serves it
             # ---- wait for NOTIFY_REQUEST_FINISH (at once if it came from here) ----
             done = waiter.done
+            acquired = done.acquire(False)  # no timeout to parse: served here, it is free
             while True:
-                if (done.acquire(timeout=_COMPLETION_POLL)
-                        and _U32.unpack_from(page, off + _PROCESSED)[0] == _COMPLETE):
+                if acquired and _U32.unpack_from(page, off + _PROCESSED)[0] == _COMPLETE:
                     break
                 if self._stopping:
                     return None
+                acquired = done.acquire(timeout=_COMPLETION_POLL)
         # ---- hypervisor post-work (dm_emulate_io_complete) ----
         if rtype == _MMIO:
             (got,) = _U64.unpack_from(page, off + _VALUE)

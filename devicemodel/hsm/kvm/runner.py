@@ -34,6 +34,11 @@ _PIO = abi.IOREQ_TYPE_PORTIO
 _MMIO = abi.IOREQ_TYPE_MMIO
 _READ = abi.IOREQ_DIR_READ
 _WRITE = abi.IOREQ_DIR_WRITE
+_EXIT_IO = k.KVM_EXIT_IO
+_EXIT_MMIO = k.KVM_EXIT_MMIO
+_IO_OUT = k.KVM_EXIT_IO_OUT
+_EXIT_OFF = k.RUN_EXIT_OFF
+_RUN_IO = k.RUN_IO.unpack_from
 
 
 class VcpuRunner:
@@ -139,7 +144,10 @@ class VcpuRunner:
 
     def _loop(self, vc: Vcpu) -> None:
         run, fd = vc.kvm_run, vc.fd
-        call = raw_ioctl  # a local: one lookup less per exit
+        # locals: one lookup less each per exit
+        call, kvm_run, reason_at, unpack_u32 = (raw_ioctl, k.KVM_RUN, k.RUN_EXIT_REASON_OFF,
+                                               k.RUN_U32.unpack_from)
+        exit_io, exit_mmio = self._exit_io, self._exit_mmio
         while True:
             if not self.running:
                 if vc.settle:  # finish the last I/O instruction so the state is whole
@@ -156,7 +164,7 @@ class VcpuRunner:
                         return
                     vc.parked = False
                 continue
-            ret = call(fd, k.KVM_RUN, None)
+            ret = call(fd, kvm_run, None)
             vc.settle = False
             if ret < 0:
                 err = ctypes.get_errno()
@@ -169,13 +177,13 @@ class VcpuRunner:
                 self.fatal(f"vCPU {vc.index}: KVM_RUN failed: {os.strerror(err)}")
                 continue
             vc.exits += 1
-            (reason,) = k.RUN_U32.unpack_from(run, k.RUN_EXIT_REASON_OFF)
-            if reason == k.KVM_EXIT_IO:
+            (reason,) = unpack_u32(run, reason_at)
+            if reason == _EXIT_IO:
                 vc.settle = True
-                self._exit_io(vc)
-            elif reason == k.KVM_EXIT_MMIO:
+                exit_io(vc)
+            elif reason == _EXIT_MMIO:
                 vc.settle = True
-                self._exit_mmio(vc)
+                exit_mmio(vc)
             elif reason in (k.KVM_EXIT_INTR, k.KVM_EXIT_IRQ_WINDOW_OPEN):
                 continue
             elif reason == k.KVM_EXIT_HLT:
@@ -186,13 +194,16 @@ class VcpuRunner:
 
     def _exit_io(self, vc: Vcpu) -> None:
         run = vc.kvm_run
-        direction, size, port, count, data_off = k.RUN_IO.unpack_from(run, k.RUN_EXIT_OFF)
+        direction, size, port, count, data_off = _RUN_IO(run, _EXIT_OFF)
         fmt = _LE.get(size)
         if fmt is None:
             self.fatal(f"vCPU {vc.index}: port access of size {size}")
             return
         post, index = self.requests.post, vc.index
-        if direction == k.KVM_EXIT_IO_OUT:
+        if direction == _IO_OUT:
+            if count == 1:  # the usual one; a string instruction loops below
+                post(index, _PIO, _WRITE, port, size, fmt.unpack_from(run, data_off)[0])
+                return
             for i in range(count):
                 (value,) = fmt.unpack_from(run, data_off + i * size)
                 if post(index, _PIO, _WRITE, port, size, value) is None:
