@@ -6,12 +6,16 @@ never block; slow work (disk, network) belongs to device tasks that handlers wak
 A range is ``vcpu_safe`` when its handler may also run on a request thread behind the
 loop gate (``loopgate.py``): it never calls trio and never blocks. The request is then
 answered on the vCPU (or ACRN waiter) thread itself, with no hand-off to the loop. A
-handler says so with a ``vcpu_safe = True`` attribute, or the caller of ``register``.
+handler says so with a ``vcpu_safe = True`` attribute, or the caller of ``register``;
+one that is safe for some accesses only (a virtio-pci BAR: its common configuration is
+plain state, its status register starts and resets the device) has a
+``vcpu_safe_access(offset, size, write)`` that says which.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +39,9 @@ class BusRange:
     handler: IoHandler
     name: str
     vcpu_safe: bool = False
+    #: for a range that is not ``vcpu_safe`` as a whole: ``(offset, size, write) -> bool``
+    #: says which of its accesses are (a handler's ``vcpu_safe_access``), None: none
+    vcpu_safe_access: Callable[[int, int, bool], bool] | None = None
     end: int = field(init=False)  # base + length (a field: read on every request)
 
     def __post_init__(self) -> None:
@@ -80,7 +87,8 @@ class Bus:
                     )
         if vcpu_safe is None:
             vcpu_safe = bool(getattr(handler, "vcpu_safe", False))
-        rng = BusRange(base, length, handler, name, vcpu_safe)
+        rng = BusRange(base, length, handler, name, vcpu_safe,
+                       getattr(handler, "vcpu_safe_access", None))
         self._ranges.insert(i, rng)
         self._bases.insert(i, base)
         return rng

@@ -173,7 +173,7 @@ class IoreqServer:
         kernel_handled, state = _STATE.unpack_from(self.page, off + _KH_OFF)
         if state != _PROCESSING or kernel_handled or self.hold_completion or self.held:
             return False  # served already, not ours, or a reset holds completions
-        if not self.handle_slot(off, vcpu_safe_only=True):
+        if not self.handle_slot(off, True):
             return False  # its handler is not safe here: the loop serves it
         self.hv.notify_request_finish(vcpu)
         return True
@@ -242,7 +242,9 @@ class IoreqServer:
                 value_view.pack_into(page, off + _VALUE_OFF, _MASK[size])
             return True
         if vcpu_safe_only and not r.vcpu_safe:
-            return False
+            access = r.vcpu_safe_access
+            if access is None or not access(addr - r.base, size, direction == _WRITE):
+                return False
         mask = _MASK[size]
         if direction == _WRITE:
             r.handler.write(addr - r.base, size, value & mask)

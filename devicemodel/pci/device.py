@@ -111,6 +111,9 @@ class Bar:
     #: base the handler is registered at now, None when unregistered
     mapped_at: int | None = None
     owner: Any = None
+    #: which accesses may be answered on a request thread behind the loop gate
+    #: (``bus.py``): ``(offset, size, write) -> bool``; None: none, all go to the loop
+    vcpu_safe_access: Callable[[int, int, bool], bool] | None = None
 
     @property
     def is_io(self) -> bool:
@@ -212,7 +215,8 @@ class PciDevice:
     # --- declarations -----------------------------------------------------------------
     def add_bar(self, idx: int, kind: BarKind, size: int, *, read: Reader | None = None,
                 write: Writer | None = None, wide: bool = False, trap: bool = True,
-                fixed: int | None = None, prefetchable: bool | None = None) -> Bar:
+                fixed: int | None = None, prefetchable: bool | None = None,
+                vcpu_safe_access: Callable[[int, int, bool], bool] | None = None) -> Bar:
         """Declare BAR ``idx``; ``size`` is rounded up to a power of two (min 4 for I/O,
         16 for memory). A MEM64 BAR also takes dword ``idx + 1``."""
         if not 0 <= idx <= 5 or (kind is BarKind.MEM64 and idx == 5):
@@ -223,7 +227,7 @@ class PciDevice:
         size = max(size, 4 if kind is BarKind.IO else 16)
         size = 1 << (size - 1).bit_length()
         bar = Bar(idx, kind, size, read, write, wide=wide, trap=trap, fixed=fixed,
-                  prefetchable=prefetchable, owner=self)
+                  prefetchable=prefetchable, owner=self, vcpu_safe_access=vcpu_safe_access)
         self.bars.append(bar)
         self._bar_dword[idx] = (bar, 0)
         if kind is BarKind.MEM64:

@@ -1,12 +1,15 @@
 """virtio-blk queues served on a data-plane thread (virtio/dataplane.py) with blocking I/O.
 
-When the transport hands over a queue's kick eventfd (vhost-user), a thread owns the
-queue: it takes a batch in ring order and serves each request right there, so a request
-costs no hand-off between threads. A plain read or write (header, data, status byte in
-the RAM at GPA 0) goes straight to the image; anything else through the general request
-code with ``DirectIo``, whose coroutines never suspend. No copy thread here: measured
-through QEMU, a second copier only took CPU from the guest's vCPU thread (0.85 of
-qemu-storage-daemon with it, 0.86 without).
+When the transport hands over a queue's kick eventfd (vhost-user; virtio-pci with the
+hypervisor's ioeventfds), a thread owns the queue: it takes a batch in ring order and
+serves each request right there, so a request costs no hand-off between threads. Linux's
+usual request (one indirect table: header, one data buffer, status byte in the RAM at
+GPA 0) is popped without a chain object and goes straight to the image; reads that
+continue one another become one ``preadv``, copied on two CPUs once it is big (the
+page-cache memcpy is a sequential stream's limit, as on the loop); anything else goes
+through the general request code with ``DirectIo``, whose coroutines never suspend.
+Batches of 16 complete with one interrupt each: with Linux's 32 requests in flight the
+driver refills one half while the other is served.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Protocol
 
 from ...ratelimit import RateLimitedLog
 from ..queue import DescriptorChain, Triple, Virtqueue
-from .io import SECTOR, BlockIo, DiskImage, run_now
+from .io import SECTOR, BlockIo, DiskImage, NowaitIo, run_now
 from .request import (
     HDR,
     VIRTIO_BLK_S_IOERR,
@@ -30,6 +33,9 @@ from .request import (
 BATCH = 16  # requests taken (and completed with one interrupt) at a time
 _MERGE_IOVECS = 64  # reads merged into one preadv at most (well under IOV_MAX)
 _MERGE_BYTES = 4 << 20
+#: merged reads this big are copied on two CPUs (io/copier.py), as the loop does: one
+#: CPU's memcpy is what limits a sequential stream from the page cache
+_PARALLEL_MIN = 512 << 10
 
 
 class ThreadDevice(Protocol):
@@ -38,6 +44,7 @@ class ThreadDevice(Protocol):
     glog: RateLimitedLog
     image: DiskImage | None
     direct: BlockIo | None
+    nowait: NowaitIo | None
 
     @property
     def writeback(self) -> bool: ...
@@ -130,8 +137,13 @@ class _Plain:
             return
         self.views, self.reqs = [], []
         lo, used, image = self.lo, self.used, self.image
+        length = self.end - self.start
         try:
-            image.read(views, self.start)
+            nowait = self.dev.nowait
+            if (length < _PARALLEL_MIN or len(views) < 2 or nowait is None
+                    or not nowait.can_read
+                    or nowait.read_halves(views, self.start, length) != length):
+                image.read(views, self.start)  # (again, if the halves fell short)
         except OSError as e:
             if len(reqs) == 1:
                 self.dev.io_error(e)

@@ -42,6 +42,18 @@ class LegacyRegisters:
     def size_for(config_size: int) -> int:
         return LEGACY_CONFIG_MSIX + config_size
 
+    def vcpu_safe_access(self, offset: int, size: int, write: bool) -> bool:
+        """Which accesses a request thread may answer behind the loop gate: reads of the
+        registers (ISR included: INTx goes through the thread-safe irq layer) and writes
+        of the plain ones (features, queue select, the MSI-X vectors); the ring address,
+        notify and status writes start, kick or reset the device on the loop, and device
+        config is device code."""
+        if offset + size > self._config_start():
+            return False
+        if not write:
+            return True
+        return offset in (L_GUEST_FEATURES, L_QUEUE_SEL, L_MSIX_CONFIG, L_MSIX_QUEUE)
+
     def _config_start(self) -> int:
         msix = self.fn.msix
         return LEGACY_CONFIG_MSIX if msix is not None and msix.enabled else LEGACY_CONFIG_NOMSIX

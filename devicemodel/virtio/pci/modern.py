@@ -66,6 +66,17 @@ class ModernRegisters:
         elif offset < ISR_OFF:
             self._common_write(offset, size, value)
 
+    @staticmethod
+    def vcpu_safe_access(offset: int, size: int, write: bool) -> bool:
+        """Which BAR4 accesses a request thread may answer behind the loop gate: the
+        common configuration (plain state; a Linux probe is mostly these) except the
+        status register, whose writes start and reset the device on the loop, and ISR
+        reads (INTx goes through the thread-safe irq layer). Device config and notify
+        stay on the loop (device code; kicks wake workers)."""
+        if offset < ISR_OFF:
+            return not (write and offset <= C_STATUS < offset + size)
+        return offset == ISR_OFF and not write
+
     # --- BAR2: the queue index is the data ------------------------------------------------
     def pio_notify_read(self, offset: int, size: int) -> int:
         return 0

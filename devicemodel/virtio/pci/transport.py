@@ -93,7 +93,8 @@ class VirtioPci(VirtioFunction):
         self.legacy = LegacyRegisters(self) if self.mode.has_legacy else None
         if self.legacy is not None:
             self.add_bar(LEGACY_BAR, BarKind.IO, LegacyRegisters.size_for(device.config_size),
-                         read=self.legacy.read, write=self.legacy.write)
+                         read=self.legacy.read, write=self.legacy.write,
+                         vcpu_safe_access=self.legacy.vcpu_safe_access)
         self.modern = ModernRegisters(self) if self.mode.has_modern else None
         self.pcicfg: PciCfgWindow | None = None
         if self.modern is not None:
@@ -125,7 +126,7 @@ class VirtioPci(VirtioFunction):
         window = self.add_capability(caps.virtio_cap(caps.VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0))
         self.pcicfg = PciCfgWindow(self, window)
         self.add_bar(MODERN_BAR, BarKind.MEM64, MODERN_BAR_SIZE, read=regs.read,
-                     write=regs.write)
+                     write=regs.write, vcpu_safe_access=regs.vcpu_safe_access)
 
     # --- lifetime -------------------------------------------------------------------------
     async def run(self) -> None:

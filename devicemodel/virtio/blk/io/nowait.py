@@ -9,6 +9,8 @@ hands to a thread (engine.py). Big reads use a second CPU: two at once, or one i
 
 from __future__ import annotations
 
+import threading
+
 from .copier import CopyThread
 from .image import DiskImage
 
@@ -20,6 +22,9 @@ class NowaitIo:
         self.image = image
         self.name = name
         self._copier: CopyThread | None = None
+        #: the copier serves one caller at a time (the loop, or one of several data-plane
+        #: threads); a caller that finds it busy copies alone
+        self._copier_free = threading.Lock()
 
     @property
     def can_read(self) -> bool:
@@ -40,12 +45,18 @@ class NowaitIo:
     def read_two(self, first: list[memoryview], first_offset: int,
                  second: list[memoryview], second_offset: int) -> tuple[int, int]:
         """Two reads at once, the first on the copier's CPU: bytes of each, or -1."""
-        copier = self._copy_thread()
-        copier.submit(self.image.fd, first, self.image.base + first_offset)
+        if not self._copier_free.acquire(False):
+            return self.image.try_read(first, first_offset), self.image.try_read(
+                second, second_offset)
         try:
-            got_second = self.image.try_read(second, second_offset)
-        finally:  # the thread's read lands before anything else happens
-            got_first = copier.wait()
+            copier = self._copy_thread()
+            copier.submit(self.image.fd, first, self.image.base + first_offset)
+            try:
+                got_second = self.image.try_read(second, second_offset)
+            finally:  # the thread's read lands before anything else happens
+                got_first = copier.wait()
+        finally:
+            self._copier_free.release()
         return got_first, got_second
 
     def read_halves(self, views: list[memoryview], offset: int, length: int) -> int:
