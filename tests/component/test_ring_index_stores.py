@@ -83,47 +83,45 @@ def _race(reader: Path, mem: GuestMemory, offset: int, store) -> int:  # noqa: A
     return zeros
 
 
+@pytest.fixture
+def mem():  # noqa: ANN201
+    mem = GuestMemory(128 << 20, name="torn-test")
+    queues: list[Virtqueue] = []
+    mem.queues = queues  # type: ignore[attr-defined]
+    yield mem
+    for q in queues:
+        q.stop()  # its ring views go before the RAM does
+    mem.close()
+
+
 def _queue(mem: GuestMemory, *, event_idx: bool) -> tuple[Virtqueue, MockDriver]:
     drv = MockDriver(mem, 0x10000, 256)
     q = drv.queue()
     q.start(event_idx=event_idx, indirect=True)
+    mem.queues.append(q)  # type: ignore[attr-defined]
     return q, drv
 
 
-def test_used_idx_is_never_seen_torn(reader: Path) -> None:
-    mem = GuestMemory(128 << 20, name="torn-test")
-    try:
-        q, drv = _queue(mem, event_idx=False)
-        zeros = _race(reader, mem, drv.used_addr + 2,
-                      lambda i: q.add_used_batch([(0, 1)]) if i & 1 else q.add_used(0, 1))
-        assert q.used_idx == STORES
-        assert zeros == 0, f"the driver read used.idx 0 {zeros} times"
-    finally:
-        q.stop()
-        mem.close()
+def test_used_idx_is_never_seen_torn(reader: Path, mem: GuestMemory) -> None:
+    q, drv = _queue(mem, event_idx=False)
+    zeros = _race(reader, mem, drv.used_addr + 2,
+                  lambda i: q.add_used_batch([(0, 1)]) if i & 1 else q.add_used(0, 1))
+    assert q.used_idx == STORES
+    assert zeros == 0, f"the driver read used.idx 0 {zeros} times"
 
 
-def test_avail_event_is_never_seen_torn(reader: Path) -> None:
-    mem = GuestMemory(128 << 20, name="torn-test")
-    try:
-        q, drv = _queue(mem, event_idx=True)
+def test_avail_event_is_never_seen_torn(reader: Path, mem: GuestMemory) -> None:
+    q, drv = _queue(mem, event_idx=True)
 
-        def store(i: int) -> None:
-            q.last_avail_idx = i
-            q.enable_notification()
+    def store(i: int) -> None:
+        q.last_avail_idx = i
+        q.enable_notification()
 
-        zeros = _race(reader, mem, drv.used_addr + 4 + 8 * 256, store)
-        assert zeros == 0, f"the driver read avail_event 0 {zeros} times"
-    finally:
-        q.stop()
-        mem.close()
+    zeros = _race(reader, mem, drv.used_addr + 4 + 8 * 256, store)
+    assert zeros == 0, f"the driver read avail_event 0 {zeros} times"
 
 
-def test_guest_memory_u16_stores_are_whole(reader: Path) -> None:
+def test_guest_memory_u16_stores_are_whole(reader: Path, mem: GuestMemory) -> None:
     """``write_u16`` (the mock driver's avail.idx) is one store too."""
-    mem = GuestMemory(128 << 20, name="torn-test")
-    try:
-        zeros = _race(reader, mem, 0x100, lambda i: mem.write_u16(0x100, i))
-        assert zeros == 0
-    finally:
-        mem.close()
+    zeros = _race(reader, mem, 0x100, lambda i: mem.write_u16(0x100, i))
+    assert zeros == 0
