@@ -73,6 +73,17 @@ def _table_struct(n: int) -> struct.Struct:
     return s
 
 
+#: ``struct.Struct`` for n used elements in a row, by n
+_USED_RUNS: dict[int, struct.Struct] = {}
+
+
+def _used_elems(n: int) -> struct.Struct:
+    s = _USED_RUNS.get(n)
+    if s is None:
+        s = _USED_RUNS[n] = struct.Struct("<" + "II" * n)
+    return s
+
+
 def _full_barrier() -> None:
     """A full memory barrier (a locked read-modify-write on x86)."""
     _barrier_lock.acquire()
@@ -516,12 +527,18 @@ class Virtqueue:
         used, used16 = self._used, self._used16
         if used is None or used16 is None or not entries:
             return
-        pack = _USED_ELEM.pack_into
         mask = self._mask
         idx = self.used_idx
-        for head, written in entries:
-            pack(used, 4 + 8 * (idx & mask), head, written & 0xFFFF_FFFF)
-            idx = (idx + 1) & 0xFFFF
+        start, n = idx & mask, len(entries)
+        if start + n <= self.size:  # one pack for the whole run (no wrap in between)
+            flat = [v & 0xFFFF_FFFF for entry in entries for v in entry]
+            _used_elems(n).pack_into(used, 4 + 8 * start, *flat)
+            idx = (idx + n) & 0xFFFF
+        else:
+            pack = _USED_ELEM.pack_into
+            for head, written in entries:
+                pack(used, 4 + 8 * (idx & mask), head, written & 0xFFFF_FFFF)
+                idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
         used16[1] = idx  # used.idx, after the elements: x86 does not reorder stores
 
