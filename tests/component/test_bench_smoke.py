@@ -1,0 +1,44 @@
+"""The quick benches still run end to end (tiny sizes; the figures are not checked here:
+benchmarks are benchmarks, not timed tests). The guest benches (vhost_blk, ahci_blk,
+vfio_user_blk) need a QEMU guest for minutes and are run by hand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devicemodel.hsm.kvm import kvm_usable
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(*args: str, timeout: float = 240) -> str:
+    env = dict(os.environ, PYTHONPATH=str(BENCH.parent))
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_virtio_blk_bench(tmp_path: Path) -> None:
+    out = _run(str(BENCH / "virtio_blk.py"), "--image", str(tmp_path / "img"),
+               "--size", str(64 << 20), "--seq-requests", "256", "--rand-requests", "512",
+               "--rounds", "1")
+    assert "sequential 128 KiB" in out and "random 4 KiB" in out and "ratio" in out
+    assert "per 4 KiB request: device-model CPU" in out
+
+
+def test_ioreq_bench_on_the_fake_acrn_hsm() -> None:
+    out = _run(str(BENCH / "ioreq.py"), "--backend", "acrn-fake", "--requests", "300",
+               "--rounds", "1")
+    assert "server's added cost" in out
+
+
+@pytest.mark.skipif(kvm_usable() is not None, reason="needs /dev/kvm")
+def test_exit_roundtrip_bench() -> None:
+    out = _run(str(BENCH / "exit_roundtrip.py"), "--exits", "200", "--rounds", "1")
+    assert out.count("ratio path/bare") == 2
