@@ -19,6 +19,7 @@ with os.eventfd_write: no ring, no descriptors, no guard. The ratio is ours / ba
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import select
@@ -36,7 +37,7 @@ from devicemodel.memory import GuestMemory  # noqa: E402
 from devicemodel.ratelimit import RateLimitedLog  # noqa: E402
 from devicemodel.vhost_user.backend import Vring  # noqa: E402
 from devicemodel.virtio.blk import ring_thread  # noqa: E402
-from devicemodel.virtio.blk.io import DiskImage  # noqa: E402
+from devicemodel.virtio.blk.io import DiskImage, NowaitIo  # noqa: E402
 from devicemodel.virtio.blk.io.engine import DirectIo  # noqa: E402
 from devicemodel.virtio.dataplane import Dataplane  # noqa: E402
 from devicemodel.virtio.queue import Virtqueue  # noqa: E402
@@ -50,15 +51,21 @@ TABLES, HEADERS = 0x100000, 0x300000  # a table slot per ring slot (8 KiB each),
 SHAPES = {"4 KiB read": (1,), "1 MiB read (254 + 2 pages)": (254, 2)}
 
 
-class Device:
-    """What ``serve_blocking`` uses of VirtioBlk; interrupts through a vhost-user Vring."""
+#: the longest the driver waits for one interrupt: a data plane that stopped is an error
+WAIT_S = 10.0
 
-    glog = RateLimitedLog(__import__("logging").getLogger("bench"))
+
+class Device:
+    """What ``serve_blocking`` uses of VirtioBlk (``ring_thread.ThreadDevice``);
+    interrupts through a vhost-user Vring."""
+
+    glog = RateLimitedLog(logging.getLogger("bench"))
     writeback = True
 
     def __init__(self, image: DiskImage, ring: Vring) -> None:
         self.image = image
         self.direct = DirectIo(image)
+        self.nowait = NowaitIo(image, "bench")
         self._ring = ring
 
     def signal(self, q: Virtqueue) -> None:
@@ -75,8 +82,11 @@ class Device:
 class Driver:
     """The guest's side: indirect tables of scattered pages, the avail ring, kicks."""
 
-    def __init__(self, lo: memoryview, kick: int, call: int) -> None:
+    def __init__(self, lo: memoryview, kick: int, call: int, failures: list[str]) -> None:
         self.lo, self.kick, self.call = lo, kick, call
+        self.failures = failures
+        self.poller = select.poll()
+        self.poller.register(call, select.POLLIN)
         self.idx = 0
         self.pages = random.sample(range(0x1000, 0xE000), 256)
 
@@ -105,7 +115,11 @@ class Driver:
     def run(self, shape: tuple[int, ...], count: int) -> None:
         for _ in range(count):
             self.post(shape)
-            os.eventfd_read(self.call)  # one interrupt per guest read (used_event)
+            # one interrupt per guest read (used_event); bounded: a stopped thread is an error
+            if not self.poller.poll(int(WAIT_S * 1000)) or self.failures:
+                raise RuntimeError(f"no interrupt from the data plane in {WAIT_S:.0f} s"
+                                   f" ({'; '.join(self.failures) or 'no failure reported'})")
+            os.eventfd_read(self.call)
 
 
 def on_cpu_ns(tid: int) -> int:
@@ -136,7 +150,7 @@ def measure_ours(image: DiskImage, shape: tuple[int, ...], count: int) -> float:
     dp = Dataplane("bench-dp", q, os.dup(kick),
                    lambda qq: ring_thread.serve_blocking(dev, qq), failures.append)
     try:
-        driver = Driver(lo, kick, call)
+        driver = Driver(lo, kick, call, failures)
         driver.run(shape, 100)  # warm-up
         tid = thread_id("bench-dp")
         c0 = on_cpu_ns(tid)
@@ -180,9 +194,14 @@ def measure_bare(image: DiskImage, shape: tuple[int, ...], count: int) -> float:
     t.start()
     rng = random.Random(1)
 
+    poller = select.poll()
+    poller.register(call, select.POLLIN)
+
     def one() -> None:
         pending.append([(rng.randrange(0, (IMAGE - n * 4096) // 4096) * 8, n) for n in shape])
         os.eventfd_write(kick, 1)
+        if not poller.poll(int(WAIT_S * 1000)):
+            raise RuntimeError(f"no answer from the bare responder in {WAIT_S:.0f} s")
         os.eventfd_read(call)
 
     try:
@@ -236,6 +255,10 @@ def main() -> int:
 
 if __name__ == "__main__":
     t0 = time.monotonic()
-    rc = main()
+    try:
+        rc = main()
+    except RuntimeError as e:
+        print(f"vhost_dataplane: {e}", file=sys.stderr)
+        rc = 1
     print(f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     raise SystemExit(rc)
