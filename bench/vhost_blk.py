@@ -120,8 +120,16 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+#: the guest's block-queue limits printed with the results: they decide how Linux splits
+#: a 1 MiB O_DIRECT request (max_segments 254 → two virtio requests, 126 → three)
+QUEUE_LIMITS = ("max_segments", "max_segment_size", "max_sectors_kb")
+
+
 def guest_script(reps: int, seconds: float, tests: tuple[str, ...] = TESTS) -> str:
     lines = ["echo 1 > /proc/sys/vm/drop_caches"]
+    for dev in ("vda", "vdb"):
+        vals = " ".join(f"$(cat /sys/block/{dev}/queue/{k})" for k in QUEUE_LIMITS)
+        lines.append(f"info limits {dev} {vals}")
     # warm-up: one pass of each test on each disk, not measured
     for dev in ("vda", "vdb"):
         lines.append(f"/vbench seqread /dev/{dev} 0.5 >/dev/null")
@@ -188,6 +196,7 @@ class GuestRun:
     marks: dict[tuple[str, str, str, int], int]
     results: dict[tuple[str, str, int], tuple[float, int]]
     stalled: str
+    limits: dict[str, list[str]]
 
     def failed(self, bench: str, backend_log: str) -> bool:
         """Say on stderr why the guest did not finish (QEMU killed by the watchdog, or
@@ -207,7 +216,7 @@ def follow_guest(proc: subprocess.Popen[bytes], pids: dict[str, int],
                  budget: float) -> GuestRun:
     """Read QEMU's console until it exits, sampling the back ends' CPU at the guest's
     begin/end marks; every wait is bounded by a Watchdog (silence or ``budget``)."""
-    run = GuestRun([], {}, {}, "")
+    run = GuestRun([], {}, {}, "", {})
     current: list[str] = []
     assert proc.stdout is not None
     watchdog = Watchdog(proc, budget, SILENCE_SECONDS, lambda: current)
@@ -216,7 +225,10 @@ def follow_guest(proc: subprocess.Popen[bytes], pids: dict[str, int],
             watchdog.heard()
             line = raw.decode(errors="replace").strip()
             run.log.append(line)
-            if f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
+            if f"{g.MARK} INFO limits " in line:
+                dev, *vals = line.partition(" INFO limits ")[2].split()
+                run.limits[dev] = vals
+            elif f"{g.MARK} INFO begin " in line or f"{g.MARK} INFO end " in line:
                 _, _, rest = line.partition(" INFO ")
                 edge, dev, test, rep = rest.split()
                 run.marks[(edge, dev, test, int(rep))] = cpu_ticks(pids[dev])
@@ -299,6 +311,10 @@ def main() -> int:
             qsd.terminate()
             qsd.wait(10)
     report(results, marks, args.reps, tests)
+    for dev, who in (("vda", "ours"), ("vdb", "qsd")):
+        vals = run.limits.get(dev, ["?"] * len(QUEUE_LIMITS))
+        print(f"guest queue limits, {who}: " + ", ".join(
+            f"{k} {v}" for k, v in zip(QUEUE_LIMITS, vals, strict=False)))
     return 0
 
 
