@@ -11,11 +11,9 @@ that into DEVICE_NEEDS_RESET for itself only (``VirtioDevice.fail``).
 Rings are mapped once, at :meth:`Virtqueue.start`, as memoryviews of guest RAM; the hot
 path is ``struct.Struct`` on those views, never construct (design.md §6).
 
-Torn indices: ``struct.pack_into`` zeroes its destination before it packs the fields, so
-a driver on another CPU can read a 16-bit index stored that way as 0 for a moment (seen:
-a driver read used.idx 0 mid-run, took ~60000 stale entries as completions and overran
-the ring). Every ring field a driver reads while we write it (used.idx, used.flags,
-avail_event) is stored through a ``'H'``-cast memoryview instead: one 16-bit store.
+Torn indices: ``struct.pack_into`` zeroes its destination before packing, so a driver
+on another CPU could read an index stored that way as 0 (seen: used.idx read as 0 mid-run).
+Ring fields a driver reads while we write them go through a ``'H'`` cast: one store.
 
 Memory ordering: the device model runs on x86 (TSO), where stores are not reordered with
 stores nor loads with loads. The one reordering that matters is a load passing an earlier
@@ -26,11 +24,13 @@ acquire/release), as ``mb()`` does in C.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 from collections.abc import Sequence
 
 from ..memory import GuestMemoryError, MemoryMap
+from .bulk import Bulk, bulk_of
 
 # Descriptor flags (§2.7.5)
 VIRTQ_DESC_F_NEXT = 1
@@ -51,10 +51,9 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 _TABLE3 = struct.Struct("<" + "QIHH" * 3)  # an indirect table of three descriptors
 
-#: A request Linux sends most (virtio-blk, virtio-scsi): one ring descriptor pointing at a
-#: 3-entry indirect table in the RAM at GPA 0: a 16-byte readable header, one data buffer,
-#: a 1-byte writable status. (head, header GPA, data GPA, data length, data is
-#: device-writable, status GPA), every address checked to lie in that RAM.
+#: Linux's most common block request: one ring descriptor → a 3-entry indirect table in
+#: the RAM at GPA 0 (16-byte readable header, one data buffer, 1-byte writable status):
+#: (head, header, data, data length, data device-writable, status), all checked in RAM.
 Triple = tuple[int, int, int, int, bool, int]
 
 _barrier_lock = threading.Lock()
@@ -75,13 +74,6 @@ def _table_struct(n: int) -> struct.Struct:
 
 #: ``struct.Struct`` for n used elements in a row, by n
 _USED_RUNS: dict[int, struct.Struct] = {}
-
-
-def _used_elems(n: int) -> struct.Struct:
-    s = _USED_RUNS.get(n)
-    if s is None:
-        s = _USED_RUNS[n] = struct.Struct("<" + "II" * n)
-    return s
 
 
 def _full_barrier() -> None:
@@ -171,7 +163,7 @@ class Virtqueue:
         "last_avail_idx", "used_idx", "event_idx", "indirect", "_signalled_used",
         "_desc", "_avail", "_used", "_used16", "_mask", "_used_event_off", "_avail_event_off",
         "started",
-        "_lo_end", "_lo_view", "_hi_start", "_hi_end", "_hi_view",
+        "_lo_end", "_lo_view", "_lo_base", "_hi_start", "_hi_end", "_hi_view",
     )
 
     def __init__(self, mem: MemoryMap, index: int, max_size: int) -> None:
@@ -202,6 +194,7 @@ class Virtqueue:
         # checks in the walker; lo_end -1 / hi_start > hi_end: use ``mem.view``
         self._lo_end = -1
         self._lo_view: memoryview | None = None
+        self._lo_base = -1  # host address of GPA 0 (bulk.py), -1: unknown
         self._hi_start = 1
         self._hi_end = 0
         self._hi_view: memoryview | None = None
@@ -220,7 +213,7 @@ class Virtqueue:
         """Forget the ring mappings; the configuration and positions stay."""
         self.started = False
         self._desc = self._avail = self._used = self._used16 = None
-        self._lo_end = -1
+        self._lo_end = self._lo_base = -1
         self._lo_view = None
         self._hi_start, self._hi_end, self._hi_view = 1, 0, None
 
@@ -248,6 +241,10 @@ class Virtqueue:
         spans = list(self.mem.spans() or ())
         if spans and spans[0][0] == 0:
             _, self._lo_end, self._lo_view = spans.pop(0)
+            try:  # the view keeps the mapping alive until stop()
+                self._lo_base = ctypes.addressof(ctypes.c_char.from_buffer(self._lo_view))
+            except (TypeError, ValueError):  # read-only or empty: no bulk requests
+                self._lo_base = -1
         if spans:
             self._hi_start, self._hi_end, self._hi_view = spans[0]
         self._mask = size - 1
@@ -339,10 +336,11 @@ class Virtqueue:
         self.last_avail_idx = last
         return chains
 
-    def pop_batch_triples(self, limit: int) -> list[DescriptorChain | Triple]:
+    def pop_batch_triples(self, limit: int) -> list[DescriptorChain | Triple | Bulk]:
         """:meth:`pop_batch`, except that a chain shaped as a :data:`Triple` comes back as
         that tuple, checked with one unpack and no chain object (a block device's hot path:
-        its per-request Python work is most of a cached 4 KiB read's cost)."""
+        its per-request Python work is most of a cached 4 KiB read's cost), and a bigger
+        table of the same shape as a :class:`~.bulk.Bulk`."""
         avail = self._avail
         lo = self._lo_view
         if avail is None or lo is None or not self.indirect:
@@ -351,7 +349,8 @@ class Virtqueue:
         last = self.last_avail_idx
         mask, size, desc, lo_end = self._mask, self.size, self._desc, self._lo_end
         unpack, unpack_desc, unpack_table = _U16.unpack_from, _DESC.unpack_from, _TABLE3.unpack_from
-        out: list[DescriptorChain | Triple] = []
+        out: list[DescriptorChain | Triple | Bulk] = []
+        base = self._lo_base
         try:
             for _ in range(min(pending, limit)):
                 head = unpack(avail, 4 + 2 * (last & mask))[0]
@@ -367,6 +366,13 @@ class Virtqueue:
                             out.append((head, a0, a1, l1, f1 != VIRTQ_DESC_F_NEXT, a2))
                             last = (last + 1) & 0xFFFF
                             continue
+                    elif (flags == VIRTQ_DESC_F_INDIRECT and not length & 15 and base >= 0
+                            and 64 <= length <= 16 * MAX_INDIRECT and addr + length <= lo_end):
+                        bulk = bulk_of(head, bytes(lo[addr : addr + length]), lo_end, base)
+                        if bulk is not None:
+                            out.append(bulk)
+                            last = (last + 1) & 0xFFFF
+                            continue
                 out.append(self._walk(head))
                 last = (last + 1) & 0xFFFF
         except VirtqueueError:
@@ -375,8 +381,14 @@ class Virtqueue:
         self.last_avail_idx = last
         return out
 
-    def chain_of(self, t: Triple) -> DescriptorChain:
-        """The :class:`DescriptorChain` of a :data:`Triple` (for the general path)."""
+    def chain_of(self, t: Triple | Bulk) -> DescriptorChain:
+        """The :class:`DescriptorChain` of a :data:`Triple` or a :class:`~.bulk.Bulk`
+        (for the general path)."""
+        if isinstance(t, Bulk):
+            nread = 1 if t.to_driver else len(t.lens) - 1
+            rlen = sum(t.lens[:nread])
+            return DescriptorChain(t.head, t.addrs, t.lens, nread, rlen, t.length + 17 - rlen,
+                                   True, self)
         head, hdr, data, dlen, writable, status = t
         if writable:
             return DescriptorChain(head, (hdr, data, status), (16, dlen, 1), 1, 16, dlen + 1,
@@ -532,7 +544,8 @@ class Virtqueue:
         start, n = idx & mask, len(entries)
         if start + n <= self.size:  # one pack for the whole run (no wrap in between)
             flat = [v & 0xFFFF_FFFF for entry in entries for v in entry]
-            _used_elems(n).pack_into(used, 4 + 8 * start, *flat)
+            run = _USED_RUNS.get(n) or _USED_RUNS.setdefault(n, struct.Struct("<" + "II" * n))
+            run.pack_into(used, 4 + 8 * start, *flat)
             idx = (idx + n) & 0xFFFF
         else:
             pack = _USED_ELEM.pack_into

@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
+from devicemodel.virtio.bulk import Bulk
 from devicemodel.virtio.console import VirtioConsole, parse_console_options
 from devicemodel.virtio.mock import FakeTap
 from devicemodel.virtio.net import VirtioNet, parse_net_options
@@ -66,8 +67,8 @@ def _pops(data: bytes, batch: bool, triples: bool = False) -> list[object]:
     out: list[object] = []
     for _ in range(SIZE + 2):
         try:
-            if triples:  # the blk hot path's pop: a Triple is its chain, checked alike
-                got = [q.chain_of(c) if type(c) is tuple else c  # type: ignore[arg-type]
+            if triples:  # the blk hot path's pop: a Triple or Bulk is its chain, alike
+                got = [q.chain_of(c) if isinstance(c, tuple | Bulk) else c  # type: ignore[arg-type]
                        for c in q.pop_batch_triples(3)]
             else:
                 got = q.pop_batch(3) if batch else [c for c in [q.pop()] if c is not None]
@@ -265,20 +266,29 @@ _EDGES = (  # per descriptor field: values at and around what the checks compare
 )
 _CHANGE = st.tuples(st.integers(0, 2), st.integers(0, 3)).flatmap(
     lambda jf: st.tuples(st.just(jf[0]), st.just(jf[1]), st.sampled_from(_EDGES[jf[1]])))
-_VALID = [(h.DATA, 16, 1, 1), (h.DATA + 4096, 4096, 3, 2), (h.DATA + 64, 1, 2, 0)]
+
+
+def _valid(n: int) -> list[list[int]]:
+    """Linux's blk read as an n-entry table: header, n-2 data pages, status."""
+    return ([[h.DATA, 16, 1, 1]] + [[h.DATA + 4096 * j, 4096, 3, j + 1] for j in range(1, n - 1)]
+            + [[h.DATA + 64, 1, 2, 0]])
 
 
 @fuzz_settings(200)
-@given(ring=st.tuples(st.sampled_from([48, 48, 32, 47, 64]), st.sampled_from([4, 4, 0, 5, 6])),
+@given(n=st.sampled_from([3, 3, 4, 5, 16]), ring=st.sampled_from([0, 0, 16, -1, 1]),
+       flags=st.sampled_from([4, 4, 0, 5, 6]),
        changes=st.lists(_CHANGE, max_size=2), write=st.booleans())
-def test_the_blk_triple_shape_is_checked_as_the_walker_checks_it(ring, changes, write):
-    """A 3-entry table a field or two away from Linux's blk read or write: the hot path's
-    pop takes it or refuses it exactly as the general walker does."""
+def test_the_blk_shapes_are_checked_as_the_walker_checks_them(n, ring, flags, changes, write):
+    """An n-entry table a field or two away from Linux's blk read or write (3 entries: a
+    Triple; more: a Bulk): the hot path's pop takes it or refuses it exactly as the
+    general walker does."""
     count("rings_raw.walker")
-    entries = [list(e) for e in _VALID]
+    entries = _valid(n)
     if write:
-        entries[1][2] = 1  # the data buffer device-readable
+        for e in entries[1:-1]:
+            e[2] = 1  # the data buffers device-readable
     for j, f, v in changes:
-        entries[j][f] = v
+        entries[(n - 3) + j if j == 2 else j][f] = v
+    ring = (16 * n + ring, flags)
     data = _one_table(ring, [tuple(e) for e in entries])  # type: ignore[misc]
     assert _pops(data, batch=True, triples=True) == _pops(data, batch=False)

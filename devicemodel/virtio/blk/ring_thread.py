@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ...ratelimit import RateLimitedLog
+from ..bulk import Bulk
 from ..queue import DescriptorChain, Triple, Virtqueue
 from .io import SECTOR, BlockIo, DiskImage, NowaitIo, run_now
 from .request import (
@@ -69,6 +70,10 @@ def serve_blocking(dev: ThreadDevice, q: Virtqueue) -> bool:
         for item in items:
             if type(item) is tuple:
                 if plain is not None and plain.add(item):
+                    continue
+                item = q.chain_of(item)  # noqa: PLW2901
+            elif type(item) is Bulk:
+                if plain is not None and plain.add_bulk(item):
                     continue
                 item = q.chain_of(item)  # noqa: PLW2901
             if plain is not None:
@@ -127,6 +132,34 @@ class _Plain:
             self.dev.io_error(e)
             lo[status] = VIRTIO_BLK_S_IOERR
         self.used.append((head, 1))
+        return True
+
+    def add_bulk(self, b: Bulk) -> bool:
+        """Serve a big plain read or write in one system call on its ready iovecs; False:
+        the general path must (another request type, out of range, or the call fell
+        short: then that path redoes it, and retries or reports)."""
+        lo, image = self.lo, self.image
+        rtype, _, sector = HDR.unpack_from(lo, b.addrs[0])
+        offset, length = sector * SECTOR, b.length
+        ss = image.sector_size
+        if offset % ss or length % ss or offset + length > image.size:
+            return False
+        write = rtype == VIRTIO_BLK_T_OUT
+        if not (write and not b.to_driver and not image.ro) and not (
+                rtype == VIRTIO_BLK_T_IN and b.to_driver):
+            return False
+        self.flush()
+        try:
+            if not image.transfer_iov(write, b.iov, b.count, offset, length,
+                                      not self.dev.writeback):
+                return False
+        except OSError as e:  # the fdatasync
+            self.dev.io_error(e)
+            lo[b.addrs[-1]] = VIRTIO_BLK_S_IOERR
+            self.used.append((b.head, 1))
+            return True
+        lo[b.addrs[-1]] = VIRTIO_BLK_S_OK
+        self.used.append((b.head, 1 if write else length + 1))
         return True
 
     def flush(self) -> None:

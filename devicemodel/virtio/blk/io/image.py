@@ -32,6 +32,9 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+for _op in (_libc.preadv, _libc.pwritev):  # a ready-made struct iovec array (bytes)
+    _op.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int64]
+    _op.restype = ctypes.c_ssize_t
 
 #: One write of a batch: (offset, length, the guest buffers holding its data).
 Write = tuple[int, int, list[memoryview]]
@@ -82,6 +85,17 @@ def preadv_nowait(fd: int, views: list[memoryview], offset: int) -> int:
 def pwritev_nowait(fd: int, views: list[memoryview], offset: int) -> int:
     """One write into the page cache (BlockingIOError if it would wait)."""
     return os.pwritev(fd, views, offset, os.RWF_NOWAIT)
+
+
+def transfer_iov(write: bool, fd: int, iov: bytes, count: int, offset: int) -> int:
+    """One ``preadv``/``pwritev`` of ``count`` iovecs already laid out in ``iov`` (the
+    caller built them inside guest RAM: virtio/bulk.py); bytes moved, -1 on error. A
+    signal does not cut it short (EINTR: again)."""
+    op = _libc.pwritev if write else _libc.preadv
+    while True:
+        n = op(fd, iov, count, offset)
+        if n >= 0 or ctypes.get_errno() != errno.EINTR:
+            return n
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -156,6 +170,18 @@ class DiskImage:
 
     def write(self, views: list[memoryview], offset: int, sync: bool) -> None:
         pwritev_all(self.fd, views, self.base + offset, sync)
+
+    def transfer_iov(self, write: bool, iov: bytes, count: int, offset: int, length: int,
+                     sync: bool = False) -> bool:
+        """Move ``length`` bytes at ``offset`` through a ready-made iovec array in one
+        call, a write with ``sync`` made durable (OSError if that fails); False if the
+        call fell short or failed: the caller redoes the request the general way, which
+        retries and reports."""
+        if transfer_iov(write, self.fd, iov, count, self.base + offset) != length:
+            return False
+        if write and sync:
+            os.fdatasync(self.fd)
+        return True
 
     def write_batch(self, writes: Sequence[Write], sync: bool
                     ) -> tuple[list[bool], OSError | None]:
