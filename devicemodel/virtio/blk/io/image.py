@@ -99,9 +99,12 @@ def transfer_iov(write: bool, fd: int, iov: bytes, count: int, offset: int) -> i
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    """fallocate(2); a signal (a data-plane thread's relaxed peer-write guard) is retried,
+    as Python's own calls do."""
+    while _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+        if e != errno.EINTR:
+            raise OSError(e, os.strerror(e))
 
 
 def _unsupported(e: OSError) -> bool:
