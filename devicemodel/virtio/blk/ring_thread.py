@@ -14,6 +14,7 @@ driver refills one half while the other is served.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from ...ratelimit import RateLimitedLog
@@ -170,13 +171,17 @@ class _Plain:
             return
         self.views, self.reqs = [], []
         lo, used, image = self.lo, self.used, self.image
-        length = self.end - self.start
+        start = self.start
+        length = self.end - start
         try:
-            nowait = self.dev.nowait
-            if (length < _PARALLEL_MIN or len(views) < 2 or nowait is None
-                    or not nowait.can_read
-                    or nowait.read_halves(views, self.start, length) != length):
-                image.read(views, self.start)  # (again, if the halves fell short)
+            if length < _PARALLEL_MIN or len(views) < 2:
+                if os.preadv(image.fd, views, image.base + start) != length:
+                    image.read(views, start)  # short: again, all of it, the careful way
+            else:
+                nowait = self.dev.nowait
+                if (nowait is None or not nowait.can_read
+                        or nowait.read_halves(views, start, length) != length):
+                    image.read(views, start)  # (again, if the halves fell short)
         except OSError as e:
             if len(reqs) == 1:
                 self.dev.io_error(e)
