@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vhost_blk import CLK_TCK, IMAGE_SIZE, TESTS, build_vbench, follow_guest, guest_script  # noqa: E402
+from vhost_blk import (  # noqa: E402
+    IMAGE_SIZE,
+    TESTS,
+    build_vbench,
+    follow_guest,
+    guest_script,
+    medians,
+)
 
 from devicemodel.guestkit import qemu as g  # noqa: E402
 from devicemodel.guestkit import trixie  # noqa: E402
@@ -86,14 +92,7 @@ def main() -> int:
     for test in tests:
         med, cpu = {}, {}
         for dev in ("vdb", "vda"):
-            vals = [results[(dev, test, r)][0] for r in range(args.reps)
-                    if (dev, test, r) in results]
-            med[dev] = statistics.median(vals) if vals else float("nan")
-            per_req = [(marks[("end", dev, test, r)] - marks[("begin", dev, test, r)])
-                       * 1e6 / CLK_TCK / max(1, results[(dev, test, r)][1])
-                       for r in range(args.reps)
-                       if (dev, test, r) in results and ("end", dev, test, r) in marks]
-            cpu[dev] = statistics.median(per_req) if per_req else float("nan")
+            med[dev], cpu[dev] = medians(results, marks, args.reps, dev, test)
         title, unit = NAMES[test]
         ratio = med["vdb"] / med["vda"] if med["vda"] else float("nan")
         print(f"{title + ' (' + unit + ')':44} {med['vdb']:10.0f} {med['vda']:10.0f} "

@@ -318,6 +318,21 @@ def main() -> int:
     return 0
 
 
+def medians(results: dict[tuple[str, str, int], tuple[float, int]],
+            marks: dict[tuple[str, str, str, int], int], reps: int, dev: str,
+            test: str) -> tuple[float, float]:
+    """One disk's median figure for ``test`` and its back end's median CPU µs per
+    request (from the CPU ticks sampled around each repetition); NaN when none ran."""
+    vals = [results[(dev, test, r)][0] for r in range(reps) if (dev, test, r) in results]
+    per_req = []
+    for r in range(reps):
+        if (dev, test, r) in results and ("end", dev, test, r) in marks:
+            ticks = marks[("end", dev, test, r)] - marks[("begin", dev, test, r)]
+            per_req.append(ticks * 1e6 / CLK_TCK / max(1, results[(dev, test, r)][1]))
+    return (statistics.median(vals) if vals else float("nan"),
+            statistics.median(per_req) if per_req else float("nan"))
+
+
 def report(results: dict[tuple[str, str, int], tuple[float, int]],
            marks: dict[tuple[str, str, str, int], int], reps: int,
            tests: tuple[str, ...] = TESTS) -> None:
@@ -333,14 +348,7 @@ def report(results: dict[tuple[str, str, int], tuple[float, int]],
         med: dict[str, float] = {}
         cpu: dict[str, float] = {}
         for dev in ("vda", "vdb"):
-            vals = [results[(dev, test, r)][0] for r in range(reps) if (dev, test, r) in results]
-            med[dev] = statistics.median(vals) if vals else float("nan")
-            per_req = []
-            for r in range(reps):
-                if (dev, test, r) in results and ("end", dev, test, r) in marks:
-                    ticks = marks[("end", dev, test, r)] - marks[("begin", dev, test, r)]
-                    per_req.append(ticks * 1e6 / CLK_TCK / max(1, results[(dev, test, r)][1]))
-            cpu[dev] = statistics.median(per_req) if per_req else float("nan")
+            med[dev], cpu[dev] = medians(results, marks, reps, dev, test)
         title, unit, req = names[test]
         ratio = med["vda"] / med["vdb"] if med["vdb"] else float("nan")
         print(f"{title + ' (' + unit + ')':40} {med['vda']:10.0f} {med['vdb']:10.0f} "
