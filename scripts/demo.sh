@@ -132,17 +132,7 @@ class ConsolePort:
 
     def __init__(self, path: Path, echo: bool = True) -> None:
         self.echo = echo
-        deadline = time.monotonic() + 10
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = g.connect_unix(path, 10)
         self.lines: list[str] = []
         self.ended = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)

@@ -433,6 +433,22 @@ def start_backend(spec: str, sock: Path, netns: str | None = None,
     raise RuntimeError(f"back end {spec} did not listen on {sock}:\n{backend.log()}")
 
 
+def connect_unix(path: Path, within: float) -> socket.socket:
+    """A stream socket connected to ``path``, retrying for ``within`` seconds while the
+    listener starts (then the last OSError)."""
+    deadline = time.monotonic() + within
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def reap(proc: subprocess.Popen, timeout: float = 5.0) -> bool:  # type: ignore[type-arg]
     """Wait for ``proc`` to end; kill it if it has not within ``timeout`` (False then)."""
     try:

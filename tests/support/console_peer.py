@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from pathlib import Path
+
+from devicemodel.guestkit.qemu import connect_unix
 
 
 class ConsolePeer:
@@ -14,17 +14,7 @@ class ConsolePeer:
 
     def __init__(self, path: Path, answer: str, *, timeout: float, connect_for: float = 0.0
                  ) -> None:
-        deadline = time.monotonic() + connect_for
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_unix(path, connect_for)
         self.sock.settimeout(timeout)
         self.answer = answer.encode() + b"\n"
         self.got = b""
