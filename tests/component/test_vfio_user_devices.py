@@ -303,12 +303,7 @@ async def test_status_reads_zero_right_after_a_reset(served: ServedDevice) -> No
     reset has completed by the client's next command, workers of the device included."""
     ram = ClientRam()
     async with connected(served) as (c, _):
-        await ram.map_to(c)
-        drv = ModernVirtio(c, ram)
-        await drv.probe()
-        await drv.init(nvectors=2)
-        await drv.setup_queue(0, RING, 16, vector=1)
-        await drv.driver_ok()
+        drv, _ = await ModernVirtio.one_queue(c, ram, RING)
         assert served.pci.active  # type: ignore[attr-defined]
         await drv.common_write(20, 1, 0)
         assert await drv.common_read(20, 1) == 0
@@ -322,12 +317,7 @@ async def test_rings_survive_the_same_pages_mapped_again(served: ServedDevice) -
     function (DEVICE_NEEDS_RESET) before the next non-DMA command touches it."""
     ram = ClientRam(1 << 20)
     async with connected(served) as (c, _):
-        await ram.map_to(c)
-        drv = ModernVirtio(c, ram)
-        await drv.probe()
-        await drv.init(nvectors=2)
-        q = await drv.setup_queue(0, RING, 16, vector=1)
-        await drv.driver_ok()
+        drv, q = await ModernVirtio.one_queue(c, ram, RING)
         await _rnd_request(drv, q)
         await c.dma_unmap(0, 1 << 20)
         await c.dma_map(0, 0xC0000, os.dup(ram.fd))

@@ -70,12 +70,7 @@ async def test_a_saturated_vector_eventfd_does_not_freeze_the_server(tmp_path, w
     os.eventfd_write(hostile, EVENTFD_MAX)
     try:
         c = await _client(sock)
-        await ram.map_to(c)
-        drv = ModernVirtio(c, ram)
-        await drv.probe()
-        await drv.init(nvectors=2)
-        q = await drv.setup_queue(0, RING, 16, vector=1)
-        await drv.driver_ok()
+        drv, q = await ModernVirtio.one_queue(c, ram, RING)
         await c.set_irqs(p.MSIX_IRQ, p.SET_DATA_EVENTFD | p.SET_ACTION_TRIGGER, 1, 1,
                          [os.dup(hostile)])
         if when == "cleared-after":
@@ -105,12 +100,7 @@ async def test_memory_truncated_under_a_live_queue_drops_the_client(tmp_path):
     ram = ClientRam()
     try:
         c = await _client(sock)
-        await ram.map_to(c)
-        drv = ModernVirtio(c, ram)
-        await drv.probe()
-        await drv.init(nvectors=2)
-        q = await drv.setup_queue(0, RING, 16, vector=1)
-        await drv.driver_ok()
+        drv, q = await ModernVirtio.one_queue(c, ram, RING)
         await _rnd(drv, q, 1)
         os.ftruncate(ram.fd, 0)  # neither side may touch the pages from here on
         try:

@@ -247,6 +247,19 @@ class ModernVirtio:
     caps: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # type -> bar, off, mult
     vectors: list[int] = field(default_factory=list)
 
+    @classmethod
+    async def one_queue(cls, client: Client, ram: ClientRam,
+                        ring: int) -> tuple[ModernVirtio, MockDriver]:
+        """Map ``ram``, then probe and start the function as Linux does with two MSI-X
+        vectors and queue 0 (16 entries at ``ring``, vector 1): the driver and the queue."""
+        await ram.map_to(client)
+        drv = cls(client, ram)
+        await drv.probe()
+        await drv.init(nvectors=2)
+        q = await drv.setup_queue(0, ring, 16, vector=1)
+        await drv.driver_ok()
+        return drv, q
+
     async def probe(self) -> None:
         cfg = await self.client.read(p.CONFIG_REGION, 0, 256)
         for cap in pcaps.walk(cfg):
