@@ -24,9 +24,9 @@ from devicemodel.vhost_user.frontend import Frontend, RingSetup
 from devicemodel.vhost_user.protocol import Req
 from devicemodel.vhost_user.server import serve
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
-from devicemodel.virtio.mock import MockDriver, wait_used
+from devicemodel.virtio.mock import wait_used
 from devicemodel.virtio.rnd import VirtioRnd
-from tests.support.vhost import NO_EVENT_IDX, RING_BASE, disk_image, frontend, served, start
+from tests.support.vhost import NO_EVENT_IDX, disk_image, frontend, served, start
 
 BLK_IN = 0
 BLK_OUT = 1
@@ -77,10 +77,7 @@ async def test_disabled_ring_is_not_processed(tmp_path: Path) -> None:
     mem = GuestMemory(128 * MiB)
     async with served(VirtioRnd(), sock), frontend(sock) as fe:
         await fe.negotiate(NO_EVENT_IDX)
-        drv = MockDriver(mem, RING_BASE, 64)
-        assert await fe.set_mem_table(mem) == 0
-        await fe.start_ring(RingSetup(0, 64, drv.desc_addr, drv.avail_addr, drv.used_addr),
-                            enable=False)
+        drv = await start(fe, mem, enable=False)
         drv.add_chain(writable=[16])
         fe.kick_ring(0)
         await trio.sleep(0.05)

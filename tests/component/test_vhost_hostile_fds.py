@@ -26,12 +26,12 @@ import trio
 from devicemodel import peerfd
 from devicemodel.memory import GuestMemory, MiB
 from devicemodel.vhost_user import protocol as p
-from devicemodel.vhost_user.frontend import Frontend, RingSetup
+from devicemodel.vhost_user.frontend import Frontend
 from devicemodel.vhost_user.protocol import Req
 from devicemodel.virtio.mock import MockDriver
 from devicemodel.virtio.rnd import VirtioRnd
 from tests.support.launch import start_listening
-from tests.support.vhost import NO_EVENT_IDX, RING_BASE, disk_image, frontend, served
+from tests.support.vhost import NO_EVENT_IDX, disk_image, frontend, served, start
 
 EVENTFD_MAX = 2**64 - 2
 
@@ -91,10 +91,7 @@ async def test_a_full_call_fd_does_not_freeze_the_back_end(tmp_path, device, hos
         fe = await Frontend.connect(str(sock))
         try:
             await fe.negotiate(NO_EVENT_IDX)
-            drv = MockDriver(mem, RING_BASE, 64)
-            assert await fe.set_mem_table(mem) == 0
-            await fe.start_ring(RingSetup(0, 64, drv.desc_addr, drv.avail_addr,
-                                          drv.used_addr))
+            drv = await start(fe, mem)
             if when == "cleared-after":
                 await fe.send(Req.SET_VRING_CALL, p.U64.pack(0), [call])
                 assert await fe.call_u64(Req.GET_FEATURES)  # the back end took the fd

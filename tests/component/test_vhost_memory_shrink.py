@@ -22,11 +22,10 @@ import trio
 from devicemodel import memguard
 from devicemodel.memory import MemoryMap, MiB, RamRegion
 from devicemodel.vhost_user import protocol as p
-from devicemodel.vhost_user.frontend import Frontend, RingSetup
+from devicemodel.vhost_user.frontend import Frontend
 from devicemodel.vhost_user.protocol import Req
-from devicemodel.virtio.mock import MockDriver
 from tests.component.test_vhost_hostile_fds import _answers, _request, _start_backend
-from tests.support.vhost import NO_EVENT_IDX, RING_BASE
+from tests.support.vhost import NO_EVENT_IDX, start
 
 SIZE = 16 * MiB
 
@@ -49,10 +48,7 @@ async def test_memory_truncated_under_running_rings_is_a_device_error(tmp_path, 
         fe = await Frontend.connect(str(sock))
         try:
             await fe.negotiate(NO_EVENT_IDX)
-            drv = MockDriver(mem, RING_BASE, 64)
-            assert await fe.set_mem_table(mem) == 0
-            await fe.start_ring(RingSetup(0, 64, drv.desc_addr, drv.avail_addr,
-                                          drv.used_addr))
+            drv = await start(fe, mem)
             await fe.send(Req.SET_VRING_ERR, p.U64.pack(0), [err])
             _request(drv, device)
             fe.kick_ring(0)

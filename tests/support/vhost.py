@@ -39,10 +39,11 @@ async def frontend(path: Path) -> AsyncIterator[Frontend]:
 
 
 async def start(fe: Frontend, mem: GuestMemory, size: int = 64, index: int = 0,
-                base: int = RING_BASE) -> MockDriver:
+                base: int = RING_BASE, *, enable: bool = True) -> MockDriver:
     drv = MockDriver(mem, base, size, index=index)
     assert await fe.set_mem_table(mem) == 0
-    await fe.start_ring(RingSetup(index, size, drv.desc_addr, drv.avail_addr, drv.used_addr))
+    await fe.start_ring(RingSetup(index, size, drv.desc_addr, drv.avail_addr, drv.used_addr),
+                        enable=enable)
     return drv
 
 
