@@ -236,24 +236,25 @@ def _acrn_pydm_config(spec: str) -> bytes:
     return bytes.fromhex("".join(row.split(":", 1)[1] for row in rows))
 
 
-@pytest.fixture(scope="module")
-def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
+def _media(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, Path]:
+    """A disk image and a CD image for one boot (or the reason guests cannot run here)."""
     why = _why_not()
     if why:
         pytest.skip(why)
-    tmp = tmp_path_factory.mktemp("ahci")
-    image, iso = _disk(tmp / "disk.img"), _iso(tmp / "cd.iso")
+    tmp = tmp_path_factory.mktemp(name)
+    return _disk(tmp / "disk.img"), _iso(tmp / "cd.iso")
+
+
+@pytest.fixture(scope="module")
+def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
+    image, iso = _media(tmp_path_factory, "ahci")
     yield _boot("msi", f"ahci,hd:{image},writeback,cd:{iso}", SCRIPT, image)
 
 
 @pytest.fixture(scope="module")
 def intx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
     """``pci=nomsi``: the controller's level-triggered INTx, through QEMU's line."""
-    why = _why_not()
-    if why:
-        pytest.skip(why)
-    tmp = tmp_path_factory.mktemp("ahci-intx")
-    image, iso = _disk(tmp / "disk.img"), _iso(tmp / "cd.iso")
+    image, iso = _media(tmp_path_factory, "ahci-intx")
     yield _boot("intx", f"ahci-cd,{iso},hd:{image}", INTX_SCRIPT, image, append="pci=nomsi")
 
 
