@@ -15,7 +15,6 @@ No target: a figure for the issue's note.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -24,7 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vhost_blk import IMAGE_SIZE, TESTS, build_vbench, follow_guest, medians  # noqa: E402
+from vhost_blk import (  # noqa: E402
+    IMAGE_SIZE,
+    TESTS,
+    build_vbench,
+    follow_guest,
+    guest_bench_args,
+    medians,
+)
 
 from devicemodel.guestkit import qemu as g  # noqa: E402
 from devicemodel.guestkit import trixie  # noqa: E402
@@ -61,19 +67,10 @@ def _image(path: Path, block: bytes) -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--tests", default=",".join(TESTS))
-    args = ap.parse_args()
-    tests = tuple(t for t in args.tests.split(",") if t)
-    if not tests or set(tests) - set(TESTS):
-        print(f"ahci_blk: --tests takes a subset of {','.join(TESTS)}", file=sys.stderr)
+    parsed = guest_bench_args("ahci_blk", __doc__, ",".join(TESTS))
+    if parsed is None:
         return 2
-    why = g.can_run_guests() or trixie.why_not()
-    if why:
-        print(f"ahci_blk: {why}", file=sys.stderr)
-        return 2
+    args, tests = parsed
     qemu = trixie.ensure_qemu()
     kernel = g.fetch_kernel(flavours=g.GENERIC)
     with qemu.workdir() as work:

@@ -15,7 +15,6 @@ A rough figure for the issue's note, not a target.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -26,9 +25,9 @@ sys.path.insert(0, str(REPO))
 
 from vhost_blk import (  # noqa: E402
     IMAGE_SIZE,
-    TESTS,
     build_vbench,
     follow_guest,
+    guest_bench_args,
     guest_script,
     medians,
 )
@@ -43,19 +42,10 @@ NAMES = {"seqread": ("1 MiB O_DIRECT sequential read", "MB/s"),
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--tests", default="seqread,seqwrite,rand1")
-    args = ap.parse_args()
-    tests = tuple(t for t in args.tests.split(",") if t)
-    if not tests or set(tests) - set(TESTS):
-        print(f"vfio_user_blk: --tests takes a subset of {','.join(TESTS)}", file=sys.stderr)
+    parsed = guest_bench_args("vfio_user_blk", __doc__, "seqread,seqwrite,rand1")
+    if parsed is None:
         return 2
-    why = g.can_run_guests() or trixie.why_not()
-    if why:
-        print(f"vfio_user_blk: {why}", file=sys.stderr)
-        return 2
+    args, tests = parsed
     qemu = trixie.ensure_qemu()
     kernel = g.fetch_kernel()
     with qemu.workdir() as work:

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from devicemodel.guestkit import qemu as g  # noqa: E402
+from devicemodel.guestkit import trixie  # noqa: E402
 
 IMAGE_SIZE = 512 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -316,6 +317,26 @@ def main() -> int:
         print(f"guest queue limits, {who}: " + ", ".join(
             f"{k} {v}" for k, v in zip(QUEUE_LIMITS, vals, strict=False)))
     return 0
+
+
+def guest_bench_args(name: str, doc: str, default_tests: str
+                     ) -> tuple[argparse.Namespace, tuple[str, ...]] | None:
+    """The command line the guest benches over vfio-user share (--reps, --seconds,
+    --tests), checked, and whether guests can run here; None after one error line."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--tests", default=default_tests)
+    args = ap.parse_args()
+    tests = tuple(t for t in args.tests.split(",") if t)
+    if not tests or set(tests) - set(TESTS):
+        print(f"{name}: --tests takes a subset of {','.join(TESTS)}", file=sys.stderr)
+        return None
+    why = g.can_run_guests() or trixie.why_not()
+    if why:
+        print(f"{name}: {why}", file=sys.stderr)
+        return None
+    return args, tests
 
 
 def medians(results: dict[tuple[str, str, int], tuple[float, int]],
