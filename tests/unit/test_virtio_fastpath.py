@@ -516,7 +516,8 @@ async def _read_all(image: str, reqs: list[tuple[int, int]]) -> None:
 
 def _copier_calls(monkeypatch, result=None) -> list[tuple[str, int]]:
     """Record (thread name, bytes asked) of every copy the copier thread makes; with
-    ``result`` set, each returns that instead of reading (a page-cache miss: -1)."""
+    ``result`` set, each returns that instead of reading (a page-cache miss: -1; a short
+    read: fewer bytes than asked, so 4096 for a half of 4096 bytes becomes 3584)."""
     from devicemodel.virtio.blk.io import copier
 
     calls: list[tuple[str, int]] = []
@@ -525,8 +526,11 @@ def _copier_calls(monkeypatch, result=None) -> list[tuple[str, int]]:
     def spy(fd, views, offset):
         import threading
 
-        calls.append((threading.current_thread().name, sum(len(v) for v in views)))
-        return real(fd, views, offset) if result is None else result
+        asked = sum(len(v) for v in views)
+        calls.append((threading.current_thread().name, asked))
+        if result is None:
+            return real(fd, views, offset)
+        return result if result < asked else asked - 512  # never a whole read it did not do
 
     monkeypatch.setattr(copier, "preadv_nowait", spy)
     return calls
