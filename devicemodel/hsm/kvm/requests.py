@@ -105,8 +105,11 @@ class Requests:
         else:
             _PIO_HEAD.pack_into(page, off, rtype, direction, 0, address, size,
                                 value & 0xFFFF_FFFF, 0, _PENDING)
-        # ---- HSM ----
-        if not self._dispatch.dispatch(page, off, rtype, direction, address, size, value):
+        # ---- HSM (only for what it may claim: nearly every request skips the call) ----
+        d = self._dispatch
+        claimed = d.clearing or address in (d.claimed_mmio if rtype == _MMIO
+                                             else d.claimed_pio)
+        if not (claimed and d.dispatch(page, off, rtype, direction, address, size, value)):
             waiter.in_flight = True
             _STATE.pack_into(page, off + _KERNEL_HANDLED, 0, _PROCESSING)  # ours, PROCESSING
             self._pending[vcpu] = True
