@@ -57,7 +57,9 @@ class Bus:
         self.limit = limit
         self._ranges: list[BusRange] = []
         self._bases: list[int] = []
-        self._last: BusRange | None = None
+        #: the range the last lookup found (checked first: requests come in runs; the
+        #: request server reads it directly on its hot path)
+        self.last: BusRange | None = None
         self._fallbacks: list[BusRange] = []
 
     def add_fallback(self, base: int, length: int, handler: IoHandler, name: str = "") -> None:
@@ -99,13 +101,13 @@ class Bus:
             raise BusError(f"no {self.kind} range registered at {base:#x}")
         rng = self._ranges.pop(i)
         self._bases.pop(i)
-        if self._last is rng:
-            self._last = None
+        if self.last is rng:
+            self.last = None
         return rng
 
     def find(self, addr: int, size: int = 1) -> BusRange | None:
         """The range that wholly contains [addr, addr+size), else None."""
-        last = self._last
+        last = self.last
         if last is not None and last.base <= addr and addr + size <= last.end:
             return last
         i = bisect.bisect(self._bases, addr) - 1
@@ -113,13 +115,13 @@ class Bus:
             return None
         r = self._ranges[i]
         if addr + size <= r.end:
-            self._last = r
+            self.last = r
             return r
         return None
 
     def lookup(self, addr: int, size: int) -> BusRange | None:
         """The range that answers [addr, addr+size): a registered one, else a fallback."""
-        last = self._last  # the last hit, checked here first: every request comes here
+        last = self.last  # the last hit, checked here first: every request comes here
         if last is not None and last.base <= addr and addr + size <= last.end:
             return last
         return self.find(addr, size) or self._fallback(addr, size)

@@ -20,6 +20,7 @@ from . import abi
 
 PCI_CONFIG_ADDRESS = 0xCF8
 PCI_CONFIG_DATA = 0xCFC
+_CONFIG_PORTS = frozenset((PCI_CONFIG_ADDRESS, *range(PCI_CONFIG_DATA, PCI_CONFIG_DATA + 4)))
 
 _U32 = abi.SLOT_U32
 _U64 = abi.SLOT_U64
@@ -63,6 +64,10 @@ class HsmDispatcher:
         #: (pio, address); every (pio, byte) some registration covers, for reads
         self._writes: dict[tuple[bool, int], tuple[IoEventFdReg, ...]] = {}
         self._covered: frozenset[tuple[bool, int]] = frozenset()
+        #: every port and MMIO address ``dispatch`` may claim while not clearing: a
+        #: request thread skips the call for any other (nearly every request)
+        self.claimed_pio: frozenset[int] = _CONFIG_PORTS
+        self.claimed_mmio: frozenset[int] = frozenset()
 
     # --- ioeventfd registrations ----------------------------------------------------------
     @property
@@ -92,6 +97,8 @@ class HsmDispatcher:
         self._writes = writes
         self._covered = frozenset((r.pio, a) for r in regs
                                   for a in range(r.address, r.address + r.length))
+        self.claimed_pio = _CONFIG_PORTS | {a for pio, a in self._covered if pio}
+        self.claimed_mmio = frozenset(a for pio, a in self._covered if not pio)
         self._ioeventfds = regs
 
     def reset(self) -> None:
@@ -105,6 +112,8 @@ class HsmDispatcher:
 
         Returns True when the request was completed here (state COMPLETE, value written for
         reads); False when it must go to the device model (possibly rewritten to PCICFG).
+        Never True for an address outside ``claimed_pio``/``claimed_mmio`` unless
+        ``clearing``.
         """
         if self.clearing:
             _U32.pack_into(page, off + _PROCESSED, _COMPLETE)

@@ -234,7 +234,7 @@ def test_requests_into_every_device(rig, seed):
     rig.vm.platform.reset()  # RTC index, PM registers: so that an input replays alike
     assert _targets(rig.vm) == rig.targets  # a reset puts every BAR back
     targets, page, hv, server = rig.targets, rig.page, rig.hv, rig.server
-    server.stats.clear()
+    server.events.clear()
     rig.tb.seen.clear()
     for which, offset, size, write, value, bdfr, pcicfg in _requests(seed):
         rtype, base_addr, length = targets[which % len(targets)]

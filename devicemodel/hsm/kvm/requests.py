@@ -97,18 +97,26 @@ class Requests:
             return None
         waiter = self._waiters[vcpu]
         off = waiter.off
-        # ---- hypervisor: fill the slot, then PENDING (one store: nobody looks at a
-        # PENDING slot but the HSM half below, on this thread) ----
+        d = self._dispatch
+        claimed = d.clearing or address in (d.claimed_mmio if rtype == _MMIO
+                                             else d.claimed_pio)
+        # ---- hypervisor: fill the slot, then PENDING; HSM: PROCESSING for the device
+        # model, unless it claims the request. Only the HSM half looks at a PENDING slot,
+        # on this very thread: for what it cannot claim (nearly every request) the slot
+        # is filled once, PROCESSING with kernel_handled 0, as it leaves the HSM ----
+        state = _PENDING if claimed else _PROCESSING
+        waiter.in_flight = not claimed  # before PROCESSING: the loop may finish it at once
         if rtype == _MMIO:
             _MMIO_HEAD.pack_into(page, off, rtype, direction, 0, address, size, value, 0,
-                                 _PENDING)
+                                 state)
         else:
             _PIO_HEAD.pack_into(page, off, rtype, direction, 0, address, size,
-                                value & 0xFFFF_FFFF, 0, _PENDING)
-        # ---- HSM ----
-        if not self._dispatch.dispatch(page, off, rtype, direction, address, size, value):
-            waiter.in_flight = True
-            _STATE.pack_into(page, off + _KERNEL_HANDLED, 0, _PROCESSING)  # ours, PROCESSING
+                                value & 0xFFFF_FFFF, 0, state)
+        ours = not claimed
+        if claimed and not d.dispatch(page, off, rtype, direction, address, size, value):
+            ours = waiter.in_flight = True
+            _STATE.pack_into(page, off + _KERNEL_HANDLED, 0, _PROCESSING)
+        if ours:
             self._pending[vcpu] = True
             inline = self.inline
             if inline is None or not inline(vcpu):
