@@ -144,3 +144,46 @@ def test_ioeventfd_matching_follows_acrn():
         assert hsm.dispatch(page, 0, mmio, r, 0x5000, 4, 0)  # clearing completes all
     finally:
         os.close(efd)
+
+
+_reg = st.builds(
+    lambda pio, address, length, match: (pio, address, length, match),
+    st.booleans(), st.integers(0xC00, 0xD10), st.sampled_from([1, 2, 4, 8]),
+    st.one_of(st.none(), st.integers(0, 3)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(regs=st.lists(_reg, max_size=4), cf8=st.integers(0, 0xFFFF_FFFF),
+       pio=st.booleans(),
+       address=st.one_of(st.sampled_from([0xCF8, 0xCFC, 0xCFD, 0xCFE, 0xCFF]),
+                         st.integers(0xC00, 0xD18)), size=st.sampled_from([1, 2, 4, 8]),
+       write=st.booleans(), value=st.integers(0, 3), drop=st.integers(0, 4))
+def test_the_hsm_half_claims_nothing_outside_its_claimed_addresses(
+        regs, cf8, pio, address, size, write, value, drop):
+    """The KVM vCPU thread skips ``dispatch`` for an address outside ``claimed_pio`` /
+    ``claimed_mmio`` (requests.py): that is only right if ``dispatch`` neither completes
+    nor rewrites a slot for any such address, whatever is registered (or was, and was
+    removed) and whatever CF8 holds."""
+    hsm = HsmDispatcher()
+    fds = []
+    try:
+        added = []
+        for r_pio, r_addr, r_len, match in regs:
+            fds.append(os.eventfd(0, os.EFD_NONBLOCK))
+            reg = IoEventFdReg(fds[-1], r_addr, r_len, r_pio, match)
+            hsm.add_ioeventfd(reg)
+            added.append(reg)
+        if added and drop < len(added):
+            hsm.remove_ioeventfd(added[drop])
+        hsm.pci_conf_addr = cf8
+        page = memoryview(bytearray(abi.IOREQ_PAGE_SIZE))
+        rtype = abi.IOREQ_TYPE_PORTIO if pio else abi.IOREQ_TYPE_MMIO
+        direction = abi.IOREQ_DIR_WRITE if write else abi.IOREQ_DIR_READ
+        before = bytes(page)
+        done = hsm.dispatch(page, 0, rtype, direction, address, size, value)
+        claimed = hsm.claimed_pio if pio else hsm.claimed_mmio
+        if address not in claimed:
+            assert not done and bytes(page) == before
+    finally:
+        for fd in fds:
+            os.close(fd)
