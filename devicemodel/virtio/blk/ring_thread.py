@@ -86,14 +86,17 @@ def _serve_plain(dev: ThreadDevice, q: Virtqueue, image: DiskImage, lo: memoryvi
     one ``preadv`` (a sequential stream costs one system call per batch); anything else
     first reads what is queued, so the image sees every request in ring order.
 
-    This is a cached 4 KiB read's whole Python cost, so it is one loop on local names:
-    the queued reads are ``views`` (their buffers), ``pend`` (per read: head, status
-    GPA, bytes written) and the disk range [start, end). A lone read (a random one) is
-    read and completed right there."""
+    This is a cached 4 KiB read's whole Python cost, so it is one loop on local names.
+    The first queued read is ``pv`` (its buffer; None: nothing queued), ``ph``, ``ps``,
+    ``pw`` (head, status GPA, bytes written); once another continues it, all queued reads
+    are in ``views`` and ``pend`` (head, status GPA, bytes written each); [start, end)
+    is the queued disk range. A lone read (a random one) costs no list but its iovec."""
     unpack_hdr = HDR.unpack_from
     preadv = os.preadv
     fd, base, disk_size, ss = image.fd, image.base, image.size, image.sector_size
-    views: list[memoryview] = []
+    pv: memoryview | None = None
+    ph = ps = pw = 0
+    views: list[memoryview] | None = None
     pend: list[int] = []
     start = end = -1
     try:
@@ -105,50 +108,58 @@ def _serve_plain(dev: ThreadDevice, q: Virtqueue, image: DiskImage, lo: memoryvi
                 if offset % ss or dlen % ss or offset + dlen > disk_size:
                     pass  # the general path reports it
                 elif rtype == VIRTIO_BLK_T_IN and to_driver:
-                    if (offset == end and len(views) < _MERGE_IOVECS
-                            and end + dlen - start <= _MERGE_BYTES):
-                        views.append(lo[data : data + dlen])
-                        pend += (head, status, dlen + 1)
-                        end += dlen
-                        continue
-                    if views:  # the queued reads, then this one starts the queue again
-                        if len(views) == 1 and end - start < _PARALLEL_MIN:
-                            try:
-                                n = preadv(fd, views, base + start)
-                            except OSError:
-                                n = -1
-                            if n == end - start:
-                                lo[pend[1]] = VIRTIO_BLK_S_OK
-                                used += (pend[0], pend[2])
-                            else:  # again, the careful way
-                                _read_queued(dev, image, lo, views, pend, start, used)
-                        else:
-                            _read_queued(dev, image, lo, views, pend, start, used)
-                    views = [lo[data : data + dlen]]
-                    pend = [head, status, dlen + 1]
+                    if offset == end:  # continues the queued reads
+                        if views is None:
+                            views, pend = [pv], [ph, ps, pw]  # type: ignore[list-item]
+                        if len(views) < _MERGE_IOVECS and end + dlen - start <= _MERGE_BYTES:
+                            views.append(lo[data : data + dlen])
+                            pend += (head, status, dlen + 1)
+                            end += dlen
+                            continue
+                    if views is not None:  # read the queue, then this one starts it again
+                        _read_queued(dev, image, lo, views, pend, start, used)
+                        views = None
+                    elif pv is not None:
+                        try:
+                            n = preadv(fd, [pv], base + start)
+                        except OSError:
+                            n = -1
+                        if n == end - start:
+                            lo[ps] = VIRTIO_BLK_S_OK
+                            used += (ph, pw)
+                        else:  # again, the careful way
+                            _read_queued(dev, image, lo, [pv], [ph, ps, pw], start, used)
+                    pv, ph, ps, pw = lo[data : data + dlen], head, status, dlen + 1
                     start, end = offset, offset + dlen
                     continue
                 elif rtype == VIRTIO_BLK_T_OUT and not to_driver and not image.ro:
-                    if views:
-                        _read_queued(dev, image, lo, views, pend, start, used)
-                        views, pend, end = [], [], -1
+                    if pv is not None:
+                        _read_queued(dev, image, lo, views or [pv], pend if views else
+                                     [ph, ps, pw], start, used)
+                        pv = views = None
+                        end = -1
                     used += (head, _write(dev, image, lo[data : data + dlen], offset, status, lo))
                     continue
                 item = q.chain_of(item)  # noqa: PLW2901
             elif type(item) is Bulk:
-                if views:
-                    _read_queued(dev, image, lo, views, pend, start, used)
-                    views, pend, end = [], [], -1
+                if pv is not None:
+                    _read_queued(dev, image, lo, views or [pv], pend if views else [ph, ps, pw],
+                                 start, used)
+                    pv = views = None
+                    end = -1
                 if _bulk(dev, image, lo, item, used):
                     continue
                 item = q.chain_of(item)  # noqa: PLW2901
-            if views:
-                _read_queued(dev, image, lo, views, pend, start, used)
-                views, pend, end = [], [], -1
+            if pv is not None:
+                _read_queued(dev, image, lo, views or [pv], pend if views else [ph, ps, pw],
+                             start, used)
+                pv = views = None
+                end = -1
             used += (item.head, _request(dev, q, item))  # type: ignore[union-attr]
     finally:
-        if views:
-            _read_queued(dev, image, lo, views, pend, start, used)
+        if pv is not None:
+            _read_queued(dev, image, lo, views or [pv], pend if views else [ph, ps, pw], start,
+                         used)
 
 
 def _read_queued(dev: ThreadDevice, image: DiskImage, lo: memoryview,
