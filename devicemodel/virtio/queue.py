@@ -47,6 +47,7 @@ MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 1024
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_DESC3 = struct.Struct("<QIH2x")  # addr, len, flags (an indirect descriptor's next is unused)
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 #: an indirect table of three descriptors, the fixed fields of the first two read as one
@@ -317,14 +318,14 @@ class Virtqueue:
         heads = avail16[first : first + n].tolist()
         if len(heads) < n:  # the batch wraps around the ring's end
             heads += avail16[2 : 2 + n - len(heads)].tolist()
-        unpack_desc, unpack_table = _DESC.unpack_from, _TABLE3.unpack_from
+        unpack_desc, unpack_table = _DESC3.unpack_from, _TABLE3.unpack_from
         out: list[DescriptorChain | Triple | Bulk] = []
         append = out.append
         try:
             for head in heads:
                 if head < size:
-                    addr, length, flags, _ = unpack_desc(desc, head << 4)  # type: ignore[arg-type]
-                    if flags == VIRTQ_DESC_F_INDIRECT and length == 48 and addr + 48 <= lo_end:
+                    addr, length, flags = unpack_desc(desc, head << 4)  # type: ignore[arg-type]
+                    if length == 48 and flags == VIRTQ_DESC_F_INDIRECT and addr + 48 <= lo_end:
                         a0, k0, a1, l1, k1, a2, l2, f2 = unpack_table(lo, addr)
                         # header readable → data (either way) → status writable, in order
                         if (k0 == _HDR_ENTRY and l2 == 1 and f2 == VIRTQ_DESC_F_WRITE
