@@ -314,8 +314,8 @@ class Virtqueue:
         n = min(self._pending(avail), limit)
         last = self.last_avail_idx
         size, desc, lo_end, base = self.size, self._desc, self._lo_end, self._lo_base
-        first = 2 + (last & self._mask)  # the ring's first entry is u16 number 2
-        heads = avail16[first : first + n].tolist()
+        first = 2 + (last & self._mask)  # ring[i] is u16 number 2 + i, used_event follows
+        heads = avail16[first : min(first + n, 2 + size)].tolist()
         if len(heads) < n:  # the batch wraps around the ring's end
             heads += avail16[2 : 2 + n - len(heads)].tolist()
         unpack_desc, unpack_table = _DESC3.unpack_from, _TABLE3.unpack_from

@@ -53,10 +53,11 @@ def ram():  # noqa: ANN201
 
 
 def _serve(mem: GuestMemory, path: str, reqs: list[tuple[int, int, int, bool]],
-           batches: int, file_size: int) -> tuple[list[tuple[int, int]], list[int], bytes]:
-    """Lay ``reqs`` out as Linux does, serve them with ``batches`` calls of the data-plane
-    batch (injecting EIO where asked, the file cut to ``file_size`` first): the used
-    entries, the statuses and the file afterwards."""
+           batches: int, file_size: int, start: int = 0
+           ) -> tuple[list[tuple[int, int]], list[int], bytes]:
+    """Lay ``reqs`` out as Linux does from ring index ``start``, serve them with
+    ``batches`` calls of the data-plane batch (injecting EIO where asked, the file cut to
+    ``file_size`` first): the used entries, the statuses and the file afterwards."""
     dev = VirtioBlk(parse_blk_options(path))
     os.truncate(path, file_size)  # the host shrank the file under the device
     lo = mem.view(0, 64 * MiB)
@@ -76,9 +77,10 @@ def _serve(mem: GuestMemory, path: str, reqs: list[tuple[int, int, int, bool]],
         _D.pack_into(lo, table + 32, hdr + 16, 1, 2, 0)
         _HDR.pack_into(lo, hdr, rtype, 0, sector)
         lo[hdr + 16] = 0xEE
-        struct.pack_into("<H", lo, AVAIL + 4 + 2 * i, i)
-    struct.pack_into("<H", lo, AVAIL + 2, len(reqs))
+        struct.pack_into("<H", lo, AVAIL + 4 + 2 * ((start + i) % SIZE), i)
+    struct.pack_into("<H", lo, AVAIL + 2, (start + len(reqs)) & 0xFFFF)
     q = Virtqueue(mem, 0, SIZE)
+    q.last_avail_idx = q.used_idx = start
     q.desc_addr, q.avail_addr, q.used_addr = DESC, AVAIL, USED
     q.start(event_idx=True, indirect=True)
     failing = {sector * 512 for _, sector, _, eio in reqs if eio}
@@ -98,8 +100,9 @@ def _serve(mem: GuestMemory, path: str, reqs: list[tuple[int, int, int, bool]],
         ring_thread.os.preadv = real  # type: ignore[attr-defined]
         q.stop()
         dev.close()
-    used = [struct.unpack_from("<II", lo, USED + 4 + 8 * k) for k in range(len(reqs))]
-    assert struct.unpack_from("<H", lo, USED + 2)[0] == len(reqs)
+    used = [struct.unpack_from("<II", lo, USED + 4 + 8 * ((start + k) % SIZE))
+            for k in range(len(reqs))]
+    assert struct.unpack_from("<H", lo, USED + 2)[0] == (start + len(reqs)) & 0xFFFF
     statuses = [lo[HDRS + 32 * i + 16] for i in range(len(reqs))]
     with open(path, "rb") as f:
         disk = f.read()
@@ -138,9 +141,10 @@ def _model(reqs: list[tuple[int, int, int, bool]], start: bytes, file_size: int
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(_request, min_size=1, max_size=SIZE), sequential=st.booleans(),
-       cut=st.sampled_from([DISK, DISK, DISK - 4096, DISK // 2]))
+       cut=st.sampled_from([DISK, DISK, DISK - 4096, DISK // 2]),
+       start=st.integers(0, 2**16 - 1))
 def test_a_batch_reads_what_one_request_at_a_time_would(ram, tmp_path, reqs, sequential,
-                                                        cut):
+                                                        cut, start):
     if sequential:  # mostly reads that continue one another (one preadv for a run)
         sector, out = 0, []
         for rtype, s, n, eio in reqs:
@@ -153,7 +157,7 @@ def test_a_batch_reads_what_one_request_at_a_time_would(ram, tmp_path, reqs, seq
     content = os.urandom(DISK)
     path.write_bytes(content)
     batches = (len(reqs) + ring_thread.BATCH - 1) // ring_thread.BATCH
-    used, statuses, _ = _serve(ram, str(path), reqs, batches, cut)
+    used, statuses, _ = _serve(ram, str(path), reqs, batches, cut, start)
     want_used, want_status, want_reads = _model(reqs, content, cut)
     assert statuses == want_status
     assert used == want_used
