@@ -47,19 +47,9 @@ MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 1024
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_DESC3 = struct.Struct("<QIH2x")  # addr, len, flags (an indirect descriptor's next is unused)
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
-#: an indirect table of three descriptors, the fixed fields of the first two read as one
-#: integer each: addr0, (len0, flags0, next0), addr1, len1, (flags1, next1), addr2, len2,
-#: flags2 (next2 unused: the last entry has no NEXT)
-_TABLE3 = struct.Struct("<QQQIIQIH2x")
-#: a Triple's header entry: 16 bytes, NEXT, next 1; its data entry's flags and next: NEXT
-#: (+ WRITE for a read), next 2
-_HDR_ENTRY = 16 | VIRTQ_DESC_F_NEXT << 32 | 1 << 48
-_DATA_IN = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | 2 << 16
-_DATA_OUT = VIRTQ_DESC_F_NEXT | 2 << 16
-_DATA_ENTRIES = frozenset((_DATA_IN, _DATA_OUT))
+_TABLE3 = struct.Struct("<" + "QIHH" * 3)  # an indirect table of three descriptors
 
 #: Linux's most common block request: one ring descriptor → a 3-entry indirect table in
 #: the RAM at GPA 0 (16-byte readable header, one data buffer, 1-byte writable status):
@@ -318,20 +308,21 @@ class Virtqueue:
         heads = avail16[first : min(first + n, 2 + size)].tolist()
         if len(heads) < n:  # the batch wraps around the ring's end
             heads += avail16[2 : 2 + n - len(heads)].tolist()
-        unpack_desc, unpack_table = _DESC3.unpack_from, _TABLE3.unpack_from
+        unpack_desc, unpack_table = _DESC.unpack_from, _TABLE3.unpack_from
         out: list[DescriptorChain | Triple | Bulk] = []
         append = out.append
         try:
             for head in heads:
                 if head < size:
-                    addr, length, flags = unpack_desc(desc, head << 4)  # type: ignore[arg-type]
-                    if length == 48 and flags == VIRTQ_DESC_F_INDIRECT and addr + 48 <= lo_end:
-                        a0, k0, a1, l1, k1, a2, l2, f2 = unpack_table(lo, addr)
+                    addr, length, flags, _ = unpack_desc(desc, head << 4)  # type: ignore[arg-type]
+                    if flags == VIRTQ_DESC_F_INDIRECT and length == 48 and addr + 48 <= lo_end:
+                        a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = unpack_table(lo, addr)
                         # header readable → data (either way) → status writable, in order
-                        if (k0 == _HDR_ENTRY and l2 == 1 and f2 == VIRTQ_DESC_F_WRITE
-                                and k1 in _DATA_ENTRIES
+                        if (l0 == 16 and f0 == VIRTQ_DESC_F_NEXT and n0 == 1 and n1 == 2
+                                and l2 == 1 and f2 == VIRTQ_DESC_F_WRITE
+                                and f1 & ~VIRTQ_DESC_F_WRITE == VIRTQ_DESC_F_NEXT
                                 and a0 + 16 <= lo_end and a1 + l1 <= lo_end and a2 < lo_end):
-                            append((head, a0, a1, l1, k1 == _DATA_IN, a2))
+                            append((head, a0, a1, l1, f1 != VIRTQ_DESC_F_NEXT, a2))
                             continue
                     elif (flags == VIRTQ_DESC_F_INDIRECT and not length & 15 and base >= 0
                             and 64 <= length <= 16 * MAX_INDIRECT and addr + length <= lo_end):
