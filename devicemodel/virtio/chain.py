@@ -4,10 +4,16 @@ addresses and lengths, readable ones first, mapped as memoryviews only when aske
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .queue import Virtqueue
+
+class _Queue(Protocol):
+    """What a chain maps its buffers with (``Virtqueue``, which imports this module)."""
+
+    _lo_end: int
+    _lo_view: memoryview | None
+
+    def map_buffer(self, addr: int, length: int) -> memoryview: ...
 
 
 class DescriptorChain:
@@ -24,7 +30,7 @@ class DescriptorChain:
                  "_queue", "_views")
 
     def __init__(self, head: int, addrs: Sequence[int], lens: Sequence[int], nreadable: int,
-                 readable_len: int, writable_len: int, low: bool, queue: Virtqueue) -> None:
+                 readable_len: int, writable_len: int, low: bool, queue: _Queue) -> None:
         self.head = head
         self.addrs = addrs
         self.lens = lens
