@@ -27,10 +27,10 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
-from collections.abc import Sequence
 
 from ..memory import GuestMemoryError, MemoryMap
 from .bulk import Bulk, bulk_of
+from .chain import DescriptorChain
 
 # Descriptor flags (§2.7.5)
 VIRTQ_DESC_F_NEXT = 1
@@ -102,52 +102,6 @@ def legacy_ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, in
     return desc, avail, used
 
 
-class DescriptorChain:
-    """One request: its head index and its buffers, every one checked to be guest RAM.
-
-    ``addrs`` and ``lens`` are the chain's buffers (guest-physical address, length) in
-    chain order, the first ``nreadable`` device-readable (driver → device), the rest
-    device-writable; ``low`` says every one lies in the RAM at GPA 0 (``Virtqueue.low_ram``).
-    A hot path may use the addresses directly; ``readable`` and ``writable`` map them as
-    memoryviews of guest RAM on first use (views stay valid while the RAM mapping exists).
-    """
-
-    __slots__ = ("head", "addrs", "lens", "nreadable", "readable_len", "writable_len", "low",
-                 "_queue", "_views")
-
-    def __init__(self, head: int, addrs: Sequence[int], lens: Sequence[int], nreadable: int,
-                 readable_len: int, writable_len: int, low: bool, queue: Virtqueue) -> None:
-        self.head = head
-        self.addrs = addrs
-        self.lens = lens
-        self.nreadable = nreadable
-        self.readable_len = readable_len
-        self.writable_len = writable_len
-        self.low = low
-        self._queue = queue
-        self._views: list[memoryview] | None = None
-
-    def views(self) -> list[memoryview]:
-        """Every buffer as a memoryview, readable ones first."""
-        v = self._views
-        if v is None:
-            q = self._queue
-            lo_end, lo = q._lo_end, q._lo_view
-            v = self._views = [
-                lo[a : a + n] if a + n <= lo_end else q.map_buffer(a, n)  # type: ignore[index]
-                for a, n in zip(self.addrs, self.lens, strict=True)
-            ]
-        return v
-
-    @property
-    def readable(self) -> list[memoryview]:
-        return self.views()[: self.nreadable]
-
-    @property
-    def writable(self) -> list[memoryview]:
-        return self.views()[self.nreadable :]
-
-
 class Virtqueue:
     """One split virtqueue, configured by the transport and driven by the device.
 
@@ -161,8 +115,8 @@ class Virtqueue:
     __slots__ = (
         "mem", "index", "max_size", "size", "desc_addr", "avail_addr", "used_addr", "ready",
         "last_avail_idx", "used_idx", "event_idx", "indirect", "_signalled_used",
-        "_desc", "_avail", "_used", "_used16", "_mask", "_used_event_off", "_avail_event_off",
-        "started",
+        "_desc", "_avail", "_avail16", "_used", "_used16", "_mask", "_used_event_off",
+        "_avail_event_off", "started",
         "_lo_end", "_lo_view", "_lo_base", "_hi_start", "_hi_end", "_hi_view",
     )
 
@@ -185,6 +139,7 @@ class Virtqueue:
         self._signalled_used = 0
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
+        self._avail16: memoryview | None = None  # the avail ring as u16s
         self._used: memoryview | None = None
         self._used16: memoryview | None = None  # the used ring as u16s: one store each
         self._mask = 0
@@ -212,7 +167,7 @@ class Virtqueue:
     def stop(self) -> None:
         """Forget the ring mappings; the configuration and positions stay."""
         self.started = False
-        self._desc = self._avail = self._used = self._used16 = None
+        self._desc = self._avail = self._avail16 = self._used = self._used16 = None
         self._lo_end = self._lo_base = -1
         self._lo_view = None
         self._hi_start, self._hi_end, self._hi_view = 1, 0, None
@@ -235,6 +190,7 @@ class Virtqueue:
             self._avail = self.mem.view(self.avail_addr, 6 + 2 * size)
             self._used = self.mem.view(self.used_addr, 6 + 8 * size)
             self._used16 = self._used.cast("H")
+            self._avail16 = self._avail.cast("H")  # flags, idx, ring[size], used_event
         except GuestMemoryError as e:
             self.stop()
             raise VirtqueueError(f"queue {self.index}: ring outside guest RAM ({e})") from None
@@ -340,22 +296,25 @@ class Virtqueue:
         """:meth:`pop_batch`, except that a chain shaped as a :data:`Triple` comes back as
         that tuple, checked with one unpack and no chain object (a block device's hot path:
         its per-request Python work is most of a cached 4 KiB read's cost), and a bigger
-        table of the same shape as a :class:`~.bulk.Bulk`."""
-        avail = self._avail
-        lo = self._lo_view
-        if avail is None or lo is None or not self.indirect:
+        table of the same shape as a :class:`~.bulk.Bulk`. The heads are read in one slice
+        of the avail ring (after its index, as one by one: x86 keeps loads in order)."""
+        avail, avail16, lo = self._avail, self._avail16, self._lo_view
+        if avail is None or avail16 is None or lo is None or not self.indirect:
             return self.pop_batch(limit)  # type: ignore[return-value]
-        pending = self._pending(avail)
+        n = min(self._pending(avail), limit)
         last = self.last_avail_idx
-        mask, size, desc, lo_end = self._mask, self.size, self._desc, self._lo_end
-        unpack, unpack_desc, unpack_table = _U16.unpack_from, _DESC.unpack_from, _TABLE3.unpack_from
+        size, desc, lo_end, base = self.size, self._desc, self._lo_end, self._lo_base
+        first = 2 + (last & self._mask)  # ring[i] is u16 number 2 + i, used_event follows
+        heads = avail16[first : min(first + n, 2 + size)].tolist()
+        if len(heads) < n:  # the batch wraps around the ring's end
+            heads += avail16[2 : 2 + n - len(heads)].tolist()
+        unpack_desc, unpack_table = _DESC.unpack_from, _TABLE3.unpack_from
         out: list[DescriptorChain | Triple | Bulk] = []
-        base = self._lo_base
+        append = out.append
         try:
-            for _ in range(min(pending, limit)):
-                head = unpack(avail, 4 + 2 * (last & mask))[0]
+            for head in heads:
                 if head < size:
-                    addr, length, flags, _ = unpack_desc(desc, 16 * head)  # type: ignore[arg-type]
+                    addr, length, flags, _ = unpack_desc(desc, head << 4)  # type: ignore[arg-type]
                     if flags == VIRTQ_DESC_F_INDIRECT and length == 48 and addr + 48 <= lo_end:
                         a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _ = unpack_table(lo, addr)
                         # header readable → data (either way) → status writable, in order
@@ -363,22 +322,19 @@ class Virtqueue:
                                 and l2 == 1 and f2 == VIRTQ_DESC_F_WRITE
                                 and f1 & ~VIRTQ_DESC_F_WRITE == VIRTQ_DESC_F_NEXT
                                 and a0 + 16 <= lo_end and a1 + l1 <= lo_end and a2 < lo_end):
-                            out.append((head, a0, a1, l1, f1 != VIRTQ_DESC_F_NEXT, a2))
-                            last = (last + 1) & 0xFFFF
+                            append((head, a0, a1, l1, f1 != VIRTQ_DESC_F_NEXT, a2))
                             continue
                     elif (flags == VIRTQ_DESC_F_INDIRECT and not length & 15 and base >= 0
                             and 64 <= length <= 16 * MAX_INDIRECT and addr + length <= lo_end):
                         bulk = bulk_of(head, bytes(lo[addr : addr + length]), lo_end, base)
                         if bulk is not None:
-                            out.append(bulk)
-                            last = (last + 1) & 0xFFFF
+                            append(bulk)
                             continue
-                out.append(self._walk(head))
-                last = (last + 1) & 0xFFFF
+                append(self._walk(head))
         except VirtqueueError:
             if not out:
                 raise
-        self.last_avail_idx = last
+        self.last_avail_idx = (last + len(out)) & 0xFFFF
         return out
 
     def chain_of(self, t: Triple | Bulk) -> DescriptorChain:
@@ -536,21 +492,27 @@ class Virtqueue:
 
     def add_used_batch(self, entries: list[tuple[int, int]]) -> None:
         """:meth:`add_used` for every (head, written) pair, publishing used.idx once."""
+        self.add_used_flat([v for entry in entries for v in entry])
+
+    def add_used_flat(self, flat: list[int]) -> None:
+        """:meth:`add_used_batch` of the pairs laid flat: head, written, head, written…"""
         used, used16 = self._used, self._used16
-        if used is None or used16 is None or not entries:
+        if used is None or used16 is None or not flat:
             return
         mask = self._mask
         idx = self.used_idx
-        start, n = idx & mask, len(entries)
+        start, n = idx & mask, len(flat) >> 1
         if start + n <= self.size:  # one pack for the whole run (no wrap in between)
-            flat = [v & 0xFFFF_FFFF for entry in entries for v in entry]
             run = _USED_RUNS.get(n) or _USED_RUNS.setdefault(n, struct.Struct("<" + "II" * n))
-            run.pack_into(used, 4 + 8 * start, *flat)
+            try:
+                run.pack_into(used, 4 + 8 * start, *flat)
+            except struct.error:  # a length of 4 GiB or more: its low 32 bits, as add_used
+                run.pack_into(used, 4 + 8 * start, *[v & 0xFFFF_FFFF for v in flat])
             idx = (idx + n) & 0xFFFF
         else:
             pack = _USED_ELEM.pack_into
-            for head, written in entries:
-                pack(used, 4 + 8 * (idx & mask), head, written & 0xFFFF_FFFF)
+            for i in range(0, 2 * n, 2):
+                pack(used, 4 + 8 * (idx & mask), flat[i], flat[i + 1] & 0xFFFF_FFFF)
                 idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
         used16[1] = idx  # used.idx, after the elements: x86 does not reorder stores

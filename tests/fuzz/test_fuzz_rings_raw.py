@@ -58,10 +58,11 @@ def _lay_out(data: bytes) -> tuple[bool, bool]:
     return bool(data[0] & 1), bool(data[0] & 2)
 
 
-def _pops(data: bytes, batch: bool, triples: bool = False) -> list[object]:
+def _pops(data: bytes, batch: bool, triples: bool = False, start: int = 0) -> list[object]:
     event_idx, indirect = _lay_out(data)
     q = Virtqueue(h.MEM, 0, SIZE)
     q.size = SIZE
+    q.last_avail_idx = q.used_idx = start
     q.desc_addr, q.avail_addr, q.used_addr = h.DESC, h.AVAIL, h.USED
     q.start(event_idx=event_idx, indirect=indirect)
     out: list[object] = []
@@ -134,6 +135,22 @@ def test_raw_rings_pop_and_pop_batch_agree(data):
     one = _pops(data, batch=False)
     assert _pops(data, batch=True) == one
     assert _pops(data, batch=True, triples=True) == one
+
+
+@fuzz_settings(200)
+@given(data=st.integers(0, 2**64 - 1).map(_expand), start=st.integers(0, 2**16 - 1),
+       pending=st.integers(1, SIZE))
+def test_pops_agree_from_anywhere_in_the_ring(data, start, pending):
+    """The same from any ring position: a batch may wrap around the ring's end (and the
+    16-bit index), where the avail ring's last entry is followed by used_event, not by
+    its first entry."""
+    count("rings_raw.walker")
+    raw = bytearray(data)
+    av = 1 + DESC_BYTES
+    raw[av + 2 : av + 4] = struct.pack("<H", (start + pending) & 0xFFFF)
+    one = _pops(bytes(raw), batch=False, start=start)
+    assert _pops(bytes(raw), batch=True, start=start) == one
+    assert _pops(bytes(raw), batch=True, triples=True, start=start) == one
 
 
 def _as_ring(data: bytes) -> dict:
