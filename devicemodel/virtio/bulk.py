@@ -38,49 +38,58 @@ class Bulk:
 
 
 @lru_cache(maxsize=256)
-def _expected(n: int) -> tuple[list[int], list[int], list[int]]:
-    """For an n-entry table: the ``next`` fields of all but the last when chained in
-    order, and the flags of a read and of a write."""
-    nxt = VIRTQ_DESC_F_NEXT
-    data_read = nxt | VIRTQ_DESC_F_WRITE
-    return (list(range(1, n)), [nxt] + [data_read] * (n - 2) + [VIRTQ_DESC_F_WRITE],
-            [nxt] + [nxt] * (n - 2) + [VIRTQ_DESC_F_WRITE])
+def _expected(n: int) -> tuple[bytes, bytes]:
+    """For an n-entry table chained 0 → 1 → … in order: each entry's flags and next
+    (one u32: flags | next << 16; the last entry's next left out) as bytes, for a read
+    and for a write."""
+    nxt, write = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+
+    def words(data_flags: int) -> bytes:
+        flags = [nxt] + [data_flags] * (n - 2) + [write]
+        nexts = list(range(1, n)) + [0]
+        return b"".join((f | x << 16).to_bytes(4, "little")
+                        for f, x in zip(flags, nexts, strict=True))[:-2]
+
+    return words(nxt | write), words(nxt)
 
 
 @lru_cache(maxsize=64)
-def _lanes(count: int, base: int) -> tuple[int, int]:
-    """(mask keeping addr and len of ``count`` descriptors, ``base`` in every addr)."""
-    mask = int.from_bytes((b"\xff" * 12 + bytes(4)) * count, "little")
-    add = int.from_bytes((base.to_bytes(8, "little") + bytes(8)) * count, "little")
-    return mask, add
+def _delta(n: int, to_driver: bool, base: int) -> int:
+    """What turns the data descriptors of such a table, read as one integer, into their
+    iovec array: ``base`` added to every addr, the (known) flags and next taken away."""
+    count = n - 2
+    flags = (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE) if to_driver else VIRTQ_DESC_F_NEXT
+    add = remove = 0
+    for i in range(count):
+        add |= base << (128 * i)
+        remove |= (flags | (i + 2) << 16) << (128 * i + 96)
+    return add - remove
 
 
 def bulk_of(head: int, raw: bytes, lo_end: int, base: int) -> Bulk | None:
     """The :class:`Bulk` of table bytes ``raw`` (n ≥ 4 entries), or None if the table
     is not exactly that shape in the RAM below ``lo_end`` (mapped at host ``base``)."""
     n = len(raw) >> 4
-    mv = memoryview(raw)
-    half = mv.cast("H")
-    in_order, reads, writes = _expected(n)
-    if half[7::8].tolist()[:-1] != in_order:
-        return None
-    flags = half[6::8].tolist()
-    if flags == reads:
+    words = memoryview(raw).cast("I")
+    # every entry's flags | next << 16 (but the last one's next, which nothing follows)
+    shape = words[3::4].tobytes()[:-2]
+    reads, writes = _expected(n)
+    if shape == reads:
         to_driver = True
-    elif flags == writes:
+    elif shape == writes:
         to_driver = False
     else:
         return None
-    lens = mv.cast("I")[2::4].tolist()
+    lens = words[2::4].tolist()
     if lens[0] != 16 or lens[-1] != 1:
         return None
-    addrs = mv.cast("Q")[0::2].tolist()
+    addrs = memoryview(raw).cast("Q")[0::2].tolist()
     if max(addrs) + max(lens) > lo_end:
         return None
-    count = n - 2
-    mask, add = _lanes(count, base)
-    iov = ((int.from_bytes(raw[16 : 16 * (n - 1)], "little") & mask) + add).to_bytes(
-        16 * count, "little")
+    # the flags and next just checked are exactly what _delta takes away: no borrow
+    # crosses a field, and addr + base stays below 2**64 (addr < lo_end, mapped at base)
+    iov = (int.from_bytes(raw[16 : 16 * (n - 1)], "little")
+           + _delta(n, to_driver, base)).to_bytes(16 * (n - 2), "little")
     return Bulk(head, addrs, lens, to_driver, sum(lens) - 17, iov)
 
 

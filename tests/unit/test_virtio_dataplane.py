@@ -203,3 +203,94 @@ def test_drain_never_waits_even_if_the_front_end_cleared_o_nonblock():
         os.eventfd_write(fd, 1)  # frees a reader stuck in the old code
         t.join(2)
         os.close(fd)
+
+
+def test_a_helper_runs_one_call_on_its_own_thread_and_hands_back_its_outcome() -> None:
+    from devicemodel.virtio.dataplane import Helper
+
+    h = Helper("test-helper")
+    try:
+        h.start(lambda a, b: (threading.current_thread().name, a + b), 2, 3)
+        assert h.finish() == ("test-helper", 5)
+
+        def boom() -> None:
+            raise OSError(5, "injected")
+
+        h.start(boom)
+        with pytest.raises(OSError, match="injected"):
+            h.finish()
+        h.start(lambda: "again")  # an exception does not end the thread
+        assert h.finish() == "again"
+    finally:
+        h.close()
+    assert not any(t.name == "test-helper" for t in threading.enumerate())
+    h.close()  # idempotent
+
+
+def test_a_data_plane_threads_helper_ends_with_it() -> None:
+    from devicemodel.virtio import dataplane
+
+    assert dataplane.helper() is None  # not a data-plane thread
+    got: list[object] = []
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+
+    class Ring(_Ring):
+        def serve(self, _q: object) -> bool:
+            if not got:
+                h = dataplane.helper()
+                got.append(h)
+                got.append(dataplane.helper() is h)  # one helper per thread
+                assert h is not None
+                h.start(threading.current_thread)
+                got.append(h.finish().name)
+            return False
+
+    ring = Ring()
+    dp = Dataplane("test-dataplane", ring, kick, ring.serve, lambda why: None)  # type: ignore[arg-type]
+    try:
+        _eventually(lambda: len(got) == 3, "the helper's call")
+    finally:
+        dp.stop()
+    assert got[1] is True and got[2] == "test-dataplane-helper"
+    assert not any(t.name.startswith("test-dataplane") for t in threading.enumerate())
+
+
+def test_waiting_for_the_helper_survives_the_relaxed_guards_signal() -> None:
+    """A data-plane thread gets the peer-write guard's signal (peerfd.relax_guard) at any
+    time, also while it waits for its helper: that wait restarts (os.eventfd_read alone
+    fails with EINTR, which reached a guest as an I/O error)."""
+    import signal
+
+    from devicemodel import peerfd
+    from devicemodel.virtio.dataplane import Helper
+
+    h = Helper("test-helper")
+    release = threading.Event()
+    out: list[object] = []
+    ready = threading.Event()
+
+    def waiter() -> None:
+        peerfd.relax_guard()
+        h.start(release.wait, 10)
+        ready.set()
+        try:
+            out.append(h.finish())
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            out.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    try:
+        assert ready.wait(5)
+        time.sleep(0.05)  # in finish()
+        for _ in range(3):
+            signal.pthread_kill(t.ident, peerfd.GUARD_SIGNAL)
+            time.sleep(0.02)
+        assert t.is_alive() and not out, f"the wait ended early: {out}"
+        release.set()
+        t.join(5)
+        assert out == [True]
+    finally:
+        release.set()
+        t.join(5)
+        h.close()
