@@ -24,14 +24,6 @@ counter; a pipe that still holds bytes wakes the next poll at once), serves, re-
 kicks and sleeps: no empty second pass over the ring, no read that ends in EAGAIN.
 Its interrupts go through ``peerfd.relax_guard`` (the guard timer is not disarmed after
 every signal, ≈3 µs a request): everything the thread blocks in restarts on EINTR.
-
-A big copy may be split over two CPUs: :func:`helper` gives the calling data-plane thread
-its :class:`Helper`, a second thread (started on first use, ended by :meth:`Dataplane.stop`)
-that runs one blocking call while the data-plane thread does the other half. A guest
-waiting for a sequential stream leaves both CPUs idle, and one CPU's memcpy from the page
-cache is most of a 1 MiB read's latency (qemu-storage-daemon gets the same parallelism
-from its worker threads). The data-plane thread always collects the result before it
-completes anything, so no call is in flight once it serves the next batch or stops.
 """
 
 from __future__ import annotations
@@ -49,7 +41,7 @@ from .queue import Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 glog = RateLimitedLog(log)
-_current = threading.local()  # .dataplane: the Dataplane whose thread this is
+
 
 
 def pollable_kick(fd: int) -> bool:
@@ -75,91 +67,6 @@ def drain_kick(fd: int, buf: bytearray | None = None) -> bool:
     return n is None or n > 0  # 0: end of file, the writer is gone
 
 
-class Helper:
-    """A second thread that runs one blocking call at a time for a data-plane thread:
-    :meth:`start` it, do something else, then :meth:`finish` (always: the call's result,
-    or the exception it raised). Hand-offs are eventfds, so the wake-up is one write."""
-
-    def __init__(self, name: str) -> None:
-        self._go = os.eventfd(0, os.EFD_CLOEXEC)
-        self._done = os.eventfd(0, os.EFD_CLOEXEC)
-        self._job: tuple[Callable[..., object], tuple[object, ...]] | None = None
-        self._result: object = None
-        self._error: BaseException | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        try:
-            self._thread.start()
-        except BaseException:
-            os.close(self._go)
-            os.close(self._done)
-            raise
-
-    def start(self, fn: Callable[..., object], *args: object) -> None:
-        self._job = (fn, args)
-        os.eventfd_write(self._go, 1)
-
-    def finish(self) -> object:
-        """The started call's result (its exception is raised here)."""
-        _wait(self._done)
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-        result, self._result = self._result, None
-        return result
-
-    def close(self) -> None:
-        """End the thread (no call may be in progress: the owner finished it)."""
-        if self._go < 0:
-            return
-        self._closing = True
-        os.eventfd_write(self._go, 1)
-        self._thread.join()
-        for name in ("_go", "_done"):
-            os.close(getattr(self, name))
-            setattr(self, name, -1)
-
-    def _run(self) -> None:
-        while True:
-            _wait(self._go)
-            if self._closing:
-                return
-            job, self._job = self._job, None
-            if job is None:
-                continue
-            try:
-                self._result = job[0](*job[1])
-            except BaseException as e:  # the owner re-raises it; never leave it waiting
-                self._error = e
-            os.eventfd_write(self._done, 1)
-
-
-def _wait(fd: int) -> None:
-    """Block until the eventfd is written. ``os.eventfd_read`` does not restart on EINTR
-    (CPython 3.11), and a data-plane thread gets the relaxed guard's signal."""
-    while True:
-        try:
-            os.eventfd_read(fd)
-            return
-        except InterruptedError:
-            continue
-
-
-def helper() -> Helper | None:
-    """The calling data-plane thread's :class:`Helper` (started now if it was not yet);
-    None on any other thread."""
-    dp: Dataplane | None = getattr(_current, "dataplane", None)
-    if dp is None:
-        return None
-    if dp._helper is None:
-        try:
-            dp._helper = Helper(f"{dp._thread.name}-helper")
-        except (OSError, RuntimeError) as e:  # no fd or thread to spare: one CPU it is
-            glog.warning("%s: no helper thread (%s)", dp._thread.name, e)
-            return None
-    return dp._helper
-
-
 class Dataplane:
     """Serve ``q`` with ``serve(q)`` on a thread until :meth:`stop`.
 
@@ -178,7 +85,6 @@ class Dataplane:
         self._serve = serve
         self._fail = fail
         self._stopping = False
-        self._helper: Helper | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         try:
             self._thread.start()
@@ -208,7 +114,6 @@ class Dataplane:
         serve = self._serve
         kick, wake = self._kick, self._wake
         buf = bytearray(4096)
-        _current.dataplane = self
         relax_guard()
         poller = select.poll()
         poller.register(wake, select.POLLIN)
@@ -234,10 +139,6 @@ class Dataplane:
         except Exception as e:  # a bug must stop this device, not the process
             log.exception("%s crashed", threading.current_thread().name)
             self._fail(f"internal error: {e!r}")
-        finally:  # idle: this thread finished every call it started there
-            if self._helper is not None:
-                self._helper.close()
-                self._helper = None
 
     def _kick_lost(self, why: str) -> None:
         glog.warning("%s: the kick fd %s; serving kicks that reach the loop only",

@@ -20,7 +20,6 @@ from typing import Protocol
 from ...ratelimit import RateLimitedLog
 from ..bulk import Bulk
 from ..queue import DescriptorChain, Triple, Virtqueue
-from .halves import read_bulk
 from .io import SECTOR, BlockIo, DiskImage, NowaitIo, run_now
 from .request import (
     HDR,
@@ -152,9 +151,8 @@ class _Plain:
             return False
         self.flush()
         try:
-            if not (image.transfer_iov(write, b.iov, b.count, offset, length,
-                                       not self.dev.writeback) if write
-                    else read_bulk(image, b, offset)):  # on two CPUs if big
+            if not image.transfer_iov(write, b.iov, b.count, offset, length,
+                                      not self.dev.writeback):
                 return False
         except OSError as e:  # the fdatasync
             self.dev.io_error(e)
