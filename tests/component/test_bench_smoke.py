@@ -42,3 +42,8 @@ def test_ioreq_bench_on_the_fake_acrn_hsm() -> None:
 def test_exit_roundtrip_bench() -> None:
     out = _run(str(BENCH / "exit_roundtrip.py"), "--exits", "200", "--rounds", "1")
     assert out.count("ratio path/bare") == 2
+
+
+def test_vhost_dataplane_bench() -> None:
+    out = _run(str(BENCH / "vhost_dataplane.py"), "--requests", "200", "--reps", "1")
+    assert "4 KiB read" in out and "1 MiB read" in out and "wall ours" in out
