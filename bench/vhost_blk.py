@@ -150,13 +150,42 @@ BOOT_SECONDS = 180
 SILENCE_SECONDS = 120
 
 
+def thread_report(name: str, pid: int) -> str:
+    """Every thread of back end ``pid``: its name, state and kernel wait channel, then
+    py-spy's Python stacks when py-spy is installed: what a stalled run needs to say
+    whether the back end was waiting for a kick, blocked in a write, or spinning."""
+    lines = [f"{name} (pid {pid}):"]
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return f"{name} (pid {pid}): gone ({e.strerror})"
+    for tid in tids:
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip() or "-"
+        except OSError:
+            continue  # the thread ended meanwhile
+        lines.append(f"  {tid:>7} {comm:<16} {state} {wchan}")
+    if shutil.which("py-spy"):
+        try:
+            dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True,
+                                  text=True, timeout=30)
+            lines.append(dump.stdout.strip() or dump.stderr.strip())
+        except (OSError, subprocess.TimeoutExpired) as e:
+            lines.append(f"  py-spy dump failed: {e}")
+    return "\n".join(lines)
+
+
 class Watchdog:
     """Kills QEMU when the guest stalls (no output for ``silence`` s) or the run exceeds
-    ``budget`` s, and says which: the bench's waits are bounded, a stall is an error."""
+    ``budget`` s, and says which: the bench's waits are bounded, a stall is an error.
+    ``diagnose`` (on a stall, before the kill) returns what the back ends were doing."""
 
     def __init__(self, proc: subprocess.Popen[bytes], budget: float, silence: float,
-                 where) -> None:
+                 where, diagnose=None) -> None:
         self.reason = ""
+        self._diagnose = diagnose
         self._proc = proc
         self._deadline = time.monotonic() + budget
         self._budget = budget
@@ -181,6 +210,8 @@ class Watchdog:
             if now - self._last > self._silence:
                 self.reason = (f"the guest printed nothing for {self._silence:.0f} s "
                                f"(during: {doing})")
+                if self._diagnose is not None:
+                    self.reason += "; the back ends then:\n" + self._diagnose()
             elif now > self._deadline:
                 self.reason = f"the run exceeded its {self._budget:.0f} s budget (at: {doing})"
             if self.reason:
@@ -220,7 +251,8 @@ def follow_guest(proc: subprocess.Popen[bytes], pids: dict[str, int],
     run = GuestRun([], {}, {}, "", {})
     current: list[str] = []
     assert proc.stdout is not None
-    watchdog = Watchdog(proc, budget, SILENCE_SECONDS, lambda: current)
+    watchdog = Watchdog(proc, budget, SILENCE_SECONDS, lambda: current,
+                        lambda: "\n".join(thread_report(d, p) for d, p in pids.items()))
     try:
         for raw in iter(proc.stdout.readline, b""):
             watchdog.heard()

@@ -47,3 +47,36 @@ def test_exit_roundtrip_bench() -> None:
 def test_vhost_dataplane_bench() -> None:
     out = _run(str(BENCH / "vhost_dataplane.py"), "--requests", "200", "--reps", "1")
     assert "4 KiB read" in out and "1 MiB read" in out and "wall ours" in out
+
+
+def test_a_silent_guest_is_killed_with_what_the_back_ends_were_doing(monkeypatch) -> None:
+    """The guest benches' watchdog: a guest that prints nothing gets QEMU killed in
+    bounded time, and the reason lists every thread of each back end (name, state, wait
+    channel), so a stall seen once can be told apart (waiting for a kick, blocked in a
+    write) without reproducing it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vhost_blk_bench", BENCH / "vhost_blk.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # (its dataclasses look it up)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "SILENCE_SECONDS", 1)
+    guest = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             stdout=subprocess.PIPE)
+    backend = subprocess.Popen([sys.executable, "-c", "import threading, time; "
+                                "threading.Thread(target=time.sleep, args=(60,)).start(); "
+                                "time.sleep(60)"])
+    try:
+        run = bench.follow_guest(guest, {"vda": backend.pid}, 60)
+        assert guest.poll() is not None, "the silent guest was not killed"
+        assert "printed nothing for 1 s" in run.stalled
+        assert f"vda (pid {backend.pid}):" in run.stalled
+        threads = [ln for ln in run.stalled.splitlines() if ln.startswith("  ")
+                   and ln.split()[0].isdigit()]
+        assert len(threads) >= 2 and all(ln.split()[2] == "S" for ln in threads), run.stalled
+    finally:
+        backend.kill()
+        backend.wait()
+        guest.kill()
+        guest.wait()
