@@ -205,6 +205,8 @@ class VcpuRunner:
                 self.fatal(describe_exit(vc, reason))
 
     def _exit_io(self, vc: Vcpu) -> None:
+        """String port I/O (``count`` elements) or a size to refuse; ``_loop`` serves a
+        single IN or OUT itself."""
         run = vc.kvm_run
         direction, size, port, count, data_off = _RUN_IO(run, _EXIT_OFF)
         fmt = _LE.get(size)
@@ -213,9 +215,6 @@ class VcpuRunner:
             return
         post, index = self.requests.post, vc.index
         if direction == _IO_OUT:
-            if count == 1:  # the usual one; a string instruction loops below
-                post(index, _PIO, _WRITE, port, size, fmt.unpack_from(run, data_off)[0])
-                return
             for i in range(count):
                 (value,) = fmt.unpack_from(run, data_off + i * size)
                 if post(index, _PIO, _WRITE, port, size, value) is None:
