@@ -416,21 +416,25 @@ def start_backend(spec: str, sock: Path, netns: str | None = None,
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"back end {spec} exited {proc.returncode}:\n{backend.log()}")
-        if sock.exists():
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(sock))
-            except OSError:
-                pass
-            else:
-                probe.close()
-                time.sleep(0.05)
-                return backend
-            finally:
-                probe.close()
+        if accepts(sock):
+            time.sleep(0.05)
+            return backend
         time.sleep(0.05)
     stop_backend(backend)
     raise RuntimeError(f"back end {spec} did not listen on {sock}:\n{backend.log()}")
+
+
+def accepts(path: Path) -> bool:
+    """Whether a listener at unix socket ``path`` takes a connection now (the file
+    appears at bind(), before listen(): only a connect proves a server is there)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def connect_unix(path: Path, within: float) -> socket.socket:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from devicemodel.guestkit.qemu import accepts
 from tests.support.paths import ROOT
 
 
@@ -76,16 +76,10 @@ def start_listening(args: list[str], sock: Path, timeout: float = 15.0) -> subpr
     proc = subprocess.Popen([sys.executable, "-m", "devicemodel", *args], cwd=ROOT, env=env,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
-    while True:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(sock))
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"{' '.join(args[:2])} did not start listening on "
-                                     f"{sock}: {proc.communicate()[1]!r}") from None
-            time.sleep(0.02)
-        finally:
-            probe.close()
+    while not accepts(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{' '.join(args[:2])} did not start listening on "
+                                 f"{sock}: {proc.communicate()[1]!r}")
+        time.sleep(0.02)
+    return proc
