@@ -9,8 +9,8 @@ continue one another become one ``preadv``, copied on two CPUs once it is big (t
 page-cache memcpy is a sequential stream's limit, as on the loop); anything else goes
 through the general request code with ``DirectIo``, whose coroutines never suspend.
 Batches of 16 complete with one interrupt each: with Linux's 32 requests in flight the
-driver refills one half while the other is served. A big read (a piece of a sequential
-read) is completed on its own as soon as it is served.
+driver refills one half while the other is served; a big read is completed on its own as
+soon as it is served.
 """
 
 from __future__ import annotations
