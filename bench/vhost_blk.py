@@ -122,7 +122,8 @@ def cpu_ticks(pid: int) -> int:
 
 
 #: the guest's block-queue limits printed with the results: they decide how Linux splits
-#: a 1 MiB O_DIRECT request (max_segments 254 → two virtio requests, 126 → three)
+#: a 1 MiB O_DIRECT request (max_segments 254 × 1 MiB: often one virtio request; 126 × 4 KiB,
+#: ours and qemu-storage-daemon's: three)
 QUEUE_LIMITS = ("max_segments", "max_segment_size", "max_sectors_kb")
 
 

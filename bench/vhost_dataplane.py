@@ -7,7 +7,7 @@ bench/vhost_blk.py measures through a QEMU TCG guest, whose noise on a shared ma
 ``ring_thread.serve_blocking``, its interrupts written through a vhost-user ``Vring`` and
 ``peerfd``) directly. A driver thread posts requests in the shapes Linux sends for the
 guest bench's O_DIRECT reads (a 4 KiB read: a 3-entry indirect table; a 1 MiB read, split
-at our seg_max of 254: a 256-entry and a 4-entry table posted together), kicks the ring's
+at our seg_max of 126: two 128-entry tables and a 6-entry one posted together), kicks the ring's
 eventfd and waits for the call eventfd. The thread's on-CPU time comes from
 /proc/self/task/TID/schedstat; the wall time per guest read (kick to interrupt) is what a
 guest waiting for its read sees, here with the driver in the same process (its GIL).
@@ -50,7 +50,7 @@ RING = 128
 DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000
 TABLES, HEADERS = 0x100000, 0x300000  # a table slot per ring slot (8 KiB each), headers
 #: each test: the data pages of the requests posted together for one guest read
-SHAPES = {"4 KiB read": (1,), "1 MiB read (254 + 2 pages)": (254, 2)}
+SHAPES = {"4 KiB read": (1,), "1 MiB read (126 + 126 + 4 pages)": (126, 126, 4)}
 
 
 #: the longest the driver waits for one interrupt: a data plane that stopped is an error
