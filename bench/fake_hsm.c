@@ -13,7 +13,9 @@
  * page 1: one pending byte per vCPU at 0, the "client destroyed" byte at 64), the ATTACH
  * eventfd, the completion eventfd.
  *
- *   fake_hsm poster <memfd> <attach_efd> <done_efd> <requests> <warmup> notify|poll
+ *   fake_hsm poster <memfd> <attach_efd> <done_efd> <requests> <warmup> notify|poll [gap_us]
+ *
+ * gap_us: the guest computes that long (a busy loop, as a running vCPU) between two exits.
  *   fake_hsm responder <memfd> <attach_efd> <done_efd>
  */
 #include <stdint.h>
@@ -119,9 +121,14 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "poster") || argc < 8) return 2;
     long n = atol(argv[5]), warm = atol(argv[6]);
     int poll = !strcmp(argv[7], "poll");
+    uint64_t gap = argc > 8 ? strtoull(argv[8], NULL, 10) * 1000 : 0;
     uint64_t *t = calloc(n, sizeof *t);
-    for (long i = 0; i < warm; i++) one_request(attach, done, poll);
-    for (long i = 0; i < n; i++) t[i] = one_request(attach, done, poll);
+    for (long i = 0; i < warm + n; i++) {
+        uint64_t took = one_request(attach, done, poll);
+        if (i >= warm) t[i - warm] = took;
+        for (uint64_t until = now_ns() + gap; gap && now_ns() < until;)
+            __builtin_ia32_pause();
+    }
     for (long i = 0; i < n; i++) printf("%llu\n", (unsigned long long)t[i]);
     return 0;
 }

@@ -8,15 +8,19 @@ dispatching it, so it is the sim's own floor.
 ATTACH_IOREQ_CLIENT, NOTIFY_REQUEST_FINISH) on a fake HSM whose ATTACH blocks in a real
 system call (bench/fake_hsm.py); the guest vCPU with the hypervisor and HSM dispatch is a
 C process (bench/fake_hsm.c) that times each round trip, and the floor is the same C
-program answering as a device model reduced to ATTACH, write, NOTIFY. Two server legs:
-a handler served on the event loop (the waiter hands the loop a wake) and a ``vcpu_safe``
-one (answered on the waiter thread while the loop sleeps). ``--poll`` makes the vCPU
-spin for COMPLETE (a completion-polling VM) instead of sleeping until NOTIFY wakes it.
+program answering as a device model reduced to ATTACH, write, NOTIFY. Three server legs:
+a handler served on the event loop (the waiter hands the loop a wake; after serving, the
+loop polls the slots for ``LINGER_NS``), the same with no poll, and a ``vcpu_safe``
+handler (answered on the waiter thread while the loop sleeps); each with the device
+model's CPU time per request. ``--poll`` makes the vCPU spin for COMPLETE (a
+completion-polling VM) instead of sleeping until NOTIFY wakes it; ``--gap US`` makes the
+guest compute between exits, so the loop's poll ends before the next one (its cost).
 
 The server's own cost is the difference of the medians; the ratio is printed. Legs run
 interleaved, ``--rounds`` times, so machine noise hits them alike.
 
     python bench/ioreq.py [--backend sim|acrn-fake] [--requests N] [--rounds R] [--poll]
+                          [--gap US]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from devicemodel.bus import MmioBus, PortBus  # noqa: E402
 from devicemodel.hsm import abi  # noqa: E402
 from devicemodel.hsm.acrn import AcrnHypervisor  # noqa: E402
 from devicemodel.hsm.sim import SimHypervisor  # noqa: E402
-from devicemodel.ioreq import IoreqServer, new_ioreq_page  # noqa: E402
+from devicemodel.ioreq import LINGER_NS, IoreqServer, new_ioreq_page  # noqa: E402
 
 
 class Answer:
@@ -102,9 +106,14 @@ async def _measure(kind: str, requests: int) -> list[float]:
 
 
 # --- the ACRN backend on the fake HSM ------------------------------------------------------
-def _poster(exe: Path, shared: Shared, requests: int, poll: bool) -> subprocess.Popen:
+WARMUP = 500  # requests the poster sends before it starts timing
+
+
+def _poster(exe: Path, shared: Shared, requests: int, poll: bool, gap_us: int
+            ) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(exe), "poster", *shared.args(), str(requests), "500", "poll" if poll else "notify"],
+        [str(exe), "poster", *shared.args(), str(requests), str(WARMUP),
+         "poll" if poll else "notify", str(gap_us)],
         pass_fds=shared.fds, stdout=subprocess.PIPE, text=True)
 
 
@@ -115,12 +124,12 @@ def _samples(poster: subprocess.Popen) -> list[float]:
     return [int(line) / 1000 for line in out.split()]
 
 
-def acrn_bare(exe: Path, requests: int, poll: bool) -> list[float]:
+def acrn_bare(exe: Path, requests: int, poll: bool, gap_us: int) -> list[float]:
     shared = Shared()
     try:
         responder = subprocess.Popen([str(exe), "responder", *shared.args()],
                                      pass_fds=shared.fds)
-        samples = _samples(_poster(exe, shared, requests, poll))
+        samples = _samples(_poster(exe, shared, requests, poll, gap_us))
         shared.destroy_client()
         responder.wait(timeout=10)
         return samples
@@ -128,53 +137,68 @@ def acrn_bare(exe: Path, requests: int, poll: bool) -> list[float]:
         shared.close()
 
 
-async def acrn_server(exe: Path, requests: int, poll: bool, answer: Answer
-                      ) -> tuple[list[float], str]:
+async def acrn_server(exe: Path, requests: int, poll: bool, gap_us: int, answer: Answer,
+                      linger_ns: int) -> tuple[list[float], float, str]:
+    """The round trips, the device model's CPU µs per request, and a note."""
     shared = Shared()
     hv = AcrnHypervisor(IpcHsm(shared, poll=poll))
     try:
         hv.create_vm("bench", shared.page)
         server = IoreqServer(hv, shared.page, 1, busy_ports(answer), MmioBus())
+        server.linger_ns = linger_ns
         hv.create_ioreq_client()
         hv.start_vm()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve)
-            poster = _poster(exe, shared, requests, poll)
+            cpu = time.process_time()
+            poster = _poster(exe, shared, requests, poll, gap_us)
             samples = await trio.to_thread.run_sync(_samples, poster)
+            cpu = (time.process_time() - cpu) / (requests + WARMUP) * 1e6
             waiter = getattr(hv, "_waiter", None)
             note = (f"{waiter.loop_wakes} loop wakes, {waiter.served_here} rounds on the "
                     "waiter thread") if waiter is not None else ""
             hv.destroy_ioreq_client()  # ATTACH returns -ENODEV: the server ends
-        return samples, note
+        return samples, cpu, note
     finally:
         hv.close()
         shared.close()
 
 
+#: the server's legs: (key, what it shows, handler, how long the loop polls after serving)
+LEGS = (("loop", "handler on the loop", Answer, LINGER_NS),
+        ("nopoll", "… with no poll", Answer, 0),
+        ("waiter", "vcpu_safe handler", SafeAnswer, LINGER_NS))
+
+
 def main_acrn(args: argparse.Namespace) -> None:
-    legs = ("bare", "loop", "waiter")
-    med: dict[str, list[float]] = {k: [] for k in legs}
+    med: dict[str, list[float]] = {k: [] for k in ("bare", *(leg[0] for leg in LEGS))}
+    cpu: dict[str, list[float]] = {leg[0]: [] for leg in LEGS}
     notes: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(Path(tmp))
         for _ in range(args.rounds):  # interleaved
-            med["bare"].append(statistics.median(acrn_bare(exe, args.requests, args.poll)))
-            for leg, answer in (("loop", Answer()), ("waiter", SafeAnswer())):
-                samples, notes[leg] = trio.run(acrn_server, exe, args.requests, args.poll,
-                                               answer)
+            med["bare"].append(statistics.median(
+                acrn_bare(exe, args.requests, args.poll, args.gap)))
+            for leg, _, answer, linger in LEGS:
+                samples, used, notes[leg] = trio.run(
+                    acrn_server, exe, args.requests, args.poll, args.gap, answer(), linger)
                 med[leg].append(statistics.median(samples))
+                cpu[leg].append(used)
     bare = statistics.median(med["bare"])
     mode = "completion polling" if args.poll else "NOTIFY wakes the vCPU"
-    print(f"PIO round trip, ACRN backend on a fake HSM (ATTACH blocks in read(2); {mode}), "
-          f"{args.requests} requests x {args.rounds} rounds, medians")
+    gap = f"; the guest computes {args.gap} us between exits" if args.gap else ""
+    print(f"PIO round trip, ACRN backend on a fake HSM (ATTACH blocks in read(2); {mode}"
+          f"{gap}), {args.requests} requests x {args.rounds} rounds, medians")
     print(f"  bare C responder (floor):         {bare:7.2f} us   rounds "
           + " ".join(f"{m:.1f}" for m in med["bare"]))
-    for leg, what in (("loop", "handler on the loop"), ("waiter", "vcpu_safe handler")):
+    for leg, what, _, linger in LEGS:
         m = statistics.median(med[leg])
+        poll = f"polls {linger // 1000} us after serving" if linger else "no poll"
         print(f"  IoreqServer, {what + ':':21s} {m:7.2f} us   rounds "
-              + " ".join(f"{x:.1f}" for x in med[leg]) + f"   ({notes[leg]})")
+              + " ".join(f"{x:.1f}" for x in med[leg]) + f"   ({notes[leg]}; {poll})")
         print(f"    server's added cost: {m - bare:7.2f} us per request (target <= 20); "
-              f"ratio {m / bare:.2f}")
+              f"ratio {m / bare:.2f}; device-model CPU {statistics.median(cpu[leg]):.1f} us"
+              " per request")
 
 
 def main() -> None:
@@ -185,6 +209,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--poll", action="store_true",
                     help="acrn-fake: the vCPU polls for completion instead of sleeping")
+    ap.add_argument("--gap", type=int, default=0, metavar="US",
+                    help="acrn-fake: the guest computes this long between exits")
     args = ap.parse_args()
     if args.backend == "acrn-fake":
         args.requests = args.requests or 5000

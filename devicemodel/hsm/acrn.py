@@ -120,6 +120,7 @@ class AcrnHypervisor(Hypervisor):
     """One VM on the HSM: one open fd holds exactly one VM (closing it destroys the VM)."""
 
     name = "acrn"
+    vcpus_elsewhere = True  # the hypervisor runs them: the server may poll the slots
 
     def __init__(
         self,

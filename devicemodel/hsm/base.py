@@ -176,6 +176,11 @@ class Hypervisor(ABC):
 
     #: short name used by ``--hv``
     name: str = "?"
+    #: the guest's vCPUs run outside this process (ACRN's hypervisor), so none of our
+    #: threads is on their path: the request server may poll the slots for a moment
+    #: after serving (``IoreqServer.linger_ns``). KVM's and the sim's vCPUs are threads
+    #: of ours, which would wait for the GIL that poll holds.
+    vcpus_elsewhere: bool = False
 
     # --- VM lifecycle -----------------------------------------------------------------
     @abstractmethod
