@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -154,10 +155,14 @@ SILENCE_SECONDS = 120
 def thread_report(name: str, pid: int) -> str:
     """Every thread of back end ``pid``: its name, state and kernel wait channel, then
     py-spy's Python stacks when py-spy is installed: what a stalled run needs to say
-    whether the back end was waiting for a kick, blocked in a write, or spinning."""
+    whether the back end was waiting for a kick, blocked in a write, or spinning. Ours is
+    also asked (SIGUSR2) to log its rings' indices, which its log then shows."""
     lines = [f"{name} (pid {pid}):"]
     try:
         tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+        if b"devicemodel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGUSR2)  # ours: its log gets every ring's indices
+            time.sleep(0.5)
     except OSError as e:
         return f"{name} (pid {pid}): gone ({e.strerror})"
     for tid in tids:

@@ -164,6 +164,21 @@ class VhostUserBackend:
             self.glog.warning("%s: ring %d: %s signal not delivered (%s by the front end)",
                               self.device.name, index, which, sent.value)
 
+    def ring_report(self) -> list[str]:
+        """Each ring's state as both sides left it (``Virtqueue.describe``), the fds it
+        has and the signals that were not written: what a stall needs to be placed."""
+        name = self.device.name
+        queues = self.queues
+        if queues is None:
+            return [f"{name}: no rings running (features {self.features:#x})"]
+        lines = []
+        for ring, q in zip(self.rings, queues, strict=False):
+            fds = " ".join(f"{fd}={'-' if getattr(ring, fd + '_fd') is None else 'yes'}"
+                           for fd in ("kick", "call"))
+            lines.append(f"{name}: {q.describe()}; enabled {int(ring.enabled)}, {fds}")
+        lines.append(f"{name}: signals not written: {self.dropped_signals or 'none'}")
+        return lines
+
     # -- the connection ----------------------------------------------------------------
 
     async def serve(self, conn: Connection) -> None:

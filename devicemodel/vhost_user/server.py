@@ -1,10 +1,13 @@
 """The back end's process lifetime: a listening (or inherited) socket, one front end at a
-time, the device's task, and a clean end on SIGTERM (vhost-user.rst back-end conventions).
+time, the device's task, and a clean end on SIGTERM (vhost-user.rst back-end conventions);
+SIGUSR2 logs the rings' state.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import trio
 
@@ -28,5 +31,18 @@ async def serve(device: VirtioDevice, *, socket_path: str | None = None, fd: int
         await backend.serve(Connection(conn))
         log.info("%s: front end disconnected", device.name)
 
-    await serve_peers(device.name, socket_path=socket_path, fd=fd, run=device.run,
-                      serve_one=serve_one, close=device.close, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        if threading.current_thread() is threading.main_thread():  # (signals need it)
+            nursery.start_soon(_report_on_signal, backend)
+        await serve_peers(device.name, socket_path=socket_path, fd=fd, run=device.run,
+                          serve_one=serve_one, close=device.close, task_status=task_status)
+        nursery.cancel_scope.cancel()
+
+
+async def _report_on_signal(backend: VhostUserBackend) -> None:
+    """SIGUSR2 logs every ring's state (``ring_report``): a stalled guest can then be
+    told apart from a lost kick or interrupt without stopping anything."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            for line in backend.ring_report():
+                log.info("%s", line)

@@ -217,6 +217,26 @@ class Virtqueue:
         assert self._avail is not None
         return _U16.unpack_from(self._avail, 2)[0]
 
+    def describe(self) -> str:
+        """Both sides' ring indices in one line, for a stall report: whether the driver
+        made buffers available that we have not taken (a lost kick), or we used buffers
+        it was not told of (a lost interrupt), or neither (nothing was in flight)."""
+        avail, used16 = self._avail, self._used16
+        if avail is None or used16 is None:
+            return f"queue {self.index}: not started"
+        try:
+            flags, avail_idx = _U16.unpack_from(avail, 0)[0], _U16.unpack_from(avail, 2)[0]
+            used_event = _U16.unpack_from(avail, self._used_event_off)[0]
+            used_flags, used_idx = used16[0], used16[1]
+            avail_event = used16[self._avail_event_off >> 1]
+        except (ValueError, IndexError, OSError) as e:  # the memory went away
+            return f"queue {self.index}: rings unreadable ({e})"
+        return (f"queue {self.index}: size {self.size}, event_idx {int(self.event_idx)}; "
+                f"avail idx {avail_idx} flags {flags:#x}, popped to {self.last_avail_idx}, "
+                f"avail_event {avail_event}; used idx {used_idx} flags {used_flags:#x} "
+                f"(ours {self.used_idx}), used_event {used_event}, last interrupt check at "
+                f"{self._signalled_used}")
+
     def has_available(self) -> bool:
         """True if the driver has made buffers available that we have not popped."""
         if self._avail is None:

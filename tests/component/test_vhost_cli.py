@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
+from devicemodel.memory import GuestMemory, MiB
 from devicemodel.vhost_user import protocol as p
 from devicemodel.vhost_user.protocol import Req
 from tests.support.launch import start_listening
 from tests.support.paths import REPO
+from tests.support.vhost import NO_EVENT_IDX, frontend, start
 
 
 def _cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -87,3 +90,43 @@ def test_inherited_fd(tmp_path: Path) -> None:
     assert p.U64.unpack_from(reply, 12)[0] & p.F_PROTOCOL_FEATURES
     a.close()  # the front end hangs up: a back end on an inherited connection exits
     assert proc.wait(10) == 0
+
+
+async def test_sigusr2_logs_the_rings_and_serving_goes_on(tmp_path: Path) -> None:
+    """A stall report asks a running back end for its rings' state: one log line per
+    ring with both sides' indices, and the back end keeps serving (SIGUSR2's default
+    action would have killed it)."""
+    sock = tmp_path / "rnd.sock"
+    proc = start_listening(["vhost-user", "virtio-rnd", "--socket-path", str(sock)], sock)
+    mem = GuestMemory(128 * MiB)
+    try:
+        proc.send_signal(signal.SIGUSR2)  # no front end yet
+        async with frontend(sock) as fe:
+            await fe.negotiate(NO_EVENT_IDX)  # (the mock driver keeps used_event at 0)
+            drv = await start(fe, mem)
+            drv.add_chain(writable=[16])
+            fe.kick_ring(0)
+            with trio.fail_after(10):
+                await fe.wait_call(0)
+            proc.send_signal(signal.SIGUSR2)
+            await trio.sleep(0.5)
+            drv.add_chain(writable=[16])  # still serving
+            fe.kick_ring(0)
+            with trio.fail_after(10):
+                await fe.wait_call(0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert "virtio-rnd: no rings running (features 0x0)" in err, err
+        assert ("virtio-rnd: queue 0: size 64, event_idx 0; avail idx 1 flags 0x0, popped to"
+                " 1, avail_event 0; used idx 1 flags 0x0 (ours 1), used_event 0, last "
+                "interrupt check at 0; enabled 1, kick=yes call=yes") in err, err
+        assert "virtio-rnd: signals not written: none" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        mem.close()

@@ -299,3 +299,24 @@ def test_guard_pages_are_armed(guarded_mem):
     with pytest.raises(Exception, match="not RAM"):
         guarded_mem.view(8 * MiB, 1)
     assert guarded_mem.in_ram(8 * MiB - 1, 1) and not guarded_mem.in_ram(8 * MiB - 1, 2)
+
+
+def test_describe_shows_both_sides_indices(guarded_mem):
+    """The stall report's line: a buffer the driver added that we have not taken (what a
+    lost kick leaves) and a used one past the driver's used_event (a withheld interrupt)
+    are readable from it."""
+    drv = MockDriver(guarded_mem, 0x10000, 8)
+    q = drv.queue()
+    assert q.describe() == "queue 0: not started"
+    q.start(event_idx=True, indirect=False)
+    for _ in range(3):
+        drv.add_chain([], [16])
+    drv.set_used_event(5)
+    for _ in range(2):
+        q.add_used(q.pop().head, 16)
+    assert not q.needs_notification()  # used idx 2 has not reached used_event 5
+    assert q.enable_notification()  # one is still waiting: avail_event = 2
+    line = q.describe()
+    assert line.startswith("queue 0: size 8, event_idx 1; ")
+    assert "avail idx 3 flags 0x0, popped to 2, avail_event 2" in line
+    assert "used idx 2 flags 0x0 (ours 2), used_event 5, last interrupt check at 2" in line
