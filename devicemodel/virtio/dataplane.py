@@ -22,6 +22,8 @@ kick watcher does with such an fd.
 Per wake-up the thread makes one poll and one read (an eventfd read takes the whole
 counter; a pipe that still holds bytes wakes the next poll at once), serves, re-arms
 kicks and sleeps: no empty second pass over the ring, no read that ends in EAGAIN.
+An idle ring is looked at every ``idle_s`` anyway (``_look_again``): a guest that
+lost a kick or an interrupt pauses instead of hanging.
 Its interrupts go through ``peerfd.relax_guard`` (the guard timer is not disarmed after
 every signal, ≈3 µs a request): everything the thread blocks in restarts on EINTR.
 """
@@ -76,9 +78,16 @@ class Dataplane:
     ``kick_fd`` becomes the thread's own (it is closed by :meth:`stop`).
     """
 
+    #: how long the thread sleeps before it looks at an idle ring anyway
+    idle_s = 0.25
+
     def __init__(self, name: str, q: Virtqueue, kick_fd: int,
-                 serve: Callable[[Virtqueue], bool], fail: Callable[[str], None]) -> None:
+                 serve: Callable[[Virtqueue], bool], fail: Callable[[str], None],
+                 interrupt: Callable[[Virtqueue], None] | None = None) -> None:
         self.q = q
+        self._interrupt = interrupt
+        #: requests found with no kick, interrupts sent again (``_look_again``)
+        self.unkicked = self.reinterrupted = 0
         self._kick = kick_fd
         os.set_blocking(kick_fd, False)  # a read after a wake-up another reader took waits not
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -114,6 +123,7 @@ class Dataplane:
         serve = self._serve
         kick, wake = self._kick, self._wake
         buf = bytearray(4096)
+        idle_ms = int(self.idle_s * 1000)
         relax_guard()
         poller = select.poll()
         poller.register(wake, select.POLLIN)
@@ -127,7 +137,10 @@ class Dataplane:
                 if q.enable_notification():  # more arrived, or a batch left some
                     q.disable_notification()
                     continue
-                for fd, _ in poller.poll():
+                ready = poller.poll(idle_ms)
+                if not ready:
+                    self._look_again(q)
+                for fd, _ in ready:
                     if fd == wake:
                         drain_kick(wake, buf)
                     elif not drain_kick(kick, buf):
@@ -139,6 +152,22 @@ class Dataplane:
         except Exception as e:  # a bug must stop this device, not the process
             log.exception("%s crashed", threading.current_thread().name)
             self._fail(f"internal error: {e!r}")
+
+    def _look_again(self, q: Virtqueue) -> None:
+        """The ring was idle for ``idle_s``: serve what the driver posted without a
+        kick, and interrupt again if it seems to wait for one it missed. The ring
+        protocol rules both out, but only if the guest's memory barriers work (QEMU TCG
+        before 8.1 drops them with one vCPU: then a kick or an interrupt is lost now
+        and then, and the guest would wait for ever); this turns that into a pause."""
+        if q.has_available():  # (the loop serves it next)
+            self.unkicked += 1
+            glog.warning("%s: the driver posted requests without a kick; served after %.2f s",
+                      threading.current_thread().name, self.idle_s)
+        elif self._interrupt is not None and q.interrupt_unheeded():
+            self.reinterrupted += 1
+            glog.warning("%s: the driver has not taken used buffers for %.2f s: interrupting"
+                      " again", threading.current_thread().name, self.idle_s)
+            self._interrupt(q)
 
     def _kick_lost(self, why: str) -> None:
         glog.warning("%s: the kick fd %s; serving kicks that reach the loop only",

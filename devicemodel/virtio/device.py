@@ -103,6 +103,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import trio
@@ -410,6 +411,12 @@ class VirtioDevice(ABC):
         await trio.lowlevel.checkpoint_if_cancelled()
         return result
 
+    def _interrupt_again(self, s: _Session, q: Virtqueue) -> None:
+        """An interrupt for ``q`` whatever the ring's suppression says (a data plane's
+        ``_look_again``): the driver seems to have missed the last one."""
+        if self._session is s and not s.failed:
+            s.interrupt.notify_queue(q.index)
+
     def start_dataplane(self, q: Virtqueue, nursery: trio.Nursery,
                         serve: Callable[[Virtqueue], bool]) -> bool:
         """Serve ``q`` on its own thread (``dataplane.py``) if the transport hands over the
@@ -428,7 +435,8 @@ class VirtioDevice(ABC):
                 pass
 
         try:
-            s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail)
+            s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail,
+                                              partial(self._interrupt_again, s))
         except BaseException:  # e.g. out of file descriptors: the activation fails
             os.close(kick)
             raise

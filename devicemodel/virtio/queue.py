@@ -116,7 +116,7 @@ class Virtqueue:
         "mem", "index", "max_size", "size", "desc_addr", "avail_addr", "used_addr", "ready",
         "last_avail_idx", "used_idx", "event_idx", "indirect", "_signalled_used",
         "_desc", "_avail", "_avail16", "_used", "_used16", "_mask", "_used_event_off",
-        "_avail_event_off", "started",
+        "_avail_event_off", "started", "_nudged_at",
         "_lo_end", "_lo_view", "_lo_base", "_hi_start", "_hi_end", "_hi_view",
     )
 
@@ -137,6 +137,7 @@ class Virtqueue:
         self.indirect = False
         self.started = False
         self._signalled_used = 0
+        self._nudged_at = -1  # the used idx an interrupt was last re-sent for
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._avail16: memoryview | None = None  # the avail ring as u16s
@@ -208,7 +209,7 @@ class Virtqueue:
         self._avail_event_off = 4 + 8 * size
         self.event_idx = event_idx
         self.indirect = indirect
-        self._signalled_used = self.used_idx
+        self._signalled_used = self._nudged_at = self.used_idx
         self.started = True
 
     # -- driver → device ---------------------------------------------------------------
@@ -216,6 +217,25 @@ class Virtqueue:
     def avail_idx(self) -> int:
         assert self._avail is not None
         return _U16.unpack_from(self._avail, 2)[0]
+
+    def interrupt_unheeded(self) -> bool:
+        """Whether the driver seems to wait for an interrupt it did not get: with
+        EVENT_IDX, its used_event (where its handler stopped) is short of our used idx;
+        without, interrupts are not suppressed and used entries were added since this was
+        last asked. Asked by an idle data plane now and then: a guest whose memory
+        barriers are missing (QEMU TCG before 8.1 elides them with one vCPU) can miss
+        the interrupt the ring protocol promised it, and would wait forever. True at
+        most once per used idx."""
+        avail, used_idx = self._avail, self.used_idx
+        if avail is None or used_idx == self._nudged_at:
+            return False
+        if self.event_idx:
+            behind = _U16.unpack_from(avail, self._used_event_off)[0] != used_idx
+        else:
+            behind = not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        if behind:
+            self._nudged_at = used_idx
+        return behind
 
     def describe(self) -> str:
         """Both sides' ring indices in one line, for a stall report: whether the driver

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from devicemodel.memory import MiB
 from devicemodel.virtio.dataplane import Dataplane
+from devicemodel.virtio.mock import GuardedMemory, MockDriver
+from devicemodel.virtio.queue import Virtqueue
 
 SETTLE_S = 0.3
 #: A thread waiting as it should serves a handful of times in SETTLE_S; a spinning one
@@ -44,6 +47,12 @@ class _Ring:
 
     def disable_notification(self) -> None:
         pass
+
+    def has_available(self) -> bool:
+        return False
+
+    def interrupt_unheeded(self) -> bool:
+        return False
 
 
 def _eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -203,3 +212,71 @@ def test_drain_never_waits_even_if_the_front_end_cleared_o_nonblock():
         os.eventfd_write(fd, 1)  # frees a reader stuck in the old code
         t.join(2)
         os.close(fd)
+
+
+# --- a kick or an interrupt the guest lost ---------------------------------------------
+
+
+@contextmanager
+def _served_ring(monkeypatch: pytest.MonkeyPatch, event_idx: bool = True
+                 ) -> Iterator[tuple[MockDriver, Virtqueue, Dataplane, list[int], int]]:
+    """A real ring served by a data-plane thread that looks again after 50 ms idle; the
+    used idx at each interrupt it sends again; the kick eventfd (never written here)."""
+    monkeypatch.setattr(Dataplane, "idle_s", 0.05)
+    drv = MockDriver(GuardedMemory([(0, 8 * MiB)]), 0x10000, 8)
+    q = drv.queue()
+    q.start(event_idx=event_idx, indirect=False)
+    again: list[int] = []
+
+    def serve(q: Virtqueue) -> bool:
+        chain = q.pop()
+        if chain is None:
+            return False
+        q.add_used(chain.head, 0)
+        q.needs_notification()  # (the interrupt it may send is lost on the way)
+        return True
+
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    dp = Dataplane("test-lost", q, kick, serve, lambda _: None,
+                   lambda q: again.append(q.used_idx))
+    try:
+        yield drv, q, dp, again, kick
+    finally:
+        dp.stop()
+
+
+def test_requests_posted_without_a_kick_are_served_after_a_pause(monkeypatch):
+    """A guest whose barriers are missing reads a stale avail_event and does not kick."""
+    with _served_ring(monkeypatch) as (drv, q, dp, _, _):
+        time.sleep(0.1)  # the thread sleeps, no kick will come
+        drv.add_chain([], [16])
+        _eventually(lambda: drv.used_idx() == 1, "the unkicked request served")
+        assert dp.unkicked == 1
+
+
+def test_an_interrupt_the_driver_missed_is_sent_again_once(monkeypatch):
+    """The driver's used_event stays short of our used idx (it waits for an interrupt):
+    one more interrupt after the pause, not one every pause."""
+    with _served_ring(monkeypatch) as (drv, q, dp, again, kick):
+        drv.set_used_event(0)
+        drv.add_chain([], [16])
+        os.eventfd_write(kick, 1)
+        _eventually(lambda: again == [1], "the interrupt sent again")
+        time.sleep(0.3)  # six more pauses
+        assert again == [1] and dp.reinterrupted == 1
+        drv.set_used_event(1)  # the driver took it and asks for the next one
+        drv.add_chain([], [16])
+        os.eventfd_write(kick, 1)
+        _eventually(lambda: drv.used_idx() == 2, "the second request served")
+        time.sleep(0.3)
+        assert again == [1, 2]
+
+
+def test_a_driver_that_caught_up_gets_no_extra_interrupt(monkeypatch):
+    with _served_ring(monkeypatch) as (drv, q, dp, again, kick):
+        drv.set_used_event(1)  # it will have taken everything by the time we look
+        drv.add_chain([], [16])
+        os.eventfd_write(kick, 1)
+        _eventually(lambda: drv.used_idx() == 1, "the request served")
+        time.sleep(0.3)
+        assert again == [] and dp.reinterrupted == 0 and dp.unkicked == 0
