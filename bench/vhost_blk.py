@@ -337,7 +337,8 @@ def main() -> int:
             budget = BOOT_SECONDS + args.reps * len(tests) * 2 * (args.seconds + 3)
             run = follow_guest(proc, pids, budget)
             log, marks, results = run.log, run.marks, run.results
-            if run.failed("vhost_blk", ours.log()):
+            backend_log = ours.log()
+            if run.failed("vhost_blk", backend_log):
                 return 1
             missing = [(d, t, r) for r in range(args.reps) for t in tests for d in ("vda", "vdb")
                        if (d, t, r) not in results]
@@ -354,6 +355,9 @@ def main() -> int:
         vals = run.limits.get(dev, ["?"] * len(QUEUE_LIMITS))
         print(f"guest queue limits, {who}: " + ", ".join(
             f"{k} {v}" for k, v in zip(QUEUE_LIMITS, vals, strict=False)))
+    warned = [ln for ln in backend_log.splitlines() if "WARNING" in ln]
+    if warned:  # e.g. a kick or interrupt the guest lost, recovered after a pause
+        print("our back end warned:\n  " + "\n  ".join(warned[-10:]))
     return 0
 
 
