@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,10 +58,23 @@ def _get_features(path: str) -> int:
     return p.U64.unpack_from(reply, 12)[0]
 
 
-def test_sigterm_ends_cleanly_and_removes_the_socket(tmp_path: Path) -> None:
-    sock = tmp_path / "rnd.sock"
+@contextmanager
+def _rnd_backend(sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``acrn-pydm vhost-user virtio-rnd`` listening on ``sock``; killed if still running."""
     proc = start_listening(["vhost-user", "virtio-rnd", "--socket-path", str(sock)], sock)
     try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_sigterm_ends_cleanly_and_removes_the_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "rnd.sock"
+    with _rnd_backend(sock) as proc:
         # two front ends one after the other: the second finds the back end still serving
         for _ in range(2):
             assert _get_features(str(sock)) & p.F_PROTOCOL_FEATURES
@@ -68,12 +83,6 @@ def test_sigterm_ends_cleanly_and_removes_the_socket(tmp_path: Path) -> None:
         assert proc.wait(10) == 0
         assert time.monotonic() - t0 < 3
         assert not sock.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def test_inherited_fd(tmp_path: Path) -> None:
@@ -97,9 +106,8 @@ async def test_sigusr2_logs_the_rings_and_serving_goes_on(tmp_path: Path) -> Non
     ring with both sides' indices, and the back end keeps serving (SIGUSR2's default
     action would have killed it)."""
     sock = tmp_path / "rnd.sock"
-    proc = start_listening(["vhost-user", "virtio-rnd", "--socket-path", str(sock)], sock)
     mem = GuestMemory(128 * MiB)
-    try:
+    with _rnd_backend(sock) as proc:
         proc.send_signal(signal.SIGUSR2)  # no front end yet
         async with frontend(sock) as fe:
             await fe.negotiate(NO_EVENT_IDX)  # (the mock driver keeps used_event at 0)
@@ -123,10 +131,4 @@ async def test_sigusr2_logs_the_rings_and_serving_goes_on(tmp_path: Path) -> Non
                 " 1, avail_event 0; used idx 1 flags 0x0 (ours 1), used_event 0, last "
                 "interrupt check at 0; enabled 1, kick=yes call=yes") in err, err
         assert "virtio-rnd: signals not written: none" in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-        mem.close()
+    mem.close()
