@@ -162,11 +162,11 @@ class Dataplane:
         if q.has_available():  # (the loop serves it next)
             self.unkicked += 1
             glog.warning("%s: the driver posted requests without a kick; served after %.2f s",
-                      threading.current_thread().name, self.idle_s)
+                         threading.current_thread().name, self.idle_s)
         elif self._interrupt is not None and q.interrupt_unheeded():
             self.reinterrupted += 1
             glog.warning("%s: the driver has not taken used buffers for %.2f s: interrupting"
-                      " again", threading.current_thread().name, self.idle_s)
+                         " again", threading.current_thread().name, self.idle_s)
             self._interrupt(q)
 
     def _kick_lost(self, why: str) -> None:
