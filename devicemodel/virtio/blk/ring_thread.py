@@ -221,7 +221,7 @@ def _bulk(dev: ThreadDevice, image: DiskImage, lo: memoryview, b: Bulk,
     """Serve a big plain read or write in one system call on its ready iovecs; False:
     the general path must (another request type, out of range, or the call fell short:
     then that path redoes it, and retries or reports)."""
-    rtype, _, sector = HDR.unpack_from(lo, b.addrs[0])
+    rtype, _, sector = HDR.unpack_from(lo, b.hdr)
     offset, length = sector * SECTOR, b.length
     ss = image.sector_size
     if offset % ss or length % ss or offset + length > image.size:
@@ -236,10 +236,10 @@ def _bulk(dev: ThreadDevice, image: DiskImage, lo: memoryview, b: Bulk,
             return False
     except OSError as e:  # the fdatasync
         dev.io_error(e)
-        lo[b.addrs[-1]] = VIRTIO_BLK_S_IOERR
+        lo[b.status] = VIRTIO_BLK_S_IOERR
         used += (b.head, 1)
         return True
-    lo[b.addrs[-1]] = VIRTIO_BLK_S_OK
+    lo[b.status] = VIRTIO_BLK_S_OK
     used += (b.head, 1 if write else length + 1)
     return True
 
