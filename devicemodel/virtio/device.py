@@ -224,6 +224,8 @@ class _Session:
         self.kicks = [Kick() for _ in queues]
         self.failed = False
         self.dataplanes: dict[int, Dataplane] = {}  # queues served on their own thread
+        #: loop-served queues woken, interrupts sent again, by ``_look_after``
+        self.kicked_again = self.reinterrupted = 0
 
 
 T = TypeVar("T")
@@ -235,6 +237,8 @@ class VirtioDevice(ABC):
     device_type: ClassVar[int]
     pci_ids: ClassVar[PciIds]
     name: ClassVar[str] = "virtio"
+    #: how long a queue served on the loop may sit idle before ``_look_after`` looks at it
+    look_again_s = 0.25
     _io_thread: IoThread | None = None  # started by the first in_order() call
     _session: _Session | None = None  # the activation (a class default: close() may run
     # on a device whose __init__ failed half-way)
@@ -474,12 +478,39 @@ class VirtioDevice(ABC):
             q.stop()
         s.interrupt.needs_reset()
 
+    async def _look_after(self, s: _Session) -> None:
+        """The loop's ``Dataplane._look_again``: every ``look_again_s``, a queue served on
+        the loop whose buffers have waited untaken since the last look gets a kick (a
+        driver that read a stale avail_event did not send one; for buffers that wait for
+        host data, such as receive buffers, a harmless extra wake), and one whose driver
+        has not taken the used buffers of a whole period (``interrupt_unheeded``) gets
+        its interrupt again. A guest that lost either then pauses instead of hanging."""
+        avail_seen = [-1] * len(s.queues)
+        used_seen = [-1] * len(s.queues)
+        while True:
+            await trio.sleep(self.look_again_s)
+            for i, q in enumerate(s.queues):
+                if s.failed or i in s.dataplanes or not q.started:
+                    continue
+                if q.has_available() and q.last_avail_idx == avail_seen[i]:
+                    s.kicked_again += 1
+                    s.kicks[i].set()
+                avail_seen[i] = q.last_avail_idx
+                if q.used_idx == used_seen[i] and q.interrupt_unheeded():
+                    s.reinterrupted += 1
+                    self.glog.warning("%s: queue %d: the driver has not taken used buffers"
+                                      " for %.2f s: interrupting again", self.name, i,
+                                      self.look_again_s)
+                    s.interrupt.notify_queue(i)
+                used_seen[i] = q.used_idx
+
     async def _session_main(self, s: _Session) -> None:
         try:
             with s.scope:
                 try:
                     async with trio.open_nursery() as nursery:
                         self.start_workers(nursery)
+                        nursery.start_soon(self._look_after, s)
                 except* VirtqueueError as eg:
                     self._fail(s, str(eg.exceptions[0]))
                 except* Exception as eg:

@@ -220,22 +220,21 @@ class Virtqueue:
 
     def interrupt_unheeded(self) -> bool:
         """Whether the driver seems to wait for an interrupt it did not get: with
-        EVENT_IDX, its used_event (where its handler stopped) is short of our used idx;
-        without, interrupts are not suppressed and used entries were added since this was
-        last asked. Asked by an idle data plane now and then: a guest whose memory
+        EVENT_IDX, its used_event (where its handler stopped) is short of our used idx,
+        by at most a ring's worth (a driver that turned interrupts off leaves used_event
+        anywhere: Linux writes 0). Without EVENT_IDX the ring does not say how far the
+        driver got, so never. Asked of an idle queue now and then: a guest whose memory
         barriers are missing (QEMU TCG before 8.1 elides them with one vCPU) can miss
         the interrupt the ring protocol promised it, and would wait forever. True at
         most once per used idx."""
         avail, used_idx = self._avail, self.used_idx
-        if avail is None or used_idx == self._nudged_at:
+        if avail is None or not self.event_idx or used_idx == self._nudged_at:
             return False
-        if self.event_idx:
-            behind = _U16.unpack_from(avail, self._used_event_off)[0] != used_idx
-        else:
-            behind = not _U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
-        if behind:
+        short = (used_idx - _U16.unpack_from(avail, self._used_event_off)[0]) & 0xFFFF
+        if 0 < short <= self.size:
             self._nudged_at = used_idx
-        return behind
+            return True
+        return False
 
     def describe(self) -> str:
         """Both sides' ring indices in one line, for a stall report: whether the driver
