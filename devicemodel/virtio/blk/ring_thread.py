@@ -98,8 +98,7 @@ def _serve_plain(dev: ThreadDevice, q: Virtqueue, image: DiskImage, lo: memoryvi
     are in ``views`` and ``pend`` (head, status GPA, bytes written each); [start, end)
     is the queued disk range. A lone read (a random one) costs no list but its iovec."""
     unpack_hdr = HDR.unpack_from
-    preadv = os.preadv
-    fd, base, disk_size, ss = image.fd, image.base, image.size, image.sector_size
+    disk_size, ss = image.size, image.sector_size
     pv: memoryview | None = None
     ph = ps = pw = 0
     views: list[memoryview] | None = None
@@ -126,15 +125,7 @@ def _serve_plain(dev: ThreadDevice, q: Virtqueue, image: DiskImage, lo: memoryvi
                         _read_queued(dev, image, lo, views, pend, start, used)
                         views = None
                     elif pv is not None:
-                        try:
-                            n = preadv(fd, [pv], base + start)
-                        except OSError:
-                            n = -1
-                        if n == end - start:
-                            lo[ps] = VIRTIO_BLK_S_OK
-                            used += (ph, pw)
-                        else:  # again, the careful way
-                            _read_queued(dev, image, lo, [pv], [ph, ps, pw], start, used)
+                        _read_one(dev, image, lo, pv, ph, ps, pw, start, used)
                     pv, ph, ps, pw = lo[data : data + dlen], head, status, dlen + 1
                     start, end = offset, offset + dlen
                     continue
@@ -167,9 +158,24 @@ def _serve_plain(dev: ThreadDevice, q: Virtqueue, image: DiskImage, lo: memoryvi
                 end = -1
             used += (item.head, _request(dev, q, item))  # type: ignore[union-attr]
     finally:
-        if pv is not None:
-            _read_queued(dev, image, lo, views or [pv], pend if views else [ph, ps, pw], start,
-                         used)
+        if views is not None:
+            _read_queued(dev, image, lo, views, pend, start, used)
+        elif pv is not None:
+            _read_one(dev, image, lo, pv, ph, ps, pw, start, used)
+
+
+def _read_one(dev: ThreadDevice, image: DiskImage, lo: memoryview, view: memoryview,
+              head: int, status: int, written: int, start: int, used: list[int]) -> None:
+    """A lone queued read (a random one), with no lists of its own."""
+    try:
+        n = os.preadv(image.fd, [view], image.base + start)
+    except OSError:
+        n = -1
+    if n == len(view):
+        lo[status] = VIRTIO_BLK_S_OK
+        used += (head, written)
+    else:  # again, the careful way
+        _read_queued(dev, image, lo, [view], [head, status, written], start, used)
 
 
 def _read_queued(dev: ThreadDevice, image: DiskImage, lo: memoryview,
