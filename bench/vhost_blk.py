@@ -406,7 +406,7 @@ def report(results: dict[tuple[str, str, int], tuple[float, int]],
     print(f"vhost-user-blk in one QEMU TCG guest (-smp 1), {reps} interleaved repetitions, "
           "medians; ours = acrn-pydm, qsd = qemu-storage-daemon")
     print(f"{'test':40} {'ours':>10} {'qsd':>10} {'ratio':>6}   {'CPU µs/req ours':>15} "
-          f"{'qsd':>8}")
+          f"{'qsd':>8} {'ratio':>6}")
     for test in tests:
         med: dict[str, float] = {}
         cpu: dict[str, float] = {}
@@ -414,8 +414,10 @@ def report(results: dict[tuple[str, str, int], tuple[float, int]],
             med[dev], cpu[dev] = medians(results, marks, reps, dev, test)
         title, unit, req = names[test]
         ratio = med["vda"] / med["vdb"] if med["vdb"] else float("nan")
+        cpu_ratio = cpu["vda"] / cpu["vdb"] if cpu["vdb"] else float("nan")
         print(f"{title + ' (' + unit + ')':40} {med['vda']:10.0f} {med['vdb']:10.0f} "
-              f"{ratio:6.2f}   {cpu['vda']:15.1f} {cpu['vdb']:8.1f}  (per {req})")
+              f"{ratio:6.2f}   {cpu['vda']:15.1f} {cpu['vdb']:8.1f} {cpu_ratio:6.2f}"
+              f"  (per {req})")
 
 
 if __name__ == "__main__":
