@@ -343,9 +343,15 @@ class GuestRun:
 
 def qemu_command(kernel: Kernel, initrd: Path, devices: Sequence[str], mem_mb: int = 512,
                  append: str = "") -> list[str]:
-    """QEMU TCG with guest RAM in a shared memfd, so vhost-user back ends can map it."""
+    """QEMU TCG with guest RAM in a shared memfd, so vhost-user back ends can map it.
+
+    One vCPU, but room for a second (``maxcpus=2``): QEMU before 8.1 emits no host
+    barrier for the guest's memory barriers unless its machine may have more than one
+    vCPU (``tcg_cpu_init_cflags(cpu, max_cpus > 1)``), and a virtio driver whose
+    barriers are gone now and then misses an interrupt or a kick of a back end running on
+    another host CPU (ours or qemu-storage-daemon's): the guest then waits for ever."""
     return [
-        "qemu-system-x86_64", "-accel", "tcg", "-m", str(mem_mb), "-smp", "1",
+        "qemu-system-x86_64", "-accel", "tcg", "-m", str(mem_mb), "-smp", "1,maxcpus=2",
         "-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot",
         "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
         "-machine", "memory-backend=mem",
