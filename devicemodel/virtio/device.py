@@ -422,9 +422,12 @@ class VirtioDevice(ABC):
             s.interrupt.notify_queue(q.index)
 
     def start_dataplane(self, q: Virtqueue, nursery: trio.Nursery,
-                        serve: Callable[[Virtqueue], bool]) -> bool:
+                        serve: Callable[[Virtqueue], bool],
+                        lane: Callable[[Dataplane, Callable[[], None]], bool] | None = None,
+                        ) -> bool:
         """Serve ``q`` on its own thread (``dataplane.py``) if the transport hands over the
-        queue's kick eventfd; False: serve it from the loop as usual."""
+        queue's kick eventfd; False: serve it from the loop as usual. ``lane``, the
+        device's own loop (``Dataplane``'s), gets the queue's interrupt as a call."""
         s = self._session
         take = getattr(s.interrupt, "take_kick_fd", None) if s is not None else None
         kick = take(q.index) if take is not None else None
@@ -438,14 +441,30 @@ class VirtioDevice(ABC):
             except trio.RunFinishedError:
                 pass
 
+        own_loop = None
+        if lane is not None:
+            signal = self._queue_signal(s, q)
+            own_loop = partial(lane, signal=signal)  # type: ignore[call-arg]
         try:
             s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail,
-                                              partial(self._interrupt_again, s))
+                                              partial(self._interrupt_again, s), own_loop)
         except BaseException:  # e.g. out of file descriptors: the activation fails
             os.close(kick)
             raise
         nursery.start_soon(trio.sleep_forever)  # the activation lasts until reset
         return True
+
+    @staticmethod
+    def _queue_signal(s: _Session, q: Virtqueue) -> Callable[[], None]:
+        """``q``'s interrupt as one call, without the ring's suppression check (a hot path
+        that makes that check itself): the transport's fast one where it has one."""
+        fast = getattr(s.interrupt, "queue_signal", None)
+        send = fast(q.index) if fast is not None else partial(s.interrupt.notify_queue, q.index)
+
+        def signal() -> None:
+            if not s.failed:
+                send()
+        return signal
 
     def stop_dataplanes(self) -> None:
         """End the current activation's data-plane threads (before closing files)."""

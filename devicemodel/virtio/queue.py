@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
+from typing import NamedTuple
 
 from ..memory import GuestMemoryError, MemoryMap
 from .bulk import Bulk, bulk_of
@@ -56,7 +57,8 @@ _TABLE3 = struct.Struct("<" + "QIHH" * 3)  # an indirect table of three descript
 #: (head, header, data, data length, data device-writable, status), all checked in RAM.
 Triple = tuple[int, int, int, int, bool, int]
 
-_barrier_lock = threading.Lock()
+#: a locked instruction's worth of full memory barrier: acquire, then release (``mb()``)
+barrier_lock = threading.Lock()
 
 #: ``struct.Struct`` for a whole indirect table of n descriptors, by n (at most MAX_INDIRECT).
 _TABLES: dict[int, struct.Struct] = {}
@@ -78,8 +80,23 @@ _USED_RUNS: dict[int, struct.Struct] = {}
 
 def _full_barrier() -> None:
     """A full memory barrier (a locked read-modify-write on x86)."""
-    _barrier_lock.acquire()
-    _barrier_lock.release()
+    barrier_lock.acquire()
+    barrier_lock.release()
+
+
+class HotRing(NamedTuple):
+    """A started ring's views, for a data plane's inlined hot path (``blk/lane.py``),
+    which keeps ``last_avail_idx``, ``used_idx`` and ``signalled_used`` as the methods
+    do. Valid while the queue stays started (a data plane is stopped before that ends)."""
+
+    avail16: memoryview  #: the avail ring as u16s: flags, idx, ring[size], used_event
+    desc: memoryview  #: the descriptor table
+    low: memoryview  #: the RAM at GPA 0
+    low_end: int  #: its end: a buffer [a, a + n) is in it if a + n <= low_end
+    used: memoryview  #: the used ring
+    used16: memoryview  #: the used ring as u16s (one store each)
+    used_event: int  #: used_event's index in ``avail16``
+    avail_event: int  #: avail_event's index in ``used16``
 
 
 class VirtqueueError(Exception):
@@ -114,7 +131,7 @@ class Virtqueue:
 
     __slots__ = (
         "mem", "index", "max_size", "size", "desc_addr", "avail_addr", "used_addr", "ready",
-        "last_avail_idx", "used_idx", "event_idx", "indirect", "_signalled_used",
+        "last_avail_idx", "used_idx", "event_idx", "indirect", "signalled_used",
         "_desc", "_avail", "_avail16", "_used", "_used16", "_mask", "_used_event_off",
         "_avail_event_off", "started", "_nudged_at",
         "_lo_end", "_lo_view", "_lo_base", "_hi_start", "_hi_end", "_hi_view",
@@ -136,7 +153,7 @@ class Virtqueue:
         self.event_idx = False
         self.indirect = False
         self.started = False
-        self._signalled_used = 0
+        self.signalled_used = 0
         self._nudged_at = -1  # the used idx an interrupt was last re-sent for
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -209,8 +226,18 @@ class Virtqueue:
         self._avail_event_off = 4 + 8 * size
         self.event_idx = event_idx
         self.indirect = indirect
-        self._signalled_used = self._nudged_at = self.used_idx
+        self.signalled_used = self._nudged_at = self.used_idx
         self.started = True
+
+    def hot_ring(self) -> HotRing | None:
+        """The ring's views for an inlined hot path; None unless started with its
+        RAM at GPA 0 mapped (``HotRing``)."""
+        avail16, desc, low, used, used16 = (self._avail16, self._desc, self._lo_view,
+                                            self._used, self._used16)
+        if avail16 is None or desc is None or low is None or used is None or used16 is None:
+            return None
+        return HotRing(avail16, desc, low, self._lo_end, used, used16, 2 + self.size,
+                       self._avail_event_off >> 1)
 
     # -- driver → device ---------------------------------------------------------------
 
@@ -254,7 +281,7 @@ class Virtqueue:
                 f"avail idx {avail_idx} flags {flags:#x}, popped to {self.last_avail_idx}, "
                 f"avail_event {avail_event}; used idx {used_idx} flags {used_flags:#x} "
                 f"(ours {self.used_idx}), used_event {used_event}, last interrupt check at "
-                f"{self._signalled_used}")
+                f"{self.signalled_used}")
 
     def has_available(self) -> bool:
         """True if the driver has made buffers available that we have not popped."""
@@ -568,8 +595,8 @@ class Virtqueue:
         if self.event_idx:
             used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
             new = self.used_idx
-            old = self._signalled_used
-            self._signalled_used = new
+            old = self.signalled_used
+            self.signalled_used = new
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
