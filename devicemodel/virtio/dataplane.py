@@ -19,10 +19,14 @@ hangs up or fails. A regular file or device is never polled (it is always readab
 thread would spin). Either way the ring is then served on pokes only, as the loop's own
 kick watcher does with such an fd.
 
-Per wake-up the thread makes one poll and one read (an eventfd read takes the whole
-counter; a pipe that still holds bytes wakes the next poll at once), serves, re-arms
-kicks and sleeps: no empty second pass over the ring, no read that ends in EAGAIN.
-An idle ring is looked at every ``idle_s`` anyway (``_look_again``): a guest that
+The thread sleeps in an epoll. An eventfd kick (and the thread's own wake-up eventfd)
+is registered edge-triggered: every write wakes the thread once, so a wake-up costs one
+system call and the counter is never read. Any other kick is level-triggered and drained
+with one read per wake-up (a pipe that still holds bytes wakes the next poll at once).
+Then the thread serves, re-arms kicks and sleeps: no empty second pass over the ring.
+A device may run its own loop instead (``Lane``: virtio-blk's serves a lone request in
+one frame, ``blk/lane.py``) on an eventfd kick.
+An idle ring is looked at every ``idle_s`` anyway (``look_again``): a guest that
 lost a kick or an interrupt pauses instead of hanging.
 Its interrupts go through ``peerfd.relax_guard`` (the guard timer is not disarmed after
 every signal, ≈3 µs a request): everything the thread blocks in restarts on EINTR.

@@ -417,7 +417,7 @@ class VirtioDevice(ABC):
 
     def _interrupt_again(self, s: _Session, q: Virtqueue) -> None:
         """An interrupt for ``q`` whatever the ring's suppression says (a data plane's
-        ``_look_again``): the driver seems to have missed the last one."""
+        ``look_again``): the driver seems to have missed the last one."""
         if self._session is s and not s.failed:
             s.interrupt.notify_queue(q.index)
 
@@ -498,7 +498,7 @@ class VirtioDevice(ABC):
         s.interrupt.needs_reset()
 
     async def _look_after(self, s: _Session) -> None:
-        """The loop's ``Dataplane._look_again``: every ``look_again_s``, a queue served on
+        """The loop's ``Dataplane.look_again``: every ``look_again_s``, a queue served on
         the loop whose buffers have waited untaken since the last look gets a kick (a
         driver that read a stale avail_event did not send one; for buffers that wait for
         host data, such as receive buffers, a harmless extra wake), and one whose driver
