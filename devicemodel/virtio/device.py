@@ -78,7 +78,7 @@ Building devices: ``devicemodel.registry.create_virtio(emul, options, slot, func
 The ``-s`` names and their modules are in ``devicemodel.registry``.
 
 Transport checklist: create ``Virtqueue(memory, i, dev.queue_max_size(i))`` per queue;
-legacy PFN writes go through ``queue.legacy_ring_layout``; on DRIVER_OK call
+legacy PFN writes go through ``pci/legacy.legacy_ring_layout``; on DRIVER_OK call
 ``activate``; on status 0 call ``dev.reset()`` then ``q.reset()`` for every queue; on
 ``needs_reset`` set 0x40 and raise the config interrupt.
 

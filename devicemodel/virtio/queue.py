@@ -27,11 +27,11 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
-from typing import NamedTuple
 
 from ..memory import GuestMemoryError, MemoryMap
 from .bulk import Bulk, bulk_of
 from .chain import DescriptorChain
+from .hot_ring import HotRing
 
 # Descriptor flags (§2.7.5)
 VIRTQ_DESC_F_NEXT = 1
@@ -84,39 +84,12 @@ def _full_barrier() -> None:
     barrier_lock.release()
 
 
-class HotRing(NamedTuple):
-    """A started ring's views, for a data plane's inlined hot path (``blk/lane.py``),
-    which keeps ``last_avail_idx``, ``used_idx`` and ``signalled_used`` as the methods
-    do. Valid while the queue stays started (a data plane is stopped before that ends)."""
-
-    avail16: memoryview  #: the avail ring as u16s: flags, idx, ring[size], used_event
-    desc: memoryview  #: the descriptor table
-    low: memoryview  #: the RAM at GPA 0
-    low_end: int  #: its end: a buffer [a, a + n) is in it if a + n <= low_end
-    used: memoryview  #: the used ring
-    used16: memoryview  #: the used ring as u16s (one store each)
-    used_event: int  #: used_event's index in ``avail16``
-    avail_event: int  #: avail_event's index in ``used16``
-
-
 class VirtqueueError(Exception):
     """The driver broke the virtqueue (or device request) protocol.
 
     Raised for malformed rings, descriptors and requests; the device that sees it stops
     and signals DEVICE_NEEDS_RESET. Never raised for host-side I/O errors.
     """
-
-
-def legacy_ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, int, int]:
-    """Ring addresses of a legacy (virtio 0.9.5) queue at ``base`` = PFN << 12.
-
-    The legacy layout is contiguous: descriptors, then the avail ring, then the used ring
-    at the next ``align`` boundary.
-    """
-    desc = base
-    avail = desc + 16 * size
-    used = (avail + 6 + 2 * size + align - 1) & ~(align - 1)
-    return desc, avail, used
 
 
 class Virtqueue:
