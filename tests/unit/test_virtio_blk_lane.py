@@ -255,3 +255,42 @@ def test_a_request_the_driver_posts_without_buffers_in_ram(
     finally:
         dev.close()
     assert mem.snapshot() == before
+
+
+@pytest.mark.parametrize("count", [2, 40])
+def test_requests_that_come_while_one_is_served_share_its_interrupt(
+        disk: Path, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """A guest with several threads posts its next read while the previous one is being
+    read: the lane serves it before interrupting, so one interrupt covers both (at most
+    a batch of 16 per interrupt), and the last one is never left without one."""
+    img = disk / "x.img"
+    shutil.copyfile(disk / "disk.img", img)
+    dev = VirtioBlk(parse_blk_options(f"{img},writeback"))
+    dev.features = dev.device_features
+    drv = MockDriver(GuardedMemory([(0, 8 * MiB)], spans=True), 0x10000, 64)
+    q = drv.queue()
+    q.start(event_idx=True, indirect=True)
+    left = [Req(T_IN, 8 * i, [4096]) for i in range(count)]
+    interrupts: list[int] = []
+    real = os.preadv
+
+    def post_next() -> bool:
+        if not left:
+            return False
+        drv.set_used_event(q.used_idx)  # the driver wants to hear of every completion
+        _post(drv, left.pop(0))
+        return True
+
+    def reading(fd: int, views: list[memoryview], offset: int, *a: int) -> int:
+        post_next()  # another guest thread, meanwhile
+        return real(fd, views, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", reading)
+    try:
+        post_next()
+        host = _Host(q, lambda: False)
+        assert run_lane(host, dev, lambda: interrupts.append(q.used_idx))  # type: ignore[arg-type]
+    finally:
+        dev.close()
+    assert [n for _, n in drv.get_used()] == [4097] * count
+    assert interrupts == ([2] if count == 2 else [16, 32, 40])
