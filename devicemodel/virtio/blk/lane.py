@@ -14,12 +14,13 @@ or type, a read that fell short) goes to ``serve_blocking`` untouched: that path
 it from the ring as before, and reports what is malformed.
 
 Ring protocol as in ``queue.py`` (EVENT_IDX only; without it the general loop runs):
-the used element, then used.idx (one store), and avail_event = last_avail_idx; one
-barrier orders both stores before the loads of avail.idx and used_event. If another
-request came meanwhile (several threads in the guest), it is served before the
-interrupt, so one interrupt covers both, up to ``BATCH`` requests, as a batch does:
-interrupts cost a guest more than our request does. Else the driver gets its interrupt
-if its used_event asks for one, and the thread sleeps.
+the used element, then used.idx (one store), a barrier, then avail.idx and used_event.
+If another request came meanwhile (several threads in the guest), it is served before
+the interrupt, so one interrupt covers both, up to ``BATCH`` requests, as a batch does,
+and kicks stay off while the thread is busy: in a guest, interrupts and kicks cost more
+than our request does. Else the driver gets its interrupt if its used_event asks for
+one, and before sleeping the thread asks for kicks again (avail_event =
+last_avail_idx, a barrier, a last look at avail.idx).
 """
 
 from __future__ import annotations
@@ -90,7 +91,6 @@ def run_lane(dp: Dataplane, dev: ThreadDevice, signal: Callable[[], None]) -> bo
                 pack_elem(used, 4 + 8 * (u & mask), head, written)
                 q.used_idx = u = (u + 1) & 0xFFFF
                 used16[1] = u
-                used16[avail_event] = last
                 acquire()
                 release()
                 old = q.signalled_used
@@ -99,6 +99,9 @@ def run_lane(dp: Dataplane, dev: ThreadDevice, signal: Callable[[], None]) -> bo
                 q.signalled_used = u
                 if ((u - avail16[used_event] - 1) & 0xFFFF) < ((u - old) & 0xFFFF):
                     signal()
+                used16[avail_event] = last  # kicks wanted again, then a last look
+                acquire()
+                release()
                 if avail16[1] == last and not poll(idle_s):
                     dp.look_again(q)
                 continue
