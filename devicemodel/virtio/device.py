@@ -444,7 +444,9 @@ class VirtioDevice(ABC):
         own_loop = None
         if lane is not None:
             signal = self._queue_signal(s, q)
-            own_loop = partial(lane, signal=signal)  # type: ignore[call-arg]
+
+            def own_loop(dp: Dataplane) -> bool:
+                return lane(dp, signal)
         try:
             s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail,
                                               partial(self._interrupt_again, s), own_loop)
