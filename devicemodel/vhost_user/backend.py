@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -106,6 +107,22 @@ class VhostInterrupt:
         sent = self._backend.rings[index].signal("call_fd")
         if sent is not None and sent is not peerfd.Sent.SENT:
             self._backend.signal_dropped(index, "call", sent)
+
+    def queue_signal(self, index: int) -> Callable[[], None]:
+        """``notify_queue(index)`` in fewer steps, for a data-plane thread's hot path."""
+        ring = self._backend.rings[index]
+        lock, dropped, signal_fd, sent_ok = (ring.fd_lock, self._backend.signal_dropped,
+                                             peerfd.signal_fd, peerfd.Sent.SENT)
+
+        def signal() -> None:
+            with lock:
+                fd = ring.call_fd
+                if fd is None:
+                    return
+                sent = signal_fd(fd)
+            if sent is not sent_ok:
+                dropped(index, "call", sent)
+        return signal
 
     def take_kick_fd(self, index: int) -> int | None:
         """Hand the device a duplicate of ring ``index``'s kick eventfd for a data-plane

@@ -78,7 +78,7 @@ Building devices: ``devicemodel.registry.create_virtio(emul, options, slot, func
 The ``-s`` names and their modules are in ``devicemodel.registry``.
 
 Transport checklist: create ``Virtqueue(memory, i, dev.queue_max_size(i))`` per queue;
-legacy PFN writes go through ``queue.legacy_ring_layout``; on DRIVER_OK call
+legacy PFN writes go through ``pci/legacy.legacy_ring_layout``; on DRIVER_OK call
 ``activate``; on status 0 call ``dev.reset()`` then ``q.reset()`` for every queue; on
 ``needs_reset`` set 0x40 and raise the config interrupt.
 
@@ -417,14 +417,17 @@ class VirtioDevice(ABC):
 
     def _interrupt_again(self, s: _Session, q: Virtqueue) -> None:
         """An interrupt for ``q`` whatever the ring's suppression says (a data plane's
-        ``_look_again``): the driver seems to have missed the last one."""
+        ``look_again``): the driver seems to have missed the last one."""
         if self._session is s and not s.failed:
             s.interrupt.notify_queue(q.index)
 
     def start_dataplane(self, q: Virtqueue, nursery: trio.Nursery,
-                        serve: Callable[[Virtqueue], bool]) -> bool:
+                        serve: Callable[[Virtqueue], bool],
+                        lane: Callable[[Dataplane, Callable[[], None]], bool] | None = None,
+                        ) -> bool:
         """Serve ``q`` on its own thread (``dataplane.py``) if the transport hands over the
-        queue's kick eventfd; False: serve it from the loop as usual."""
+        queue's kick eventfd; False: serve it from the loop as usual. ``lane``, the
+        device's own loop (``Dataplane``'s), gets the queue's interrupt as a call."""
         s = self._session
         take = getattr(s.interrupt, "take_kick_fd", None) if s is not None else None
         kick = take(q.index) if take is not None else None
@@ -438,14 +441,32 @@ class VirtioDevice(ABC):
             except trio.RunFinishedError:
                 pass
 
+        own_loop = None
+        if lane is not None:
+            signal = self._queue_signal(s, q)
+
+            def own_loop(dp: Dataplane) -> bool:
+                return lane(dp, signal)
         try:
             s.dataplanes[q.index] = Dataplane(f"{self.name}-q{q.index}", q, kick, serve, fail,
-                                              partial(self._interrupt_again, s))
+                                              partial(self._interrupt_again, s), own_loop)
         except BaseException:  # e.g. out of file descriptors: the activation fails
             os.close(kick)
             raise
         nursery.start_soon(trio.sleep_forever)  # the activation lasts until reset
         return True
+
+    @staticmethod
+    def _queue_signal(s: _Session, q: Virtqueue) -> Callable[[], None]:
+        """``q``'s interrupt as one call, without the ring's suppression check (a hot path
+        that makes that check itself): the transport's fast one where it has one."""
+        fast = getattr(s.interrupt, "queue_signal", None)
+        send = fast(q.index) if fast is not None else partial(s.interrupt.notify_queue, q.index)
+
+        def signal() -> None:
+            if not s.failed:
+                send()
+        return signal
 
     def stop_dataplanes(self) -> None:
         """End the current activation's data-plane threads (before closing files)."""
@@ -479,7 +500,7 @@ class VirtioDevice(ABC):
         s.interrupt.needs_reset()
 
     async def _look_after(self, s: _Session) -> None:
-        """The loop's ``Dataplane._look_again``: every ``look_again_s``, a queue served on
+        """The loop's ``Dataplane.look_again``: every ``look_again_s``, a queue served on
         the loop whose buffers have waited untaken since the last look gets a kick (a
         driver that read a stale avail_event did not send one; for buffers that wait for
         host data, such as receive buffers, a harmless extra wake), and one whose driver

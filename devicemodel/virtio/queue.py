@@ -31,6 +31,7 @@ import threading
 from ..memory import GuestMemoryError, MemoryMap
 from .bulk import Bulk, bulk_of
 from .chain import DescriptorChain
+from .hot_ring import HotRing
 
 # Descriptor flags (§2.7.5)
 VIRTQ_DESC_F_NEXT = 1
@@ -56,7 +57,8 @@ _TABLE3 = struct.Struct("<" + "QIHH" * 3)  # an indirect table of three descript
 #: (head, header, data, data length, data device-writable, status), all checked in RAM.
 Triple = tuple[int, int, int, int, bool, int]
 
-_barrier_lock = threading.Lock()
+#: a locked instruction's worth of full memory barrier: acquire, then release (``mb()``)
+barrier_lock = threading.Lock()
 
 #: ``struct.Struct`` for a whole indirect table of n descriptors, by n (at most MAX_INDIRECT).
 _TABLES: dict[int, struct.Struct] = {}
@@ -78,8 +80,8 @@ _USED_RUNS: dict[int, struct.Struct] = {}
 
 def _full_barrier() -> None:
     """A full memory barrier (a locked read-modify-write on x86)."""
-    _barrier_lock.acquire()
-    _barrier_lock.release()
+    barrier_lock.acquire()
+    barrier_lock.release()
 
 
 class VirtqueueError(Exception):
@@ -88,18 +90,6 @@ class VirtqueueError(Exception):
     Raised for malformed rings, descriptors and requests; the device that sees it stops
     and signals DEVICE_NEEDS_RESET. Never raised for host-side I/O errors.
     """
-
-
-def legacy_ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, int, int]:
-    """Ring addresses of a legacy (virtio 0.9.5) queue at ``base`` = PFN << 12.
-
-    The legacy layout is contiguous: descriptors, then the avail ring, then the used ring
-    at the next ``align`` boundary.
-    """
-    desc = base
-    avail = desc + 16 * size
-    used = (avail + 6 + 2 * size + align - 1) & ~(align - 1)
-    return desc, avail, used
 
 
 class Virtqueue:
@@ -114,7 +104,7 @@ class Virtqueue:
 
     __slots__ = (
         "mem", "index", "max_size", "size", "desc_addr", "avail_addr", "used_addr", "ready",
-        "last_avail_idx", "used_idx", "event_idx", "indirect", "_signalled_used",
+        "last_avail_idx", "used_idx", "event_idx", "indirect", "signalled_used",
         "_desc", "_avail", "_avail16", "_used", "_used16", "_mask", "_used_event_off",
         "_avail_event_off", "started", "_nudged_at",
         "_lo_end", "_lo_view", "_lo_base", "_hi_start", "_hi_end", "_hi_view",
@@ -136,7 +126,7 @@ class Virtqueue:
         self.event_idx = False
         self.indirect = False
         self.started = False
-        self._signalled_used = 0
+        self.signalled_used = 0
         self._nudged_at = -1  # the used idx an interrupt was last re-sent for
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -209,8 +199,18 @@ class Virtqueue:
         self._avail_event_off = 4 + 8 * size
         self.event_idx = event_idx
         self.indirect = indirect
-        self._signalled_used = self._nudged_at = self.used_idx
+        self.signalled_used = self._nudged_at = self.used_idx
         self.started = True
+
+    def hot_ring(self) -> HotRing | None:
+        """The ring's views for an inlined hot path; None unless started with its
+        RAM at GPA 0 mapped (``HotRing``)."""
+        avail16, desc, low, used, used16 = (self._avail16, self._desc, self._lo_view,
+                                            self._used, self._used16)
+        if avail16 is None or desc is None or low is None or used is None or used16 is None:
+            return None
+        return HotRing(avail16, desc, low, self._lo_end, used, used16, 2 + self.size,
+                       self._avail_event_off >> 1)
 
     # -- driver → device ---------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class Virtqueue:
                 f"avail idx {avail_idx} flags {flags:#x}, popped to {self.last_avail_idx}, "
                 f"avail_event {avail_event}; used idx {used_idx} flags {used_flags:#x} "
                 f"(ours {self.used_idx}), used_event {used_event}, last interrupt check at "
-                f"{self._signalled_used}")
+                f"{self.signalled_used}")
 
     def has_available(self) -> bool:
         """True if the driver has made buffers available that we have not popped."""
@@ -568,8 +568,8 @@ class Virtqueue:
         if self.event_idx:
             used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
             new = self.used_idx
-            old = self._signalled_used
-            self._signalled_used = new
+            old = self.signalled_used
+            self.signalled_used = new
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not _U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 

@@ -213,7 +213,8 @@ def test_raw_rings_vs_every_device(hostile_image, seed):
 @given(seed=st.integers(0, 2**64 - 1))
 def test_raw_rings_vs_blk_on_a_data_plane(hostile_image, seed):
     """The same raw rings against virtio-blk's data-plane path (vhost-user: a thread
-    serving the ring with blocking I/O), every request type."""
+    serving the ring with blocking I/O), every request type, batch by batch or in the
+    thread's own loop (often with one request available: the lone request's path)."""
     count("rings_raw.blk_dataplane")
     data = _expand(seed >> 1)
     rtype = (0, 1, 4, 8, 11, 13, 99)[data[0] % 7]
@@ -225,9 +226,13 @@ def test_raw_rings_vs_blk_on_a_data_plane(hostile_image, seed):
         data = _blk_shaped(data, rnd, rtype != 0)
     r = _as_ring(data)
     r["payload"] = struct.pack("<IIQ", rtype, 0, sector)
+    lane = bool(seed & 2)  # the thread's own loop, which serves a lone request itself
+    if lane:
+        r["event_idx"] = r["indirect"] = True
+        r["avail_idx"] = 1 if seed & 4 else r["avail_idx"]
     dev = VirtioBlk(parse_blk_options(hostile_image + ",discard"))
     try:
-        h.check_data_plane(dev, r)
+        h.check_data_plane(dev, r, lane)
     finally:
         dev.close()
 
@@ -309,3 +314,33 @@ def test_the_blk_shapes_are_checked_as_the_walker_checks_them(n, ring, flags, ch
     ring = (16 * n + ring, flags)
     data = _one_table(ring, [tuple(e) for e in entries])  # type: ignore[misc]
     assert _pops(data, batch=True, triples=True) == _pops(data, batch=False)
+
+
+@fuzz_settings(300)
+@given(ring=st.sampled_from([0, 0, 0, 16, -1]), flags=st.sampled_from([4, 4, 4, 0, 5, 6]),
+       changes=st.just([]) | st.lists(_CHANGE, min_size=1, max_size=2), write=st.booleans(),
+       rtype=st.sampled_from([0, 1, 0, 1, 4, 8, 99]),
+       sector=st.integers(0, 2047) | st.sampled_from([2040, 2047, 2048, 2**63, 2**64 - 1]))
+def test_a_lone_request_is_served_by_the_lane_as_by_the_general_path(
+        hostile_image, ring, flags, changes, write, rtype, sector):
+    """One request available, a field or two away from Linux's plain read or write:
+    the data-plane thread's own loop (``blk/lane.py``) serves it, or hands it on, so
+    that guest RAM ends as the general path leaves it (used ring, status, data), and
+    fails the device exactly when that path does."""
+    count("rings_raw.lane")
+    entries = _valid(3)
+    if write:
+        entries[1][2] = 1  # the data buffer device-readable
+    for j, f, v in changes:
+        entries[j][f] = v
+    r = _as_ring(_one_table((48 + ring, flags), [tuple(e) for e in entries]))  # type: ignore[misc]
+    r["event_idx"] = True
+    r["payload"] = struct.pack("<IIQ", rtype, 0, sector)
+    ends = []
+    for lane in (True, False):
+        dev = VirtioBlk(parse_blk_options(hostile_image + ",discard"))
+        try:
+            ends.append(h.check_data_plane(dev, r, lane))
+        finally:
+            dev.close()
+    assert ends[0] == ends[1]

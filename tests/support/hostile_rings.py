@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from devicemodel.memory import MiB
 from devicemodel.virtio.blk import VirtioBlk, parse_blk_options
+from devicemodel.virtio.blk.lane import run_lane
 from devicemodel.virtio.console import VirtioConsole, parse_console_options
 from devicemodel.virtio.device import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
 from devicemodel.virtio.mock import FakeTap, GuardedMemory, RecordingInterrupt
@@ -178,10 +179,13 @@ def against_blk(checker, image: str, r: dict, rtype: int) -> None:  # noqa: ANN0
         dev.close()
 
 
-def check_data_plane(dev: VirtioBlk, r: dict) -> None:
+def check_data_plane(dev: VirtioBlk, r: dict, lane: bool = False) -> tuple[bool, list[bytes]]:
     """``check`` for blk's data-plane path (vhost-user: a thread serves the ring with
-    blocking I/O), called here on the test's thread batch by batch: only VirtqueueError
-    may come of it, and guest RAM changes only inside device-writable buffers."""
+    blocking I/O), called here on the test's thread batch by batch (``lane``: by the
+    thread's own loop, ``blk/lane.py``, stopped where it would first sleep): only
+    VirtqueueError may come of it, and guest RAM changes only inside device-writable
+    buffers. Returns whether it came, and guest RAM as the device left it (the
+    avail_event field zeroed: the lane writes it where it would sleep)."""
     allowed = lay_out(r)
     before = MEM.snapshot()
     dev.features = dev.device_features & ~(
@@ -190,16 +194,37 @@ def check_data_plane(dev: VirtioBlk, r: dict) -> None:
     q = make_queue(r, 0, dev.queue_max_size(0))
     try:
         q.start(event_idx=r["event_idx"], indirect=r["indirect"])
-        for _ in range(SIZE + 2):
-            if not dev.serve_blocking(q):
-                break
+        if not (lane and run_lane(_StopAtSleep(q), dev, lambda: None)):  # type: ignore[arg-type]
+            for _ in range(SIZE + 2):
+                if not dev.serve_blocking(q):
+                    break
+        failed = False
     except VirtqueueError:
-        pass  # the device would be marked NEEDS_RESET
+        failed = True  # the device would be marked NEEDS_RESET
     finally:
         q.stop()
     aliased = any(a < RING_AREA[1] and RING_AREA[0] < a + n for a, n in allowed[1:])
     if not aliased:
         assert changed_outside(before, allowed) == []
+    MEM.write_u16(USED + 4 + 8 * SIZE, 0)
+    return failed, MEM.snapshot()
+
+
+class _StopAtSleep:
+    """A ``Dataplane`` stand-in for ``run_lane``: its first sleep ends the loop."""
+
+    idle_s = 0.0
+
+    def __init__(self, q: Virtqueue) -> None:
+        self.q = q
+        self.stopping = False
+
+    def poll(self, _timeout: float) -> list[tuple[int, int]]:
+        self.stopping = True
+        return []
+
+    def look_again(self, _q: Virtqueue) -> None:
+        pass
 
 
 def image(tmp_path_factory) -> str:  # noqa: ANN001 - pytest's TempPathFactory

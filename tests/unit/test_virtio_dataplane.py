@@ -192,6 +192,49 @@ def test_an_eventfd_kick_is_served_each_time() -> None:
         os.close(peer)
 
 
+@pytest.mark.parametrize("kind", ["eventfd", "pipe"])
+def test_a_device_loop_runs_on_an_eventfd_kick_only(kind: str) -> None:
+    """A device's own loop (``lane``) sleeps edge-triggered, never reading the kick: so
+    it gets an eventfd kick only; a pipe's bytes would wake it for ever. It is woken once
+    per kick and poke, and ends at stop."""
+    if kind == "eventfd":
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        peer = os.dup(kick)
+    else:
+        kick, peer = os.pipe()
+    ring = _Ring()
+    wakes: list[int] = []
+
+    def lane(dp: Dataplane) -> bool:
+        while not dp.stopping:
+            assert dp.poll is not None
+            if dp.poll(5.0):
+                wakes.append(1)
+        return True
+
+    dp = Dataplane("test-lane", ring, kick, ring.serve, lambda _: None,  # type: ignore[arg-type]
+                   lane=lane)
+    try:
+        if kind == "eventfd":
+            for n in range(1, 4):
+                os.eventfd_write(peer, 1)
+                _eventually(lambda n=n: len(wakes) == n, f"wake-up {n}")
+            dp.poke()
+            _eventually(lambda: len(wakes) == 4, "the poke")
+            time.sleep(0.05)
+            assert len(wakes) == 4 and ring.serves == 0
+        else:
+            _eventually(lambda: ring.serves >= 1, "the general loop")
+            os.write(peer, b"\1" * 8)
+            _eventually(lambda: ring.serves >= 2, "the kick served")
+            assert wakes == []
+    finally:
+        t0 = time.monotonic()
+        dp.stop()
+        assert time.monotonic() - t0 < 2
+        os.close(peer)
+
+
 def test_drain_never_waits_even_if_the_front_end_cleared_o_nonblock():
     """The front end shares the kick fd's open file description: it can clear O_NONBLOCK
     and read its own kick before our thread does. The drain must still come back

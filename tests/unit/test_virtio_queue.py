@@ -6,6 +6,7 @@ import pytest
 
 from devicemodel.memory import MiB
 from devicemodel.virtio.mock import GuardedMemory, MockDriver
+from devicemodel.virtio.pci.legacy import legacy_ring_layout
 from devicemodel.virtio.queue import (
     MAX_INDIRECT,
     VIRTQ_DESC_F_INDIRECT,
@@ -13,7 +14,6 @@ from devicemodel.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     Virtqueue,
     VirtqueueError,
-    legacy_ring_layout,
 )
 
 HIGH = 0x1_0000_0000

@@ -13,9 +13,11 @@ fsync, and writeback is used only if asked for (``writeback``) and the driver ca
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import trio
 
+from ..dataplane import Dataplane
 from ..device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -26,6 +28,7 @@ from ..device import (
 )
 from ..queue import Virtqueue
 from .io import SECTOR, BlockIo, DirectIo, DiskImage, NowaitIo, ThreadIo
+from .lane import run_lane
 from .options import BlkOptions, disk_ident, parse_blk_options
 from .request import (
     VIRTIO_BLK_F_BLK_SIZE,
@@ -158,12 +161,17 @@ class VirtioBlk(VirtioDevice):
 
     def start_workers(self, nursery: trio.Nursery) -> None:
         for q in self.queues:
-            if q.ready and not self.start_dataplane(q, nursery, self.serve_blocking):
+            if q.ready and not self.start_dataplane(q, nursery, self.serve_blocking, self.lane):
                 nursery.start_soon(self._loop.serve, q, nursery)
 
     def serve_blocking(self, q: Virtqueue) -> bool:
         """One batch of ``q`` on the calling (data-plane) thread; False if it was empty."""
         return serve_blocking(self, q)
+
+    def lane(self, dp: Dataplane, signal: Callable[[], None]) -> bool:
+        """The data-plane thread's loop for ``dp.q`` (``lane.py``); False if it does
+        not apply (then the general loop serves the queue)."""
+        return run_lane(dp, self, signal)
 
     async def execute(self, req: Request, io: BlockIo | None) -> tuple[int, int]:
         """A request's status and the bytes written to the driver (the general path);

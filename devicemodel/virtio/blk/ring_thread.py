@@ -135,7 +135,8 @@ def _serve_plain(dev: ThreadDevice, q: Virtqueue, image: DiskImage, lo: memoryvi
                                      [ph, ps, pw], start, used)
                         pv = views = None
                         end = -1
-                    used += (head, _write(dev, image, lo[data : data + dlen], offset, status, lo))
+                    used += (head, write_plain(dev, image, lo[data : data + dlen], offset,
+                                               status, lo))
                     continue
                 item = q.chain_of(item)  # noqa: PLW2901
             elif type(item) is Bulk:
@@ -210,7 +211,7 @@ def _read_queued(dev: ThreadDevice, image: DiskImage, lo: memoryview,
         used += (pend[i], pend[i + 2])
 
 
-def _write(dev: ThreadDevice, image: DiskImage, view: memoryview, offset: int, status: int,
+def write_plain(dev: ThreadDevice, image: DiskImage, view: memoryview, offset: int, status: int,
            lo: memoryview) -> int:
     """A plain write; the bytes written to the driver (the status byte)."""
     try:

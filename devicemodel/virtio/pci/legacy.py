@@ -9,7 +9,6 @@ queue's maximum.
 from __future__ import annotations
 
 from ..device import STATUS_DRIVER_OK
-from ..queue import legacy_ring_layout
 from .core import VirtioFunction
 from .layout import (
     L_GUEST_FEATURES,
@@ -31,6 +30,17 @@ from .layout import (
     ONES,
 )
 
+
+def legacy_ring_layout(base: int, size: int, align: int = 4096) -> tuple[int, int, int]:
+    """Ring addresses of a legacy (virtio 0.9.5) queue at ``base`` = PFN << 12.
+
+    The legacy layout is contiguous: descriptors, then the avail ring, then the used ring
+    at the next ``align`` boundary.
+    """
+    desc = base
+    avail = desc + 16 * size
+    used = (avail + 6 + 2 * size + align - 1) & ~(align - 1)
+    return desc, avail, used
 
 class LegacyRegisters:
     """BAR0's handler: the legacy view of a function's transport state."""
