@@ -90,20 +90,28 @@ class Outcome:
     image: bytes = b""
 
 
+def _device(tmp: Path, image: str, *, ro: bool = False, size: int = 16
+            ) -> tuple[VirtioBlk, MockDriver, Virtqueue]:
+    """A blk device on a copy of the test disk, with Linux's ring features, and the
+    driver of its started queue (in guarded RAM at GPA 0)."""
+    img = tmp / image
+    shutil.copyfile(tmp / "disk.img", img)
+    dev = VirtioBlk(parse_blk_options(f"{img},{'ro' if ro else 'writeback'}"))
+    dev.features = dev.device_features
+    drv = MockDriver(GuardedMemory([(0, 8 * MiB)], spans=True), 0x10000, size)
+    q = drv.queue()
+    q.start(event_idx=True, indirect=True)
+    return dev, drv, q
+
+
 def _serve(tmp: Path, reqs: list[Req], *, lane: bool, used_event_ahead: int = 0,
            monkeypatch: pytest.MonkeyPatch | None = None, ro: bool = False) -> Outcome:
     """Post ``reqs`` one at a time (the next once the previous one is used) to a blk
     device served by the lane or by the general path; what the driver saw."""
-    img = tmp / "served.img"  # one path for both: GET_ID answers with its serial
-    shutil.copyfile(tmp / "disk.img", img)
-    dev = VirtioBlk(parse_blk_options(f"{img},{'ro' if ro else 'writeback'}"))
-    dev.features = dev.device_features
-    drv = MockDriver(GuardedMemory([(0, 8 * MiB)], spans=True), 0x10000, 16)
-    q = drv.queue()
-    q.start(event_idx=True, indirect=True)
+    # one image path for both: GET_ID answers with its serial
+    dev, drv, q = _device(tmp, "served.img", ro=ro)
     out = Outcome()
     pending = list(reqs)
-    heads: list[int] = []
 
     def post_next() -> bool:
         for head, length in drv.get_used():
@@ -112,7 +120,7 @@ def _serve(tmp: Path, reqs: list[Req], *, lane: bool, used_event_ahead: int = 0,
         if not pending:
             return False
         drv.set_used_event((q.used_idx + used_event_ahead) & 0xFFFF)
-        heads.append(_post(drv, pending.pop(0)))
+        _post(drv, pending.pop(0))
         return True
 
     def signal() -> None:
@@ -138,7 +146,7 @@ def _serve(tmp: Path, reqs: list[Req], *, lane: bool, used_event_ahead: int = 0,
                     pass
     finally:
         dev.close()
-    out.image = img.read_bytes()
+    out.image = (tmp / "served.img").read_bytes()
     return out
 
 
@@ -235,14 +243,8 @@ def test_a_request_the_driver_posts_without_buffers_in_ram(
     the general path fails the device (VirtqueueError), nothing is written anywhere."""
     from devicemodel.virtio.queue import VirtqueueError
 
-    img = disk / "x.img"
-    shutil.copyfile(disk / "disk.img", img)
-    dev = VirtioBlk(parse_blk_options(f"{img},writeback"))
-    dev.features = dev.device_features
-    mem = GuardedMemory([(0, 8 * MiB)], spans=True)
-    drv = MockDriver(mem, 0x10000, 16)
-    q = drv.queue()
-    q.start(event_idx=True, indirect=True)
+    dev, drv, q = _device(disk, "x.img")
+    mem = drv.mem
     hdr = drv.alloc(16)
     mem.write(hdr, struct.pack("<IIQ", T_IN, 0, 8))
     status = drv.alloc(1)
@@ -263,13 +265,7 @@ def test_requests_that_come_while_one_is_served_share_its_interrupt(
     """A guest with several threads posts its next read while the previous one is being
     read: the lane serves it before interrupting, so one interrupt covers both (at most
     a batch of 16 per interrupt), and the last one is never left without one."""
-    img = disk / "x.img"
-    shutil.copyfile(disk / "disk.img", img)
-    dev = VirtioBlk(parse_blk_options(f"{img},writeback"))
-    dev.features = dev.device_features
-    drv = MockDriver(GuardedMemory([(0, 8 * MiB)], spans=True), 0x10000, 64)
-    q = drv.queue()
-    q.start(event_idx=True, indirect=True)
+    dev, drv, q = _device(disk, "x.img", size=64)
     left = [Req(T_IN, 8 * i, [4096]) for i in range(count)]
     interrupts: list[int] = []
     real = os.preadv
