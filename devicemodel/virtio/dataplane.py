@@ -155,13 +155,17 @@ class Dataplane:
         epoll = select.epoll()
         epoll.register(wake, select.EPOLLIN | select.EPOLLET)
         drained = -1  # the kick fd, when it is level-triggered
-        if is_eventfd(kick):
-            epoll.register(kick, select.EPOLLIN | select.EPOLLET)
-        elif pollable_kick(kick):
-            epoll.register(kick, select.EPOLLIN)
-            drained = kick
-        else:
-            self._kick_lost("is not an eventfd, pipe or socket")
+        try:
+            if is_eventfd(kick):
+                epoll.register(kick, select.EPOLLIN | select.EPOLLET)
+            elif pollable_kick(kick):
+                epoll.register(kick, select.EPOLLIN)
+                drained = kick
+            else:
+                self._kick_lost("is not an eventfd, pipe or socket")
+        except OSError as e:  # an anonymous inode that cannot be polled (EPERM)
+            drained = -1
+            self._kick_lost(f"cannot be polled ({e.strerror})")
         self.poll = epoll.poll
         try:
             if drained < 0 and self._lane is not None and self._lane(self):

@@ -290,3 +290,31 @@ def test_requests_that_come_while_one_is_served_share_its_interrupt(
         dev.close()
     assert [n for _, n in drv.get_used()] == [4097] * count
     assert interrupts == ([2] if count == 2 else [16, 32, 40])
+
+
+def test_a_broken_request_after_a_good_one_still_lets_the_good_one_be_told(
+        disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver posts a request with a head out of range while a good read is served:
+    the device fails (VirtqueueError), but the read it completed gets its interrupt."""
+    from devicemodel.virtio.queue import VirtqueueError
+
+    dev, drv, q = _device(disk, "x.img")
+    interrupts: list[int] = []
+    real = os.preadv
+
+    def reading(fd: int, views: list[memoryview], offset: int, *a: int) -> int:
+        drv.set_avail_entry(drv.avail_idx, 999)  # no such descriptor
+        drv.set_avail_idx(drv.avail_idx + 1)
+        return real(fd, views, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", reading)
+    try:
+        drv.set_used_event(0)
+        _post(drv, Req(T_IN, 8, [4096]))
+        with pytest.raises(VirtqueueError):
+            run_lane(_Host(q, lambda: False), dev,  # type: ignore[arg-type]
+                     lambda: interrupts.append(q.used_idx))
+    finally:
+        dev.close()
+    assert [n for _, n in drv.get_used()] == [4097]
+    assert interrupts == [1]

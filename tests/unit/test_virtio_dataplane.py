@@ -141,6 +141,20 @@ def _pipe_write_end(tmp_path: Path) -> tuple[int, Callable[[], None]]:
     return w, lambda: os.close(r)
 
 
+def _unpollable_anon_inode(tmp_path: Path) -> tuple[int, Callable[[], None]]:
+    """A Landlock ruleset: an anonymous inode, like an eventfd, but with no poll at all
+    (epoll refuses it with EPERM)."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack("<Q", 1))  # handled_access_fs: execute
+    fd = libc.syscall(444, attr, 8, 0)  # landlock_create_ruleset
+    if fd < 0:
+        pytest.skip(f"no Landlock here: {os.strerror(ctypes.get_errno())}")
+    return fd, lambda: None
+
+
 _keep: list[socket.socket] = []
 
 KINDS = {
@@ -153,6 +167,7 @@ KINDS = {
     "empty regular file": _regular_file,
     "regular file with data": _regular_file_with_data,
     "/dev/zero": _dev_zero,
+    "anonymous inode that cannot be polled": _unpollable_anon_inode,
     "write end of a pipe without a reader": _pipe_write_end,
 }
 

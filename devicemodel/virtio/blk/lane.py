@@ -30,7 +30,13 @@ import struct
 from collections.abc import Callable
 
 from ..dataplane import Dataplane
-from ..queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, barrier_lock
+from ..queue import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VirtqueueError,
+    barrier_lock,
+)
 from .io import SECTOR
 from .request import HDR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from .ring_thread import BATCH, ThreadDevice, serve_blocking, write_plain
@@ -105,7 +111,12 @@ def run_lane(dp: Dataplane, dev: ThreadDevice, signal: Callable[[], None]) -> bo
                 if avail16[1] == last and not poll(idle_s):
                     dp.look_again(q)
                 continue
-        serve_blocking(dev, q)  # (its interrupt covers what this loop left unsignalled)
+        try:  # (its interrupt covers what this loop left unsignalled)
+            serve_blocking(dev, q)
+        except VirtqueueError:  # the device fails; what was done before is told of
+            if q.needs_notification():
+                signal()
+            raise
         if q.enable_notification():
             continue
         if q.signalled_used != q.used_idx and q.needs_notification():
