@@ -102,14 +102,17 @@ class VhostInterrupt:
 
     def __init__(self, backend: VhostUserBackend) -> None:
         self._backend = backend
+        self._signals: dict[int, Callable[[], None]] = {}
 
     def notify_queue(self, index: int) -> None:
-        sent = self._backend.rings[index].signal("call_fd")
-        if sent is not None and sent is not peerfd.Sent.SENT:
-            self._backend.signal_dropped(index, "call", sent)
+        signal = self._signals.get(index)
+        if signal is None:
+            signal = self._signals[index] = self.queue_signal(index)
+        signal()
 
     def queue_signal(self, index: int) -> Callable[[], None]:
-        """``notify_queue(index)`` in fewer steps, for a data-plane thread's hot path."""
+        """Ring ``index``'s interrupt as one call: the call fd written under its lock (a
+        data-plane thread's hot path calls it directly)."""
         ring = self._backend.rings[index]
         lock, dropped, signal_fd, sent_ok = (ring.fd_lock, self._backend.signal_dropped,
                                              peerfd.signal_fd, peerfd.Sent.SENT)

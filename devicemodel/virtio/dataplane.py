@@ -164,7 +164,6 @@ class Dataplane:
             else:
                 self._kick_lost("is not an eventfd, pipe or socket")
         except OSError as e:  # an anonymous inode that cannot be polled (EPERM)
-            drained = -1
             self._kick_lost(f"cannot be polled ({e.strerror})")
         self.poll = epoll.poll
         try:

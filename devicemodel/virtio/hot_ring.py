@@ -1,8 +1,14 @@
-"""The views of a started split ring that a data plane's inlined hot path works on."""
+"""The layout of a split ring's entries, and the views of a started ring that a data
+plane's inlined hot path works on."""
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
+
+DESC = struct.Struct("<QIHH")  #: a descriptor: addr, len, flags, next
+USED_ELEM = struct.Struct("<II")  #: a used element: id, len
+TABLE3 = struct.Struct("<" + "QIHH" * 3)  #: an indirect table of three descriptors
 
 
 class HotRing(NamedTuple):

@@ -31,6 +31,9 @@ import threading
 from ..memory import GuestMemoryError, MemoryMap
 from .bulk import Bulk, bulk_of
 from .chain import DescriptorChain
+from .hot_ring import DESC as _DESC
+from .hot_ring import TABLE3 as _TABLE3
+from .hot_ring import USED_ELEM as _USED_ELEM
 from .hot_ring import HotRing
 
 # Descriptor flags (§2.7.5)
@@ -47,10 +50,7 @@ MAX_QUEUE_SIZE = 32768
 #: driver likes; a bound keeps one hostile request from pinning the event loop.
 MAX_INDIRECT = 1024
 
-_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")  # id, len
-_TABLE3 = struct.Struct("<" + "QIHH" * 3)  # an indirect table of three descriptors
 
 #: Linux's most common block request: one ring descriptor → a 3-entry indirect table in
 #: the RAM at GPA 0 (16-byte readable header, one data buffer, 1-byte writable status):

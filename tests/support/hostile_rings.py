@@ -11,6 +11,8 @@ a host access outside it would kill the test process.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 import trio.testing
@@ -194,7 +196,7 @@ def check_data_plane(dev: VirtioBlk, r: dict, lane: bool = False) -> tuple[bool,
     q = make_queue(r, 0, dev.queue_max_size(0))
     try:
         q.start(event_idx=r["event_idx"], indirect=r["indirect"])
-        if not (lane and run_lane(_StopAtSleep(q), dev, lambda: None)):  # type: ignore[arg-type]
+        if not (lane and run_lane(LaneHost(q), dev, lambda: None)):  # type: ignore[arg-type]
             for _ in range(SIZE + 2):
                 if not dev.serve_blocking(q):
                     break
@@ -210,21 +212,25 @@ def check_data_plane(dev: VirtioBlk, r: dict, lane: bool = False) -> tuple[bool,
     return failed, MEM.snapshot()
 
 
-class _StopAtSleep:
-    """A ``Dataplane`` stand-in for ``run_lane``: its first sleep ends the loop."""
+@dataclass
+class LaneHost:
+    """Stands in for the ``Dataplane`` of ``run_lane`` on the test's thread: where the
+    thread would sleep, ``post_next`` makes the driver's next move (take what was used,
+    post a request); once it has none, the loop stops."""
 
-    idle_s = 0.0
-
-    def __init__(self, q: Virtqueue) -> None:
-        self.q = q
-        self.stopping = False
+    q: Virtqueue
+    post_next: Callable[[], bool] = lambda: False
+    stopping: bool = False
+    idle_s: float = 0.0
+    looked_again: list[int] = field(default_factory=list)
 
     def poll(self, _timeout: float) -> list[tuple[int, int]]:
-        self.stopping = True
-        return []
+        if not self.post_next():
+            self.stopping = True
+        return [(0, 1)]  # a kick
 
-    def look_again(self, _q: Virtqueue) -> None:
-        pass
+    def look_again(self, q: Virtqueue) -> None:
+        self.looked_again.append(q.used_idx)
 
 
 def image(tmp_path_factory) -> str:  # noqa: ANN001 - pytest's TempPathFactory

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from devicemodel.virtio.blk import lane as lane_mod
 from devicemodel.virtio.blk.lane import run_lane
 from devicemodel.virtio.mock import Buffer, GuardedMemory, MockDriver
 from devicemodel.virtio.queue import Virtqueue
+from tests.support.hostile_rings import LaneHost
 
 IMAGE_SECTORS = 2048  # a 1 MiB image
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
@@ -57,28 +57,6 @@ def _post(drv: MockDriver, r: Req) -> int:
         return drv.add_chain(readable=[hdr] + [bytes([r.fill]) * n for n in r.lens],
                              writable=[1], indirect=r.indirect)
     return drv.add_chain(readable=[hdr], writable=[*r.lens, 1], indirect=r.indirect)
-
-
-@dataclass
-class _Host:
-    """Stands in for the ``Dataplane``: where the thread would sleep, the driver takes
-    what was used and posts its next request; with none left, the loop stops."""
-
-    q: Virtqueue
-    post_next: Callable[[], bool]
-    stopping: bool = False
-    idle_s: float = 0.0
-    sleeps: int = 0
-    looked_again: list[int] = field(default_factory=list)
-
-    def poll(self, _timeout: float) -> list[tuple[int, int]]:
-        self.sleeps += 1
-        if not self.post_next():
-            self.stopping = True
-        return [(0, 1)]  # a kick
-
-    def look_again(self, q: Virtqueue) -> None:
-        self.looked_again.append(q.used_idx)
 
 
 @dataclass
@@ -137,7 +115,7 @@ def _serve(tmp: Path, reqs: list[Req], *, lane: bool, used_event_ahead: int = 0,
         if lane:
             assert monkeypatch is not None
             monkeypatch.setattr(lane_mod, "serve_blocking", counting)
-            host = _Host(q, post_next)
+            host = LaneHost(q, post_next)
             assert run_lane(host, dev, signal)  # type: ignore[arg-type]
             assert host.looked_again == []
         else:
@@ -253,7 +231,7 @@ def test_a_request_the_driver_posts_without_buffers_in_ram(
     before = mem.snapshot()
     try:
         with pytest.raises(VirtqueueError):
-            run_lane(_Host(q, lambda: False), dev, lambda: None)  # type: ignore[arg-type]
+            run_lane(LaneHost(q), dev, lambda: None)  # type: ignore[arg-type]
     finally:
         dev.close()
     assert mem.snapshot() == before
@@ -284,7 +262,7 @@ def test_requests_that_come_while_one_is_served_share_its_interrupt(
     monkeypatch.setattr(os, "preadv", reading)
     try:
         post_next()
-        host = _Host(q, lambda: False)
+        host = LaneHost(q)
         assert run_lane(host, dev, lambda: interrupts.append(q.used_idx))  # type: ignore[arg-type]
     finally:
         dev.close()
@@ -312,7 +290,7 @@ def test_a_broken_request_after_a_good_one_still_lets_the_good_one_be_told(
         drv.set_used_event(0)
         _post(drv, Req(T_IN, 8, [4096]))
         with pytest.raises(VirtqueueError):
-            run_lane(_Host(q, lambda: False), dev,  # type: ignore[arg-type]
+            run_lane(LaneHost(q), dev,  # type: ignore[arg-type]
                      lambda: interrupts.append(q.used_idx))
     finally:
         dev.close()

@@ -26,10 +26,10 @@ last_avail_idx, a barrier, a last look at avail.idx).
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 
 from ..dataplane import Dataplane
+from ..hot_ring import DESC, TABLE3, USED_ELEM
 from ..queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -41,9 +41,6 @@ from .io import SECTOR
 from .request import HDR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from .ring_thread import BATCH, ThreadDevice, serve_blocking, write_plain
 
-_DESC = struct.Struct("<QIHH")
-_TABLE3 = struct.Struct("<" + "QIHH" * 3)
-_USED_ELEM = struct.Struct("<II")
 _READ = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE  # a read's data buffer: device-writable
 
 
@@ -59,8 +56,8 @@ def run_lane(dp: Dataplane, dev: ThreadDevice, signal: Callable[[], None]) -> bo
     avail16, desc, lo, lo_end, used, used16, used_event, avail_event = ring
     size, mask = q.size, q.size - 1
     fd, base, disk_size, ss, ro = image.fd, image.base, image.size, image.sector_size, image.ro
-    unpack_desc, unpack_table, unpack_hdr = _DESC.unpack_from, _TABLE3.unpack_from, HDR.unpack_from
-    pack_elem = _USED_ELEM.pack_into
+    unpack_desc, unpack_table, unpack_hdr = DESC.unpack_from, TABLE3.unpack_from, HDR.unpack_from
+    pack_elem = USED_ELEM.pack_into
     acquire, release = barrier_lock.acquire, barrier_lock.release
     preadv = os.preadv
     poll, idle_s = dp.poll, dp.idle_s
